@@ -1,0 +1,84 @@
+# hoodyproxy developer and CI entry points (GNU make).
+#
+#   make venv            create .venv and install the project editable with its test extras
+#   make deps            install the Debian packages the tests use (root only; else just report)
+#   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...)
+#   make run             twistd -n hoodyproxy     (ARGS='--config ...')
+#   make demo            twistd -n hoodyproxy --demo
+#   make bench           run the benchmark harness (bench/__main__.py), when it exists
+#   make clean           remove build and test leftovers (distclean: also .venv)
+#
+# PYTHONPATH=$(CURDIR) is deliberate: Twisted finds twistd plugins by scanning every
+# sys.path entry for a twisted/plugins/ directory (twisted.plugin.pluginPackagePaths).
+# The editable install maps the packages through an import hook and puts no directory
+# of the checkout on sys.path, so without it twistd would not see
+# twisted/plugins/hoodyproxy_plugin.py.  A non-editable install ships that file into
+# site-packages/twisted/plugins/ (see the packaging section of setup.cfg).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Debian packages the tests need (command-line tools, servers the tests start).
+# Later work appends to this list (nginx, slapd, pebble, ...).
+DEBIAN_TEST_PACKAGES := curl openssl procps
+
+TESTS ?= tests
+TRIAL_ARGS ?=
+ARGS ?=
+
+RUN_ENV := PYTHONPATH=$(CURDIR)
+
+.PHONY: venv deps test run demo bench clean distclean
+
+venv: $(STAMP)
+
+$(VENV_PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(VENV_PY) setup.cfg pyproject.toml
+	$(VENV_PY) -m pip install -e '.[test]'
+	touch $@
+
+deps:
+	@missing=""; \
+	for p in $(DEBIAN_TEST_PACKAGES); do \
+	    dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	    echo "deps: not root, not installing missing Debian packages:$$missing"; \
+	    exit 0; \
+	fi; \
+	echo "deps: installing Debian packages:$$missing"; \
+	apt-get update && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+test: venv deps
+	$(RUN_ENV) $(VENV)/bin/trial -j2 --temp-directory=_trial_temp $(TRIAL_ARGS) $(TESTS)
+
+run: venv
+	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy $(ARGS)
+
+demo: venv
+	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy --demo $(ARGS)
+
+bench: venv
+	@if [ -f bench/__main__.py ]; then \
+	    $(RUN_ENV) $(VENV_PY) -m bench $(ARGS); \
+	else \
+	    echo "bench: the benchmark harness (bench/__main__.py) is not there yet"; \
+	    exit 1; \
+	fi
+
+clean:
+	rm -rf _trial_temp _trial_temp.lock build dist *.egg-info twistd.pid twisted/plugins/dropin.cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
