@@ -1,0 +1,303 @@
+"""TOML config -> validated, immutable settings; every error names the key at fault.
+
+The embedded defaults run a development node with nothing configured.  A config file
+overrides the defaults and command-line options override the file.  Validation happens
+before anything listens, so a bad config never leaves a half-started node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+PROGRAM_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+INDEX_KINDS = ("instance", "port")
+SERVICE_KINDS = ("terminal", "display", "sqlite", "files", "http", "generic")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; ``key`` names it as ``[section] name``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """An interface and a port to listen on (port 0 picks a free one)."""
+
+    interface: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Program:
+    """A program name usable in host labels and how its index becomes a port.
+
+    ``index == "instance"``: the label's index is an instance number (1 to
+    ``max_instance``) passed to the service in the ``X-Hoody-Instance`` header; the
+    port is ``port``.  ``index == "port"``: the index is the container port itself.
+    """
+
+    name: str
+    index: str = "instance"
+    port: int | None = None
+    kind: str = "generic"
+    max_instance: int = 999
+
+
+DEFAULT_PROGRAMS = {
+    "terminal": Program("terminal", "instance", 76, "terminal"),
+    "display": Program("display", "instance", 3998, "display"),
+    "sqlite": Program("sqlite", "instance", 5, "sqlite"),
+    "http": Program("http", "port", None, "http"),
+}
+
+
+def default_data_dir() -> str:
+    """Where state lives when nothing says otherwise.
+
+    ``$HOODYPROXY_DATA_DIR``; else ``/var/lib/hoodyproxy`` for root; else
+    ``$XDG_DATA_HOME/hoodyproxy`` (``~/.local/share/hoodyproxy``).
+    """
+    env = os.environ.get("HOODYPROXY_DATA_DIR")
+    if env:
+        return env
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/hoodyproxy"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(xdg, "hoodyproxy")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node needs to start, validated."""
+
+    node: str = "node-local"
+    zone: str = "containers.localhost"
+    data_dir: str = field(default_factory=default_data_dir)
+    https: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8443),)
+    http: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8080),)
+    admin: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 8081),)
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    admin_token: str | None = None
+    audit_path: str | None = None
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    pool_idle_timeout: float = 60.0
+    pool_max_idle: int = 32
+    client_idle_timeout: float = 75.0
+    websocket_handshake_timeout: float = 10.0
+    websocket_idle_timeout: float = 3600.0
+    programs: Mapping[str, Program] = field(default_factory=lambda: dict(DEFAULT_PROGRAMS))
+    demo: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """The DNS suffix every route of this node ends with: ``<node>.<zone>``."""
+        return f"{self.node}.{self.zone}"
+
+    @property
+    def https_port(self) -> int:
+        """The public HTTPS port (used in redirects)."""
+        return self.https[0].port
+
+    @property
+    def audit_file(self) -> str:
+        return self.audit_path or os.path.join(self.data_dir, "audit.log")
+
+
+# --- parsing -------------------------------------------------------------------------
+
+def _listen(key: str, value: Any, default_interface: str) -> tuple[ListenAddress, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(key, "needs at least one address")
+    out = []
+    for item in values:
+        if isinstance(item, int) and not isinstance(item, bool):
+            item = str(item)
+        if not isinstance(item, str):
+            raise ConfigError(key, "must be a port or an 'address:port' string")
+        interface, port_text = default_interface, item
+        if item.startswith("["):
+            m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)", item)
+            if not m:
+                raise ConfigError(key, f"cannot read {item!r} as '[v6-address]:port'")
+            interface, port_text = m.group(1), m.group(2)
+        elif ":" in item:
+            interface, _, port_text = item.rpartition(":")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(key, f"port must be 0 to 65535 in {item!r}")
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ConfigError(key, f"{interface!r} is not an IP address") from None
+        out.append(ListenAddress(interface, int(port_text)))
+    return tuple(out)
+
+
+def _number(key: str, value: Any, *, integer: bool = False, minimum: float = 0.0,
+            exclusive: bool = True) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(key, "must be " + ("an integer" if integer else "a number"))
+    if value < minimum or (exclusive and value == minimum):
+        raise ConfigError(key, f"must be {'greater than' if exclusive else 'at least'} {minimum:g}")
+    return value
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, "must be a string")
+    return value
+
+
+def _dns_name(key: str, value: Any) -> str:
+    value = _string(key, value).lower().rstrip(".")
+    labels = value.split(".")
+    if not value or not all(DNS_LABEL.match(label) for label in labels):
+        raise ConfigError(key, f"{value!r} is not a DNS name")
+    return value
+
+
+def _program(name: str, table: Any) -> Program:
+    key = f"[programs.{name}]"
+    if not PROGRAM_NAME.match(name):
+        raise ConfigError(key, "a program name is a lowercase letter then up to 11 letters or digits")
+    if not isinstance(table, dict):
+        raise ConfigError(key, "must be a table")
+    base = DEFAULT_PROGRAMS.get(name, Program(name))
+    unknown = set(table) - {"index", "port", "kind", "max_instance"}
+    if unknown:
+        raise ConfigError(f"{key} {sorted(unknown)[0]}", "unknown key")
+    index = table.get("index", base.index)
+    if index not in INDEX_KINDS:
+        raise ConfigError(f"{key} index", f"must be one of {', '.join(INDEX_KINDS)}")
+    kind = table.get("kind", base.kind)
+    if kind not in SERVICE_KINDS:
+        raise ConfigError(f"{key} kind", f"must be one of {', '.join(SERVICE_KINDS)}")
+    port = table.get("port", base.port if index == "instance" else None)
+    if index == "instance":
+        if port is None:
+            raise ConfigError(f"{key} port", "is required when index is 'instance'")
+        _number(f"{key} port", port, integer=True, minimum=1, exclusive=False)
+        if port > 65535:
+            raise ConfigError(f"{key} port", "must be 1 to 65535")
+    elif port is not None:
+        raise ConfigError(f"{key} port", "must not be set when index is 'port' (the index is the port)")
+    max_instance = _number(f"{key} max_instance", table.get("max_instance", base.max_instance),
+                           integer=True, minimum=1, exclusive=False)
+    return Program(name, index, port, kind, max_instance)
+
+
+_SCHEMA: dict[str, set[str]] = {
+    "node": {"name", "zone", "data_dir"},
+    "listen": {"https", "http", "admin"},
+    "tls": {"certificate", "key"},
+    "admin": {"token"},
+    "audit": {"path"},
+    "upstream": {"connect_timeout", "response_timeout", "pool_idle_timeout", "pool_max_idle"},
+    "client": {"idle_timeout"},
+    "websocket": {"handshake_timeout", "idle_timeout"},
+    "programs": set(),
+    "demo": {"enabled"},
+}
+
+
+def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Validate a parsed TOML document (plus ``"section.key"`` overrides) into Settings."""
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, name = dotted.partition(".")
+        doc.setdefault(section, {})[name] = value
+    for section, table in doc.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"[{section}]", "unknown section")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}]", "must be a table")
+        if section != "programs":
+            for name in table:
+                if name not in _SCHEMA[section]:
+                    raise ConfigError(f"[{section}] {name}", "unknown key")
+
+    def get(section: str, name: str, default: Any) -> Any:
+        return doc.get(section, {}).get(name, default)
+
+    d = Settings()
+    kw: dict[str, Any] = {}
+    kw["node"] = _dns_name("[node] name", get("node", "name", d.node))
+    if "." in kw["node"]:
+        raise ConfigError("[node] name", "must be a single DNS label")
+    kw["zone"] = _dns_name("[node] zone", get("node", "zone", d.zone))
+    kw["data_dir"] = os.path.abspath(os.path.expanduser(_string("[node] data_dir", get("node", "data_dir", d.data_dir))))
+    kw["https"] = _listen("[listen] https", get("listen", "https", [str(a) for a in d.https]), "0.0.0.0")
+    kw["http"] = _listen("[listen] http", get("listen", "http", [str(a) for a in d.http]), "0.0.0.0")
+    kw["admin"] = _listen("[listen] admin", get("listen", "admin", [str(a) for a in d.admin]), "127.0.0.1")
+    cert = get("tls", "certificate", None) or None
+    key = get("tls", "key", None) or None
+    if cert is not None:
+        cert = _string("[tls] certificate", cert)
+        if not os.path.isfile(cert):
+            raise ConfigError("[tls] certificate", f"no such file: {cert}")
+    if key is not None:
+        key = _string("[tls] key", key)
+        if not os.path.isfile(key):
+            raise ConfigError("[tls] key", f"no such file: {key}")
+    if (cert is None) != (key is None):
+        raise ConfigError("[tls] key" if key is None else "[tls] certificate", "certificate and key go together")
+    kw["tls_certificate"], kw["tls_key"] = cert, key
+    token = get("admin", "token", None) or None
+    if token is not None:
+        token = _string("[admin] token", token)
+        if len(token) < 16:
+            raise ConfigError("[admin] token", "must be at least 16 characters")
+    kw["admin_token"] = token
+    audit = get("audit", "path", None) or None
+    kw["audit_path"] = None if audit is None else _string("[audit] path", audit)
+    for section, name, attr, integer in (
+        ("upstream", "connect_timeout", "connect_timeout", False),
+        ("upstream", "response_timeout", "response_timeout", False),
+        ("upstream", "pool_idle_timeout", "pool_idle_timeout", False),
+        ("upstream", "pool_max_idle", "pool_max_idle", True),
+        ("client", "idle_timeout", "client_idle_timeout", False),
+        ("websocket", "handshake_timeout", "websocket_handshake_timeout", False),
+        ("websocket", "idle_timeout", "websocket_idle_timeout", False),
+    ):
+        kw[attr] = _number(f"[{section}] {name}", get(section, name, getattr(d, attr)), integer=integer)
+    programs = dict(DEFAULT_PROGRAMS)
+    for name, table in doc.get("programs", {}).items():
+        programs[name] = _program(name, table)
+    kw["programs"] = programs
+    demo = get("demo", "enabled", False)
+    if not isinstance(demo, bool):
+        raise ConfigError("[demo] enabled", "must be true or false")
+    kw["demo"] = demo
+    return Settings(**kw)
+
+
+def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read ``path`` (TOML) if given, apply ``overrides`` and validate."""
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    return settings_from_mapping(doc, overrides)

@@ -1,0 +1,56 @@
+"""Every plugin interface of hoodyproxy, in one place: the extension points.
+
+Third parties provide these with ``zope.interface.implementer`` and make them findable
+with :func:`twisted.plugin.getPlugins` (drop a module in a ``hoodyproxy/plugins``
+directory on ``sys.path``).  :mod:`hoodyproxy.testing` ships a ``verifyObject`` test
+mixin for each.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IContainerDirectory(Interface):
+    """The live container map: container id -> project, address, state, port overrides."""
+
+    def lookup(container_id):
+        """Return the :class:`hoodyproxy.directory.Container` for ``container_id`` or None.
+
+        Called on every request: must answer from memory, without blocking I/O.
+        """
+
+    def put(container):
+        """Create or replace a container; durable when it returns."""
+
+    def delete(container_id):
+        """Remove a container; return True if it existed; durable when it returns."""
+
+    def list(project=None):
+        """All containers, or those of one project, ordered by id."""
+
+    def subscribe(callback):
+        """Call ``callback(container_id)`` after a container changes or goes away."""
+
+
+class IServiceKind(Interface):
+    """How a program name maps to a port, and (later) how its requests are classified."""
+
+    name = Attribute("the program name as it appears in host labels")
+
+    def port_for(index):
+        """The container port for this index, or raise IndexOutOfRange."""
+
+
+class IAuditSink(Interface):
+    """Where audit records go: one call per finished exchange."""
+
+    def record(entry):
+        """Receive one audit record (a dict of JSON-serialisable values)."""
+
+
+class ICertificateSource(Interface):
+    """Where the TLS certificates a node serves come from (files, generated, ACME)."""
+
+    def certificates():
+        """Iterate over (hostnames, cert_path, key_path) to serve."""
