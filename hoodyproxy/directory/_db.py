@@ -1,0 +1,52 @@
+"""The node's embedded SQLite database: WAL, synchronous commits, schema migrations.
+
+A commit that returned is on disk (``synchronous=FULL`` in WAL mode), which is what lets
+the admin API answer 2xx only for changes that survive ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+#: Each entry migrates the schema from version N to N+1.  Append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE containers (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        address TEXT NOT NULL,
+        state TEXT NOT NULL,
+        ports TEXT NOT NULL DEFAULT '{}',
+        updated REAL NOT NULL
+    );
+    CREATE INDEX containers_project ON containers (project);
+    """,
+]
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the database at ``path`` and bring its schema up to date."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    try:
+        os.chmod(path, 0o600)
+    except OSError:
+        pass
+    return conn
