@@ -1,0 +1,182 @@
+"""Server-side TLS: per-hostname certificates chosen by SNI, ALPN, and hot reload from disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTCP,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+_log = Logger()
+
+# TLS 1.2 AEAD suites with forward secrecy (TLS 1.3 suites are OpenSSL's defaults, all AEAD).
+CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+SESSION_ID_CONTEXT = b"hoodyproxy"
+
+
+def normalize_hostname(name: bytes | str | None) -> str | None:
+    """Lower-case ``name`` without a trailing dot; None for a missing or empty name."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii", "replace")
+    name = (name or "").rstrip(".").lower()
+    return name or None
+
+
+def server_name(connection: SSL.Connection) -> str | None:
+    """The SNI name the client sent on ``connection``, normalized, or None."""
+    return normalize_hostname(connection.get_servername())
+
+
+class _Entry:
+    """One certificate/key pair on disk, its file signature and its built context."""
+
+    def __init__(self, cert_path: str, key_path: str, context: SSL.Context, signature: tuple):
+        self.cert_path, self.key_path = cert_path, key_path
+        self.context, self.signature = context, signature
+
+
+class CertificateStore:
+    """Certificates by hostname (exact or ``*.`` wildcard) with a default, as SSL contexts."""
+
+    def __init__(
+        self, default_cert_path: str, default_key_path: str, alpn: Sequence[bytes] = (b"http/1.1",)
+    ) -> None:
+        for proto in alpn:
+            if not isinstance(proto, bytes) or not 0 < len(proto) < 256:
+                raise ValueError(f"invalid ALPN protocol: {proto!r}")
+        self._alpn = tuple(alpn)
+        self._names: dict[str, _Entry] = {}
+        self._default = self._load(default_cert_path, default_key_path)
+
+    @property
+    def default_context(self) -> SSL.Context:
+        """The context used before SNI is known and for unmatched names."""
+        return self._default.context
+
+    def add(self, hostnames: Iterable[str], cert_path: str, key_path: str) -> None:
+        """Serve ``cert_path``/``key_path`` for ``hostnames``; raises if the files are unusable."""
+        names = [self._check_pattern(h) for h in hostnames]
+        entry = self._load(cert_path, key_path)
+        for name in names:
+            self._names[name] = entry
+
+    def remove(self, hostname: str) -> bool:
+        """Stop serving a specific certificate for ``hostname``; True if it had one."""
+        return self._names.pop(normalize_hostname(hostname) or "", None) is not None
+
+    def select(self, server_name: bytes | str | None) -> SSL.Context:
+        """The context for ``server_name``: exact match, else one-label wildcard, else default."""
+        name = normalize_hostname(server_name)
+        if name is not None:
+            entry = self._names.get(name)
+            if entry is None and "." in name:
+                entry = self._names.get("*." + name.split(".", 1)[1])
+            if entry is not None:
+                return entry.context
+        return self._default.context
+
+    def reload_if_changed(self) -> bool:
+        """Rebuild contexts whose files changed on disk; True if any was replaced. Never raises."""
+        reloaded = False
+        entries = {id(e): e for e in [self._default, *self._names.values()]}
+        for entry in entries.values():
+            try:
+                signature = _signature(entry.cert_path, entry.key_path)
+                if signature == entry.signature:
+                    continue
+                entry.signature = signature  # a broken version is reported once
+                entry.context = self._build(entry.cert_path, entry.key_path)
+            except Exception:
+                _log.failure(
+                    "Could not reload TLS certificate {cert_path}; keeping the previous one",
+                    cert_path=entry.cert_path,
+                )
+            else:
+                _log.info("Reloaded TLS certificate {cert_path}", cert_path=entry.cert_path)
+                reloaded = True
+        return reloaded
+
+    @staticmethod
+    def _check_pattern(hostname: str) -> str:
+        name = normalize_hostname(hostname)
+        labels = (name or "").split(".")
+        if name is None or "" in labels or any("*" in label for label in labels[1:]) or (
+            "*" in labels[0] and (labels[0] != "*" or len(labels) < 3)
+        ):
+            raise ValueError(f"invalid hostname pattern: {hostname!r}")
+        return name
+
+    def _load(self, cert_path: str, key_path: str) -> _Entry:
+        signature = _signature(cert_path, key_path)
+        return _Entry(cert_path, key_path, self._build(cert_path, key_path), signature)
+
+    def _build(self, cert_path: str, key_path: str) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_cipher_list(CIPHERS)
+        # ECDH curve selection is automatic since OpenSSL 1.1.0: no set_tmp_ecdh needed.
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        ctx.set_session_id(SESSION_ID_CONTEXT)
+        ctx.use_certificate_chain_file(cert_path)
+        ctx.use_privatekey_file(key_path)
+        ctx.check_privatekey()
+        if self._alpn:
+            ctx.set_alpn_select_callback(self._select_alpn)
+        ctx.set_tlsext_servername_callback(self._on_server_name)
+        return ctx
+
+    def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> object:
+        for proto in self._alpn:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        context = self.select(connection.get_servername())
+        if context is not connection.get_context():
+            connection.set_context(context)
+
+
+def _signature(cert_path: str, key_path: str) -> tuple:
+    stats = (os.stat(cert_path), os.stat(key_path))
+    return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIContextFactory:
+    """Creates server TLS connections whose certificate is picked from ``store`` by SNI."""
+
+    def __init__(self, store: CertificateStore) -> None:
+        self.store = store
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        """A connection on the default context; its SNI callback switches certificates."""
+        return SSL.Connection(self.store.default_context, None)
+
+
+def listen_tls(
+    reactor: IReactorTCP,
+    port: int,
+    factory: IProtocolFactory,
+    context_factory: IOpenSSLServerConnectionCreator,
+    interface: str = "",
+    backlog: int = 50,
+) -> IListeningPort:
+    """Listen on TCP ``port`` and speak TLS (via ``context_factory``) around ``factory``."""
+    return reactor.listenTCP(
+        port, TLSMemoryBIOFactory(context_factory, False, factory), backlog, interface
+    )
