@@ -1,0 +1,201 @@
+"""HTTP/1.1 frontend: twisted.web's channel, with a Request that hands itself to the gateway
+at end of headers instead of waiting for the whole body.
+
+Stock :class:`twisted.web.http.Request` buffers the body (to memory or a temporary file)
+and renders only when it is complete.  :class:`GatewayRequest` starts the gateway in
+``gotLength`` and passes each body chunk on as it arrives, so a 1 GiB upload streams
+through.  It also offers the small frontend-neutral API the exchange uses
+(:class:`hoodyproxy.upstream.exchange.FrontendRequest`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.web import http
+from twisted.web.http_headers import Headers
+
+from hoodyproxy import errors
+
+SERVER = b"hoodyproxy"
+
+
+def client_ip_of(address) -> str:
+    """The client's IP as a string, IPv4-mapped IPv6 addresses unwrapped."""
+    host = getattr(address, "host", "")
+    if host.startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            return str(mapped)
+    return host
+
+
+class GatewayRequest(http.Request):
+    """A request that streams: the gateway sees it at end of headers."""
+
+    exchange = None
+    body_length: int | None = 0
+    body_complete = False
+    bytes_in = 0
+    _finish_on_body = False
+    _discarded = 0
+    proto = b"https"
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        self.content = None
+        self.body_length = length
+        self.method = channel._command
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        self.args = {}
+        channel.factory.gateway.begin(self)
+
+    # -- body events from the channel -------------------------------------------------
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.body_data(data)
+            return
+        self._discarded += len(data)
+        if self._discarded > 1024 * 1024:
+            self.abort()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.body_complete = True
+        if self.exchange is not None:
+            self.exchange.body_end()
+        elif self._finish_on_body:
+            self.finish()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if self.exchange is not None:
+            self.exchange.client_gone()
+
+    # -- the FrontendRequest API ------------------------------------------------------
+
+    @property
+    def client_ip(self) -> str:
+        return client_ip_of(self.client)
+
+    def pause_body(self) -> None:
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_body(self) -> None:
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.resumeProducing()
+
+    def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.code = status
+        self.code_message = reason
+        raw = Headers()
+        for name, value in headers:
+            raw.addRawHeader(name, value)
+        if not raw.hasHeader(b"date"):
+            raw.addRawHeader(b"Date", http.datetimeToString())
+        self.responseHeaders = raw
+
+    def finish_response(self) -> None:
+        if not self._disconnected and not self.finished:
+            self.finish()
+
+    def send_error(self, error: errors.GatewayError) -> None:
+        """Answer with ``error``'s status and JSON body (or abort if a response has begun)."""
+        if self._disconnected or self.finished:
+            return
+        if self.startedWriting:
+            self.abort()
+            return
+        body = error.body()
+        self.code = error.status
+        self.code_message = http.RESPONSES.get(error.status, b"Error")
+        headers = Headers()
+        headers.addRawHeader(b"Content-Type", b"application/json")
+        headers.addRawHeader(b"Content-Length", b"%d" % len(body))
+        headers.addRawHeader(b"Cache-Control", b"no-store")
+        headers.addRawHeader(b"Date", http.datetimeToString())
+        headers.addRawHeader(b"Server", SERVER)
+        for name, value in error.headers.items():
+            headers.addRawHeader(name, value)
+        if not self.body_complete:
+            # The client is still sending a body we will not read: close after answering.
+            self.channel.persistent = False
+            headers.addRawHeader(b"Connection", b"close")
+        self.responseHeaders = headers
+        self.write(body)
+        if self.body_complete:
+            self.finish()
+        else:
+            self._finish_on_body = True
+
+    def abort(self) -> None:
+        """Drop the client's connection at once (never a silently truncated response)."""
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    def take_over(self, headers: list[tuple[bytes, bytes]]):
+        """Answer 101 with ``headers`` and hand the raw connection to a tunnel.
+
+        Returns (client transport, bytes the client already sent after the request).
+        The tunnel installs itself with :meth:`attach_tunnel`.
+        """
+        channel = self.channel
+        transport = channel.transport
+        channel.setTimeout(None)
+        transport.unregisterProducer()
+        head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in headers:
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        transport.writeSequence(head)
+        leftover = b"".join(channel._dataBuffer)
+        channel._dataBuffer = []
+        self.exchange = None
+        self._channel_for_tunnel = channel
+        return transport, leftover
+
+    def attach_tunnel(self, tunnel) -> None:
+        channel = self._channel_for_tunnel
+        channel.dataReceived = tunnel.client_data
+        channel.connectionLost = tunnel.client_lost
+        if self in channel.requests:
+            channel.requests.remove(self)
+        del self._channel_for_tunnel
+
+
+class GatewayChannel(http.HTTPChannel):
+    """HTTPChannel that does not send ``100 Continue`` for a request already answered."""
+
+    def _send100Continue(self) -> None:
+        if self.requests and self.requests[-1].startedWriting:
+            return
+        super()._send100Continue()
+
+
+class GatewayHTTPFactory(http.HTTPFactory):
+    """The HTTP/1.1 server factory: every request goes to ``gateway``."""
+
+    protocol = GatewayChannel
+
+    def __init__(self, gateway, reactor, timeout: float = 75.0) -> None:
+        super().__init__(logPath=None, timeout=timeout, reactor=reactor)
+        self.gateway = gateway
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.requestFactory = GatewayRequest
+        return channel
+
+    def log(self, request) -> None:
+        """The audit trail replaces the access log."""

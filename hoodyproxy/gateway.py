@@ -1,0 +1,145 @@
+"""The one request path: route, locate, authorize, forward, audit.
+
+Every frontend (HTTP/1.1 now; HTTP/2 and HTTP/3 later) calls :meth:`Gateway.begin` at
+end of headers with a request that speaks
+:class:`hoodyproxy.upstream.exchange.FrontendRequest`.  Nothing else calls these steps,
+and nothing calls them in another order.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+from hoodyproxy import errors
+from hoodyproxy.config import Settings
+from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
+from hoodyproxy.routing import Router, Target
+from hoodyproxy.upstream.exchange import Exchange
+from hoodyproxy.upstream.headers import build_request_head, wants_websocket
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_URI_BAD = re.compile(rb"[\x00-\x20\x7f]")
+ROUTE_CACHE_SIZE = 4096
+
+
+def _request_target(uri: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+    """Origin-form URI and effective Host; an absolute-form URI's authority wins (RFC 9112 3.2.2)."""
+    if _URI_BAD.search(uri):
+        raise errors.BadRequest("the request target is malformed", reason="bad uri")
+    if uri.startswith(b"/") or uri == b"*":
+        return uri, host
+    lower = uri[:8].lower()
+    if lower.startswith(b"http://") or lower.startswith(b"https://"):
+        rest = uri.split(b"://", 1)[1]
+        authority, slash, path = rest.partition(b"/")
+        if b"@" in authority or not authority:
+            raise errors.BadRequest("the request target is malformed", reason="bad absolute uri")
+        return slash + path if slash else b"/", authority
+    raise errors.BadRequest("the request target is malformed", reason="bad uri")
+
+
+class Gateway:
+    """Routes each request by its own Host to a container service and forwards it."""
+
+    def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
+                 clock, *, now: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.router = Router(settings.node, settings.zone, settings.programs)
+        self.directory = directory
+        self.pool = pool
+        self.audit = audit
+        self.clock = clock
+        self.now = now
+        self._routes: dict[bytes, Target] = {}
+
+    # -- 1. route -----------------------------------------------------------------------
+
+    def route(self, host: bytes | None) -> Target:
+        """Resolve a Host to a Target (cached; the router is pure and config is immutable)."""
+        target = self._routes.get(host) if host is not None else None
+        if target is None:
+            target = self.router.resolve_target(host)
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[host] = target
+        return target
+
+    # -- the whole path ---------------------------------------------------------------
+
+    def begin(self, request) -> None:
+        """Start serving ``request`` (called at end of its headers)."""
+        started = self.now()
+        record = {
+            "time": started,
+            "client": request.client_ip,
+            "host": None,
+            "route": None,
+            "method": request.method.decode("latin-1"),
+            "path": request.uri.decode("latin-1"),
+        }
+        request.audit_record = record
+        try:
+            self._begin(request, record)
+        except errors.GatewayError as error:
+            request.send_error(error)
+            record["status"] = error.status
+            record["reason"] = error.reason
+            self.finish_record(request, record)
+
+    def _begin(self, request, record: dict) -> None:
+        headers = request.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            raise errors.BadRequest("the request has more than one Host", reason="duplicate host")
+        if not _TOKEN.match(request.method):
+            raise errors.BadRequest("the request method is malformed", reason="bad method")
+        uri, host = _request_target(request.uri, hosts[0] if hosts else None)
+        record["host"] = host.decode("latin-1") if host is not None else None
+        target = self.route(host)
+        record["route"] = {"project": target.project, "container": target.container,
+                           "program": target.program, "index": target.index}
+
+        # 2. locate
+        container = self.directory.lookup(target.container)
+        if container is None:
+            raise errors.ContainerUnavailable("the container is not available", reason="container absent")
+        if container.project != target.project:
+            raise errors.NotFound(reason="container belongs to another project")
+        if not container.running:
+            raise errors.ContainerUnavailable(reason="container stopped")
+        program = self.settings.programs[target.program]
+        port = container.port_override(target.program, target.index)
+        if port is None:
+            port = program.port if program.index == "instance" else target.index
+
+        # 3. authorize: permissions plug in here (the URL is the credential until they do).
+
+        # 4. forward
+        upgrade = request.method == b"GET" and wants_websocket(
+            (name, value) for name, values in headers.getAllRawHeaders() for value in values)
+        head = build_request_head(
+            request.method, uri,
+            ((name, value) for name, values in headers.getAllRawHeaders() for value in values),
+            host=host, client_ip=request.client_ip, proto=request.proto,
+            body_length=request.body_length, upgrade=upgrade,
+            instance=target.index if program.index == "instance" else None)
+        settings = self.settings
+        exchange = Exchange(
+            request, self.pool, address=container.address, port=port, head=head,
+            head_request=request.method == b"HEAD", upgrade=upgrade,
+            timeout=settings.websocket_handshake_timeout if upgrade else settings.response_timeout,
+            record=record, done=lambda rec: self.finish_record(request, rec), clock=self.clock,
+            tunnel_idle_timeout=settings.websocket_idle_timeout)
+        request.exchange = exchange
+        exchange.start()
+
+    # -- 5. audit -----------------------------------------------------------------------
+
+    def finish_record(self, request, record: dict) -> None:
+        """Complete and emit the audit record of one exchange."""
+        record.setdefault("bytes_in", request.bytes_in)
+        record.setdefault("bytes_out", request.sentLength)
+        record["duration_ms"] = round((self.now() - record["time"]) * 1000.0, 3)
+        self.audit.record(record)

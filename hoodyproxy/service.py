@@ -1,0 +1,204 @@
+"""makeService: the twistd entry point, composing a node's MultiService from its config."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from hoodyproxy.config import ConfigError, Settings, load_settings
+from hoodyproxy.tls.devca import write_atomic
+
+log = Logger()
+
+#: The container the ``--demo`` sample service is registered as.
+DEMO_PROJECT = "0123456789abcdef01234567"
+DEMO_CONTAINER = "89abcdef0123456789abcdef"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run a hoodyproxy node: the HTTPS gateway in which the hostname is the route. "
+                "With no options it runs on embedded defaults (see docs/configuration.rst).")
+    optParameters = [
+        ["config", "c", None, "TOML config file (command-line options override it)"],
+        ["data-dir", "d", None, "state directory (default: /var/lib/hoodyproxy as root, "
+                                "else ~/.local/share/hoodyproxy; or $HOODYPROXY_DATA_DIR)"],
+        ["node", None, None, "node name (default node-local)"],
+        ["zone", None, None, "zone (default containers.localhost)"],
+        ["https", None, None, "HTTPS listen address, [address:]port (default 0.0.0.0:8443)"],
+        ["http", None, None, "plain HTTP listen address (redirects to HTTPS; default 0.0.0.0:8080)"],
+        ["admin", None, None, "admin API listen address (default 127.0.0.1:8081)"],
+        ["tls-cert", None, None, "PEM certificate chain for *.<node>.<zone>"],
+        ["tls-key", None, None, "PEM private key for --tls-cert"],
+        ["audit", None, None, "audit log file, or - for stdout (default <data-dir>/audit.log)"],
+    ]
+    optFlags = [["demo", None, "also start a built-in sample service and register it as a container"]]
+
+    def overrides(self) -> dict:
+        return {
+            "node.data_dir": self["data-dir"],
+            "node.name": self["node"],
+            "node.zone": self["zone"],
+            "listen.https": self["https"],
+            "listen.http": self["http"],
+            "listen.admin": self["admin"],
+            "tls.certificate": self["tls-cert"],
+            "tls.key": self["tls-key"],
+            "audit.path": self["audit"],
+            "demo.enabled": True if self["demo"] else None,
+        }
+
+
+def admin_token(settings: Settings) -> str:
+    """The configured admin token, or the one generated at first start (mode 0600)."""
+    if settings.admin_token:
+        return settings.admin_token
+    path = os.path.join(settings.data_dir, "admin-token")
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    write_atomic(path, token.encode() + b"\n", mode=0o600)
+    return token
+
+
+class NodeService(service.MultiService):
+    """A whole node: stores, gateway and listeners.  Listening happens at privileged start."""
+
+    def __init__(self, settings: Settings, reactor=None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.reactor = reactor
+        self.ports: dict[str, list] = {"https": [], "http": [], "admin": []}
+        self.demo_port = None
+        self._build()
+
+    def _build(self) -> None:
+        from hoodyproxy.directory import SQLiteDirectory, open_database
+        from hoodyproxy.gateway import Gateway
+        from hoodyproxy.observe.audit import AuditLog
+        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
+        from hoodyproxy.upstream.pool import ConnectionPool
+
+        s = self.settings
+        os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
+        self.directory = SQLiteDirectory(open_database(os.path.join(s.data_dir, "hoodyproxy.db")))
+        self.token = admin_token(s)
+        if s.tls_certificate:
+            cert, key, self.ca_path = s.tls_certificate, s.tls_key, None
+        else:
+            dev = ensure_dev_certificates(os.path.join(s.data_dir, "tls"), s.node, s.zone)
+            cert, key, self.ca_path = dev.cert_path, dev.key_path, dev.ca_path
+        self.certificates = CertificateStore(cert, key)
+        self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file)
+        self.pool = ConnectionPool(self.reactor, connect_timeout=s.connect_timeout,
+                                   idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
+        self.gateway = Gateway(s, self.directory, self.pool, self.audit, self.reactor)
+
+    def privilegedStartService(self) -> None:
+        from hoodyproxy.admin.api import AdminAPI
+        from hoodyproxy.frontend.http1 import GatewayHTTPFactory
+        from hoodyproxy.frontend.redirect import RedirectToHTTPS
+        from hoodyproxy.tls import SNIContextFactory, listen_tls
+
+        s = self.settings
+        https_factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=s.client_idle_timeout)
+        context = SNIContextFactory(self.certificates)
+        redirect = Site(RedirectToHTTPS(s.https_port), reactor=self.reactor)
+        redirect.log = lambda request: None
+        admin = Site(AdminAPI(self.directory, self.token), reactor=self.reactor)
+        admin.log = lambda request: None
+        for addr in s.https:
+            self.ports["https"].append(listen_tls(self.reactor, addr.port, https_factory, context,
+                                                  interface=addr.interface, backlog=1024))
+        for addr in s.http:
+            self.ports["http"].append(self.reactor.listenTCP(addr.port, redirect, interface=addr.interface))
+        for addr in s.admin:
+            self.ports["admin"].append(self.reactor.listenTCP(addr.port, admin, interface=addr.interface))
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.settings
+        if s.demo:
+            self._start_demo()
+        for kind, ports in self.ports.items():
+            for port in ports:
+                host = port.getHost()
+                log.info("hoodyproxy {kind} listening on {host}:{port}", kind=kind, host=host.host, port=host.port)
+        if self.ca_path:
+            log.info("hoodyproxy development CA (trust it to browse without warnings): {ca}", ca=self.ca_path)
+        log.info("hoodyproxy admin token file: {path}",
+                 path="(from config)" if s.admin_token else os.path.join(s.data_dir, "admin-token"))
+        log.info("hoodyproxy audit log: {path}", path=s.audit_file)
+
+    def _start_demo(self) -> None:
+        from hoodyproxy.demo import listen_demo
+        from hoodyproxy.directory import Container
+
+        self.demo_port = listen_demo(self.reactor)
+        port = self.demo_port.getHost().port
+        self.directory.put(Container(DEMO_CONTAINER, DEMO_PROJECT, "127.0.0.1", "running", {"http-80": port}))
+        https_port = self.ports["https"][0].getHost().port if self.ports["https"] else self.settings.https_port
+        url = f"https://{DEMO_PROJECT}-{DEMO_CONTAINER}-http-80.{self.settings.suffix}:{https_port}/"
+        log.info("hoodyproxy demo: open {url} (WebSocket echo at {ws})", url=url,
+                 ws=url.replace("https://", "wss://") + "echo")
+        self.demo_url = url
+
+    def stopService(self):
+        super().stopService()
+        from twisted.internet import defer
+        waits = [defer.maybeDeferred(p.stopListening) for ports in self.ports.values() for p in ports]
+        if self.demo_port is not None:
+            waits.append(defer.maybeDeferred(self.demo_port.stopListening))
+        for ports in self.ports.values():
+            ports.clear()
+        self.pool.close()
+        self.audit.close()
+        return defer.DeferredList(waits)
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the node from command-line options; a bad config exits with one line."""
+    try:
+        settings = load_settings(options["config"], options.overrides())
+    except ConfigError as e:
+        sys.stderr.write(f"hoodyproxy: config error: {e}\n")
+        raise SystemExit(2)
+    try:
+        node = NodeService(settings)
+    except OSError as e:
+        sys.stderr.write(f"hoodyproxy: cannot start: {e}\n")
+        raise SystemExit(1)
+    return _ExitOnListenError(node)
+
+
+class _ExitOnListenError(service.MultiService):
+    """Turns a port that cannot be bound into one clear line and a non-zero exit."""
+
+    def __init__(self, node: NodeService) -> None:
+        super().__init__()
+        self.node = node
+        node.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            sys.stderr.write(f"hoodyproxy: cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
+                             f"{e.socketError}\n")
+            sys.stderr.flush()
+            os._exit(1)

@@ -1,0 +1,281 @@
+"""One request forwarded to one container: connect, stream both ways, finish or fail.
+
+The exchange sits between a frontend request (see :class:`FrontendRequest`) and an
+:class:`~hoodyproxy.upstream.http11.UpstreamConnection`.  The request body flows up as
+it arrives and the response flows down as it comes, each direction under backpressure:
+the upstream socket's buffer pauses the client's reads, the client's buffer pauses the
+upstream reads.  Nothing is held whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES, datetimeToString
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from hoodyproxy import errors
+from hoodyproxy.upstream.headers import response_headers
+from hoodyproxy.upstream.tunnel import Tunnel
+
+log = Logger()
+
+#: Request body held while the upstream connection is being opened, before pausing the client.
+PENDING_LIMIT = 64 * 1024
+#: Request body kept to replay on a fresh connection when a pooled one turns out stale.
+REPLAY_LIMIT = 64 * 1024
+#: Request body read and thrown away after the response is complete, before giving up on the client.
+DISCARD_LIMIT = 1024 * 1024
+
+
+class FrontendRequest(TypingProtocol):
+    """What the exchange needs from a request, whatever protocol carried it."""
+
+    body_length: int | None
+    body_complete: bool
+
+    def pause_body(self) -> None: ...
+    def resume_body(self) -> None: ...
+    def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def finish_response(self) -> None: ...
+    def send_error(self, error: errors.GatewayError) -> None: ...
+    def abort(self) -> None: ...
+    def take_over(self, headers: list[tuple[bytes, bytes]]) -> tuple[Any, bytes]: ...
+    def attach_tunnel(self, tunnel: Tunnel) -> None: ...
+
+
+@implementer(IPushProducer)
+class _ClientBody:
+    """The client's request body as a producer registered on the upstream socket."""
+
+    def __init__(self, exchange: "Exchange") -> None:
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self.exchange.body_paused = True
+        self.exchange.request.pause_body()
+
+    def resumeProducing(self) -> None:
+        self.exchange.body_paused = False
+        self.exchange.request.resume_body()
+
+    def stopProducing(self) -> None:
+        self.exchange.body_paused = False
+
+
+class Exchange:
+    """Forwards one request; calls ``done(record)`` exactly once when it is over."""
+
+    def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
+                 head_request: bool, upgrade: bool, timeout: float, record: dict,
+                 done: Callable[[dict], None], clock, tunnel_idle_timeout: float = 3600.0) -> None:
+        self.request = request
+        self.pool = pool
+        self.address = address
+        self.port = port
+        self.head = head
+        self.head_request = head_request
+        self.upgrade = upgrade
+        self.timeout = timeout
+        self.record = record
+        self.done = done
+        self.clock = clock
+        self.tunnel_idle_timeout = tunnel_idle_timeout
+        self.conn = None
+        self.connecting: defer.Deferred | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.attempts = 0
+        self.body_paused = False
+        self.body_producer = None
+        self.response_started = False
+        self.response_done = False
+        self.discarded = 0
+        self.over = False
+
+    # -- connecting -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.attempts += 1
+        d = self.pool.acquire(self.address, self.port)
+        if d.called:
+            d.addCallbacks(self._connected, self._connect_failed)
+            return
+        self.connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn) -> None:
+        self.connecting = None
+        if self.over:
+            conn.abort()
+            return
+        self.conn = conn
+        self.reused = conn.requests > 0
+        request = self.request
+        conn.send_head(self.head, self, chunked_body=request.body_length is None,
+                       has_body=request.body_length != 0, head_request=self.head_request,
+                       upgrade=self.upgrade, timeout=self.timeout)
+        for chunk in self.pending:
+            conn.write_body(chunk)
+        self.pending = []
+        self.pending_size = 0
+        if request.body_complete:
+            conn.end_body()
+        elif request.body_length != 0:
+            self.body_producer = _ClientBody(self)
+            conn.transport.registerProducer(self.body_producer, True)
+            if self.body_paused:
+                self.body_paused = False
+                request.resume_body()
+
+    def _connect_failed(self, failure) -> None:
+        self.connecting = None
+        if self.over:
+            return
+        if failure.check(defer.CancelledError):
+            return
+        self._fail(errors.BadGateway(reason="connect failed: " + failure.getErrorMessage()[:120]))
+
+    # -- the request body, from the frontend -------------------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        if self.over or self.response_done:
+            self.discarded += len(data)
+            if self.discarded > DISCARD_LIMIT and not self.over:
+                self.request.abort()
+            return
+        if self.replay is not None:
+            self.replay_size += len(data)
+            if self.replay_size > REPLAY_LIMIT:
+                self.replay = None
+            else:
+                self.replay.append(data)
+        conn = self.conn
+        if conn is None:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_LIMIT and not self.body_paused:
+                self.body_paused = True
+                self.request.pause_body()
+            return
+        conn.write_body(data)
+        if self.body_paused:
+            # A resume from the other direction let a read through; keep the client paused.
+            self.request.pause_body()
+
+    def body_end(self) -> None:
+        self._unregister_body_producer()
+        if self.conn is not None and not self.response_done:
+            self.conn.end_body()
+        if self.response_done and not self.over:
+            self._finish_ok()
+
+    def _unregister_body_producer(self) -> None:
+        if self.body_producer is not None:
+            self.body_producer = None
+            conn = self.conn
+            if conn is not None and conn.transport is not None:
+                conn.transport.unregisterProducer()
+            if self.body_paused:
+                self.body_paused = False
+                self.request.resume_body()
+
+    def client_gone(self) -> None:
+        """The client went away: stop everything upstream."""
+        if self.over:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.conn.abort()
+        self._end(499, "client closed the connection")
+
+    # -- the response, from the container ----------------------------------------------
+
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.replay = None
+        if status == 101:
+            self.switch_headers = response_headers(headers, upgrade=True)
+            return  # upstream_upgraded follows at once
+        self.response_started = True
+        self.record["status"] = status
+        self.request.start_response(status, reason or RESPONSES.get(status, b"Unknown"),
+                                    response_headers(headers))
+        self.request.registerProducer(self.conn, True)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def upstream_end(self) -> None:
+        self.request.unregisterProducer()
+        self.response_done = True
+        if self.request.body_complete:
+            self._finish_ok()
+        else:
+            # The container answered before the body was in: stop forwarding it, drain the
+            # rest from the client (bounded) and finish when it is in.
+            self._unregister_body_producer()
+
+    def _finish_ok(self) -> None:
+        self.request.finish_response()
+        self._end(self.record.get("status", 0), None)
+
+    def upstream_failed(self, why: str, got_response: bool) -> None:
+        if self.over:
+            return
+        conn, self.conn = self.conn, None
+        if (not got_response and why == "closed" and getattr(self, "reused", False)
+                and self.replay is not None and self.attempts < 3):
+            # A pooled connection the container had already closed: try a fresh one.
+            self.body_producer = None
+            self.pending = list(self.replay)
+            self.pending_size = self.replay_size
+            self.start()
+            return
+        if self.response_started:
+            self.request.unregisterProducer()
+            self.request.abort()
+            self._end(self.record.get("status", 0), "container failed mid-response: " + why)
+            return
+        if why == "timeout":
+            self._fail(errors.GatewayTimeout(reason="no response headers in time"))
+        else:
+            self._fail(errors.BadGateway(reason="container " + why))
+
+    def upstream_upgraded(self, leftover: bytes) -> None:
+        conn, self.conn = self.conn, None
+        self._unregister_body_producer()
+        self.record["status"] = 101
+        transport, client_leftover = self.request.take_over(self.switch_headers)
+        tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed)
+        self.request.attach_tunnel(tunnel)
+        tunnel.start(client_leftover, leftover)
+
+    def _tunnel_closed(self, bytes_up: int, bytes_down: int, reason: str | None) -> None:
+        self.record["bytes_in"] = bytes_up
+        self.record["bytes_out"] = bytes_down
+        self._end(101, reason)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def _fail(self, error: errors.GatewayError) -> None:
+        self._unregister_body_producer()
+        self.request.send_error(error)
+        self._end(error.status, error.reason)
+
+    def _end(self, status: int, reason: str | None) -> None:
+        if self.over:
+            return
+        self.over = True
+        self.record["status"] = status
+        if reason:
+            self.record["reason"] = reason
+        self.done(self.record)

@@ -1,0 +1,100 @@
+"""Header rewriting between client and container (pure): hop-by-hop out, forwarding in.
+
+RFC 9110 section 7.6.1: ``Connection`` and every header it names, ``Keep-Alive``,
+``Proxy-Connection``, ``TE``, ``Transfer-Encoding`` and ``Upgrade`` belong to one hop and
+are never forwarded (an Upgrade the gateway relays is re-added by the gateway).  The
+forwarding headers are always the gateway's own: whatever the client sent in their place
+is dropped, so a client cannot claim another address.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+    b"upgrade", b"trailer", b"proxy-authenticate", b"proxy-authorization",
+})
+
+#: Request headers the gateway always sets itself (the client's are dropped).
+GATEWAY_OWNED = frozenset({
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+    b"forwarded", b"x-real-ip", b"x-hoody-instance", b"content-length", b"expect", b"host",
+})
+
+INSTANCE_HEADER = b"X-Hoody-Instance"
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The lowercase tokens of every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def wants_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """True if the request asks to upgrade to WebSocket (``Connection: upgrade`` + ``Upgrade: websocket``)."""
+    headers = list(headers)
+    if b"upgrade" not in connection_tokens(headers):
+        return False
+    return any(name.lower() == b"upgrade" and b"websocket" in value.lower() for name, value in headers)
+
+
+def forwarded_for(client_ip: str) -> bytes:
+    """The ``for=`` value of RFC 7239 for an address (IPv6 quoted and bracketed)."""
+    if ":" in client_ip:
+        return b'"[' + client_ip.encode() + b']"'
+    return client_ip.encode()
+
+
+def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes, bytes]], *,
+                       host: bytes, client_ip: str, proto: bytes = b"https",
+                       body_length: int | None, upgrade: bool = False,
+                       instance: int | None = None, drop: frozenset[bytes] = frozenset()) -> bytes:
+    """The HTTP/1.1 request head the gateway sends to a container.
+
+    ``body_length`` None means the body length is unknown and is sent chunked; 0 means no body.
+    ``drop`` names further (lowercase) headers to remove, such as consumed credentials.
+    """
+    headers = list(headers)
+    named = connection_tokens(headers)
+    out = [method, b" ", uri, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in GATEWAY_OWNED or lname in named or lname in drop:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    ip = client_ip.encode()
+    out += (b"X-Forwarded-For: ", ip, b"\r\nX-Forwarded-Proto: ", proto,
+            b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Real-IP: ", ip,
+            b"\r\nForwarded: for=", forwarded_for(client_ip), b";host=\"", host.replace(b'"', b""),
+            b"\";proto=", proto, b"\r\n")
+    if instance is not None:
+        out += (INSTANCE_HEADER, b": %d\r\n" % instance)
+    if upgrade:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    if body_length is None:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    elif body_length or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
+        out.append(b"Content-Length: %d\r\n" % body_length)
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = False) -> list[tuple[bytes, bytes]]:
+    """The container's response headers as the client gets them: hop-by-hop removed.
+
+    For a 101 to a WebSocket upgrade, ``Connection`` and ``Upgrade`` are the point of
+    the response and are kept (re-written canonically).
+    """
+    named = connection_tokens(headers)
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
+        named.add(b"content-length")
+    out = [(name, value) for name, value in headers
+           if (lname := name.lower()) not in HOP_BY_HOP and lname not in named]
+    if upgrade:
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    return out

@@ -1,0 +1,388 @@
+"""A lean HTTP/1.1 client protocol for talking to containers: one exchange at a time.
+
+The gateway writes a request head it built itself, streams the body with
+:meth:`UpstreamConnection.write_body`, and receives the response as events on a
+listener (:class:`ResponseListener`).  The parser knows exactly what a proxy needs:
+the status, the raw headers, and where the body ends (Content-Length, chunked, until
+close, or none).  After a 101 the connection becomes a byte pipe.  Buffers are bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol as TypingProtocol
+
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+MAX_HEAD = 64 * 1024
+MAX_CHUNK_LINE = 4096
+
+# connection states
+IDLE, WAITING, BODY, UPGRADED, CLOSED = "idle", "waiting", "body", "upgraded", "closed"
+
+# body framings
+_NONE, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+
+
+class UpstreamProtocolError(Exception):
+    """The container sent something that is not HTTP/1.1."""
+
+
+class ResponseListener(TypingProtocol):
+    """What an :class:`UpstreamConnection` tells the exchange that owns it."""
+
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_end(self) -> None: ...
+
+    def upstream_failed(self, why: str, got_response: bool) -> None: ...
+
+    def upstream_upgraded(self, leftover: bytes) -> None: ...
+
+
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise UpstreamProtocolError("bad status line")
+    status = int(parts[1])
+    reason = parts[2] if len(parts) == 3 else b""
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            raise UpstreamProtocolError("bad header line")
+        value = value.strip(b" \t")
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise UpstreamProtocolError("bad header value")
+        headers.append((name, value))
+    return status, reason, headers
+
+
+class UpstreamConnection(Protocol):
+    """One keep-alive connection to one container address and port."""
+
+    listener: ResponseListener | None = None
+    state = IDLE
+    #: Set by the pool: called when this connection can carry another request.
+    on_reusable: Callable[["UpstreamConnection"], None] | None = None
+    #: Set by the pool: called once when the connection is gone.
+    on_closed: Callable[["UpstreamConnection"], None] | None = None
+    #: Set by the pool: called once the connection is established.
+    on_connected: Callable[["UpstreamConnection"], None] | None = None
+
+    def __init__(self, key: tuple[str, int], clock) -> None:
+        self.key = key
+        self.clock = clock
+        self.requests = 0
+        self.last_used = clock.seconds()
+        self._buf = b""
+        self._timeout = None
+        self._reusable = False
+        self._request_done = True
+        self._head_request = False
+        self._upgrade = False
+        self._got_response = False
+        self._framing = _NONE
+        self._remaining = 0
+        self._chunked_body = False
+        self._chunk_state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self.paused = False
+
+    def connectionMade(self) -> None:
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        callback, self.on_connected = self.on_connected, None
+        if callback is not None:
+            callback(self)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send_head(self, head: bytes, listener: ResponseListener, *, chunked_body: bool,
+                  has_body: bool, head_request: bool, upgrade: bool, timeout: float) -> None:
+        """Start an exchange: write the request head and wait for the response."""
+        assert self.state == IDLE
+        self.state = WAITING
+        self.listener = listener
+        self.requests += 1
+        self._buf = b""
+        self._got_response = False
+        self._reusable = True
+        self._chunked_body = chunked_body
+        self._request_done = not has_body
+        self._head_request = head_request
+        self._upgrade = upgrade
+        self._timeout = self.clock.callLater(timeout, self._response_timed_out)
+        self.transport.write(head)
+
+    def write_body(self, data: bytes) -> None:
+        """Forward a piece of the request body."""
+        if self.state in (CLOSED, UPGRADED) or self._request_done or not data:
+            return
+        if self._chunked_body:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+        if self._request_done:
+            return
+        self._request_done = True
+        if self.state not in (CLOSED, UPGRADED) and self._chunked_body:
+            self.transport.write(b"0\r\n\r\n")
+        if self.state == IDLE:
+            self._maybe_reusable()
+
+    # -- flow control of the response -------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once (never reused)."""
+        self._reusable = False
+        self.listener = None
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.abortConnection()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == BODY and not self._buf:
+            self._body(data)
+            return
+        if state == UPGRADED:
+            if self.listener is not None:
+                self.listener.upstream_data(data)
+            return
+        if state == IDLE:
+            # Nothing was asked: a server talking out of turn cannot be trusted with the next request.
+            self._reusable = False
+            self.transport.loseConnection()
+            return
+        self._buf += data
+        if state == WAITING:
+            self._head()
+        elif state == BODY:
+            data, self._buf = self._buf, b""
+            self._body(data)
+
+    def _head(self) -> None:
+        while self.state == WAITING:
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > MAX_HEAD:
+                    self._fail("response head too large")
+                return
+            head, self._buf = self._buf[:end], self._buf[end + 4:]
+            self._got_response = True
+            try:
+                status, reason, headers = _parse_head(head)
+            except UpstreamProtocolError as e:
+                self._fail(str(e))
+                return
+            if status == 101:
+                if not self._upgrade:
+                    self._fail("unexpected 101")
+                    return
+                self._cancel_timeout()
+                self.state = UPGRADED
+                self._reusable = False
+                leftover, self._buf = self._buf, b""
+                listener = self.listener
+                listener.upstream_head(status, reason, headers)
+                listener.upstream_upgraded(leftover)
+                return
+            if 100 <= status < 200:
+                continue  # interim responses (100 Continue, 103) are not forwarded
+            self._cancel_timeout()
+            if not self._frame(status, headers):
+                return
+            self.state = BODY
+            listener = self.listener
+            listener.upstream_head(status, reason, headers)
+            if self.state != BODY:
+                return
+            if self._framing == _NONE or (self._framing == _LENGTH and self._remaining == 0):
+                self._response_complete()
+                return
+            data, self._buf = self._buf, b""
+            if data:
+                self._body(data)
+            return
+
+    def _frame(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        te = None
+        lengths = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                te = value.lower() if te is None else te + b"," + value.lower()
+            elif lname == b"content-length":
+                lengths.append(value)
+            elif lname == b"connection" and b"close" in value.lower():
+                self._reusable = False
+        if self._head_request or status in (204, 304):
+            self._framing = _NONE
+        elif te is not None:
+            if te.rsplit(b",", 1)[-1].strip() == b"chunked":
+                self._framing = _CHUNKED
+                self._chunk_state = 0
+            else:
+                self._framing = _CLOSE
+                self._reusable = False
+        elif lengths:
+            values = {v.strip() for v in b",".join(lengths).split(b",")}
+            if len(values) != 1:
+                self._fail("conflicting content-length")
+                return False
+            value = values.pop()
+            if not value.isdigit() or len(value) > 18:
+                self._fail("bad content-length")
+                return False
+            self._framing = _LENGTH
+            self._remaining = int(value)
+        else:
+            self._framing = _CLOSE
+            self._reusable = False
+        return True
+
+    def _body(self, data: bytes) -> None:
+        framing = self._framing
+        if framing == _LENGTH:
+            n = len(data)
+            if n < self._remaining:
+                self._remaining -= n
+                self.listener.upstream_data(data)
+                return
+            body, extra = data[: self._remaining], data[self._remaining:]
+            self._remaining = 0
+            if body:
+                self.listener.upstream_data(body)
+            if extra:
+                self._reusable = False
+            if self.state == BODY:
+                self._response_complete()
+        elif framing == _CHUNKED:
+            self._chunked(data)
+        elif framing == _CLOSE:
+            self.listener.upstream_data(data)
+
+    def _chunked(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        pos = 0
+        n = len(buf)
+        while pos < n and self.state == BODY:
+            st = self._chunk_state
+            if st == 1:
+                take = min(self._remaining, n - pos)
+                piece = buf[pos:pos + take]
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._chunk_state = 2
+                self.listener.upstream_data(piece)
+                continue
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if n - pos > MAX_CHUNK_LINE:
+                    self._fail("chunk line too long")
+                    return
+                self._buf = buf[pos:]
+                return
+            line = buf[pos:end]
+            pos = end + 2
+            if st == 0:
+                size = line.split(b";", 1)[0].strip()
+                try:
+                    if not size or len(size) > 15:
+                        raise ValueError
+                    self._remaining = int(size, 16)
+                except ValueError:
+                    self._fail("bad chunk size")
+                    return
+                self._chunk_state = 1 if self._remaining else 3
+            elif st == 2:
+                if line:
+                    self._fail("bad chunk terminator")
+                    return
+                self._chunk_state = 0
+            elif st == 3:
+                if not line:  # end of trailers
+                    if pos < n:
+                        self._reusable = False
+                    self._response_complete()
+                    return
+
+    def _response_complete(self) -> None:
+        listener, self.listener = self.listener, None
+        self.state = IDLE
+        self._maybe_reusable()
+        if listener is not None:
+            listener.upstream_end()
+
+    def _maybe_reusable(self) -> None:
+        if self.state != IDLE or self.listener is not None:
+            return
+        if self._reusable and self._request_done:
+            if self.paused:
+                self.resumeProducing()
+            self.last_used = self.clock.seconds()
+            if self.on_reusable is not None:
+                self.on_reusable(self)
+                return
+        if not (self._reusable and self._request_done):
+            self._reusable = False
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    # -- failure ----------------------------------------------------------------------
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            if self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+
+    def _response_timed_out(self) -> None:
+        self._timeout = None
+        self._fail("timeout")
+
+    def _fail(self, why: str) -> None:
+        self._cancel_timeout()
+        listener, self.listener = self.listener, None
+        self._reusable = False
+        if self.transport is not None and self.state != CLOSED:
+            self.transport.abortConnection()
+        if listener is not None:
+            listener.upstream_failed(why, self._got_response)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        state, self.state = self.state, CLOSED
+        self._cancel_timeout()
+        listener, self.listener = self.listener, None
+        if self.on_closed is not None:
+            self.on_closed(self)
+        if listener is None:
+            return
+        if state == UPGRADED:
+            listener.upstream_end()
+        elif state == BODY and self._framing == _CLOSE:
+            listener.upstream_end()
+        elif state in (WAITING, BODY):
+            listener.upstream_failed("closed", self._got_response)
