@@ -117,13 +117,14 @@ class NodeService(service.MultiService):
         s = self.settings
         https_factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=s.client_idle_timeout)
         context = SNIContextFactory(self.certificates)
-        redirect = Site(RedirectToHTTPS(s.https_port), reactor=self.reactor)
-        redirect.log = lambda request: None
         admin = Site(AdminAPI(self.directory, self.token), reactor=self.reactor)
         admin.log = lambda request: None
         for addr in s.https:
             self.ports["https"].append(listen_tls(self.reactor, addr.port, https_factory, context,
                                                   interface=addr.interface, backlog=1024))
+        # Redirect to the port actually bound (it differs from the config when that says 0).
+        redirect = Site(RedirectToHTTPS(self.ports["https"][0].getHost().port), reactor=self.reactor)
+        redirect.log = lambda request: None
         for addr in s.http:
             self.ports["http"].append(self.reactor.listenTCP(addr.port, redirect, interface=addr.interface))
         for addr in s.admin:
@@ -198,7 +199,9 @@ class _ExitOnListenError(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            sys.stderr.write(f"hoodyproxy: cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
-                             f"{e.socketError}\n")
-            sys.stderr.flush()
+            # twistd has redirected sys.stderr into its log by now; say it on the real stderr.
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"hoodyproxy: cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
+                         f"{e.socketError}\n")
+            stream.flush()
             os._exit(1)

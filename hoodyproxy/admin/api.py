@@ -35,7 +35,7 @@ def _json_body(request) -> Any:
         raise ApiError(413, "payload_too_large", "the body is larger than 1 MiB")
     try:
         return json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
 
 

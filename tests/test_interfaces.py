@@ -1,0 +1,39 @@
+"""The shipped implementations provide their plugin interfaces (using hoodyproxy.testing)."""
+
+import os
+import tempfile
+
+from twisted.trial import unittest
+
+from hoodyproxy.directory import SQLiteDirectory, open_database
+from hoodyproxy.observe.audit import AuditLog
+from hoodyproxy.testing import AuditSinkTestsMixin, ContainerDirectoryTestsMixin
+
+
+class SQLiteDirectoryInterfaceTests(ContainerDirectoryTestsMixin, unittest.TestCase):
+    def make_provider(self):
+        path = os.path.join(tempfile.mkdtemp(), "db.sqlite")
+        conn = open_database(path)
+        self.addCleanup(conn.close)
+        return SQLiteDirectory(conn)
+
+
+class AuditLogInterfaceTests(AuditSinkTestsMixin, unittest.TestCase):
+    def make_provider(self):
+        log = AuditLog(os.path.join(tempfile.mkdtemp(), "audit.log"))
+        self.addCleanup(log.close)
+        return log
+
+    def test_one_json_line_per_record(self):
+        """Each record is written as one JSON line with exactly its fields and an ISO time."""
+        import json
+        path = os.path.join(tempfile.mkdtemp(), "audit.log")
+        log = AuditLog(path)
+        log.record({"time": 0.5, "status": 200, "path": "/a\nb"})
+        log.record({"time": 1.0, "status": 404})
+        log.close()
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(json.loads(lines[0]), {"time": "1970-01-01T00:00:00.500Z", "status": 200, "path": "/a\nb"})
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
