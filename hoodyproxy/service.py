@@ -131,9 +131,16 @@ class NodeService(service.MultiService):
             self.ports["admin"].append(self.reactor.listenTCP(addr.port, admin, interface=addr.interface))
         super().privilegedStartService()
 
+    #: Seconds between checks for replaced certificate files.
+    certificate_check_interval = 10.0
+
     def startService(self) -> None:
         super().startService()
         s = self.settings
+        from twisted.internet.task import LoopingCall
+        self._cert_check = LoopingCall(self.certificates.reload_if_changed)
+        self._cert_check.clock = self.reactor
+        self._cert_check.start(self.certificate_check_interval, now=False)
         if s.demo:
             self._start_demo()
         for kind, ports in self.ports.items():
@@ -161,6 +168,8 @@ class NodeService(service.MultiService):
 
     def stopService(self):
         super().stopService()
+        if getattr(self, "_cert_check", None) is not None and self._cert_check.running:
+            self._cert_check.stop()
         from twisted.internet import defer
         waits = [defer.maybeDeferred(p.stopListening) for ports in self.ports.values() for p in ports]
         if self.demo_port is not None:

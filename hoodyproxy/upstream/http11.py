@@ -45,9 +45,11 @@ class ResponseListener(TypingProtocol):
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
         raise UpstreamProtocolError("bad status line")
     status = int(parts[1])
+    if status < 100:
+        raise UpstreamProtocolError("bad status code")
     reason = parts[2] if len(parts) == 3 else b""
     headers = []
     for line in lines[1:]:
@@ -59,6 +61,9 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
             raise UpstreamProtocolError("bad header value")
         headers.append((name, value))
     return status, reason, headers
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class UpstreamConnection(Protocol):
@@ -86,6 +91,7 @@ class UpstreamConnection(Protocol):
         self._upgrade = False
         self._got_response = False
         self._framing = _NONE
+        self._http10 = False
         self._remaining = 0
         self._chunked_body = False
         self._chunk_state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
@@ -152,11 +158,14 @@ class UpstreamConnection(Protocol):
         self.abort()
 
     def abort(self) -> None:
-        """Drop the connection at once (never reused)."""
+        """Drop the connection at once (never reused); no further events are delivered."""
         self._reusable = False
         self.listener = None
-        if self.transport is not None and self.state != CLOSED:
-            self.transport.abortConnection()
+        self._cancel_timeout()
+        if self.state != CLOSED:
+            self.state = CLOSED
+            if self.transport is not None:
+                self.transport.abortConnection()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -169,6 +178,8 @@ class UpstreamConnection(Protocol):
             if self.listener is not None:
                 self.listener.upstream_data(data)
             return
+        if state == CLOSED:
+            return
         if state == IDLE:
             # Nothing was asked: a server talking out of turn cannot be trusted with the next request.
             self._reusable = False
@@ -176,6 +187,7 @@ class UpstreamConnection(Protocol):
             return
         self._buf += data
         if state == WAITING:
+            self._got_response = True  # the container has begun answering: never resend
             self._head()
         elif state == BODY:
             data, self._buf = self._buf, b""
@@ -184,14 +196,15 @@ class UpstreamConnection(Protocol):
     def _head(self) -> None:
         while self.state == WAITING:
             end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buf) > MAX_HEAD:
-                    self._fail("response head too large")
+            if end < 0 and len(self._buf) <= MAX_HEAD:
+                return
+            if end < 0 or end > MAX_HEAD:
+                self._fail("response head too large")
                 return
             head, self._buf = self._buf[:end], self._buf[end + 4:]
-            self._got_response = True
             try:
                 status, reason, headers = _parse_head(head)
+                self._http10 = head.startswith(b"HTTP/1.0")
             except UpstreamProtocolError as e:
                 self._fail(str(e))
                 return
@@ -218,6 +231,9 @@ class UpstreamConnection(Protocol):
             if self.state != BODY:
                 return
             if self._framing == _NONE or (self._framing == _LENGTH and self._remaining == 0):
+                if self._buf:
+                    self._reusable = False  # bytes nobody asked for: do not trust this connection
+                    self._buf = b""
                 self._response_complete()
                 return
             data, self._buf = self._buf, b""
@@ -228,14 +244,20 @@ class UpstreamConnection(Protocol):
     def _frame(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         te = None
         lengths = []
+        keep_alive = False
         for name, value in headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
                 te = value.lower() if te is None else te + b"," + value.lower()
             elif lname == b"content-length":
                 lengths.append(value)
-            elif lname == b"connection" and b"close" in value.lower():
-                self._reusable = False
+            elif lname == b"connection":
+                tokens = {t.strip() for t in value.lower().split(b",")}
+                if b"close" in tokens:
+                    self._reusable = False
+                keep_alive = keep_alive or b"keep-alive" in tokens
+        if self._http10 and not keep_alive:
+            self._reusable = False
         if self._head_request or status in (204, 304):
             self._framing = _NONE
         elif te is not None:
@@ -307,15 +329,15 @@ class UpstreamConnection(Protocol):
                 return
             line = buf[pos:end]
             pos = end + 2
+            if len(line) > MAX_CHUNK_LINE:
+                self._fail("chunk line too long")
+                return
             if st == 0:
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    if not size or len(size) > 15:
-                        raise ValueError
-                    self._remaining = int(size, 16)
-                except ValueError:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not size or len(size) > 15 or not _HEX.issuperset(size):
                     self._fail("bad chunk size")
                     return
+                self._remaining = int(size, 16)
                 self._chunk_state = 1 if self._remaining else 3
             elif st == 2:
                 if line:

@@ -62,6 +62,7 @@ class ConnectionPool:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._sweeper: LoopingCall | None = None
         self.opened = 0
+        self.closed = False
 
     def _connect_tcp(self, address: str, port: int, factory, timeout: float):
         return self.reactor.connectTCP(address, port, factory, timeout=timeout)
@@ -94,7 +95,7 @@ class ConnectionPool:
 
     def _release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.key, [])
-        if len(idle) >= self.max_idle:
+        if len(idle) >= self.max_idle or self.closed:
             conn.transport.loseConnection()
             return
         conn.on_reusable = None
@@ -131,7 +132,8 @@ class ConnectionPool:
         return sum(len(v) for v in self._idle.values())
 
     def close(self) -> None:
-        """Close every idle connection (at shutdown)."""
+        """Close every idle connection (at shutdown); connections finishing later are closed too."""
+        self.closed = True
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None

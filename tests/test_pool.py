@@ -1,0 +1,367 @@
+"""Tests for :mod:`hoodyproxy.upstream.pool`, the keep-alive connection pool.
+
+No sockets and no real time: the pool runs on a ``MemoryReactorClock``, whose
+``connectTCP`` only records the attempt in ``reactor.tcpClients``.  A test "completes"
+a connection by building the protocol from the recorded factory and attaching it to a
+``StringTransport``; it "closes" one by calling ``connectionLost`` itself.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from hoodyproxy.upstream.http11 import UpstreamConnection
+from hoodyproxy.upstream.pool import ConnectionPool
+
+ADDRESS = "10.1.2.3"
+PORT = 8080
+IDLE_TIMEOUT = 30.0
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: container\r\n\r\n"
+KEEP_ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Listener:
+    """Enough of a ResponseListener to run an exchange; remembers how it ended."""
+
+    def __init__(self) -> None:
+        self.outcome = None
+
+    def upstream_head(self, status, reason, headers):
+        pass
+
+    def upstream_data(self, data):
+        pass
+
+    def upstream_end(self):
+        self.outcome = "end"
+
+    def upstream_failed(self, why, got_response):
+        self.outcome = ("failed", why)
+
+    def upstream_upgraded(self, leftover):
+        self.outcome = "upgraded"
+
+
+class PoolTestCase(unittest.SynchronousTestCase):
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = self.make_pool()
+
+    def make_pool(self, **kwargs) -> ConnectionPool:
+        options = dict(connect_timeout=5.0, idle_timeout=IDLE_TIMEOUT, max_idle=2)
+        options.update(kwargs)
+        return ConnectionPool(self.reactor, **options)
+
+    def establish(self, index: int = -1) -> tuple[UpstreamConnection, StringTransport]:
+        """Finish the connection attempt ``reactor.tcpClients[index]``."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[index]
+        conn = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        return conn, transport
+
+    def open(self, address: str = ADDRESS, port: int = PORT) -> UpstreamConnection:
+        """acquire() a brand-new connection and complete it."""
+        before = len(self.reactor.tcpClients)
+        d = self.pool.acquire(address, port)
+        self.assertEqual(len(self.reactor.tcpClients), before + 1, "expected a new connection")
+        conn, _ = self.establish()
+        self.assertIs(self.successResultOf(d), conn)
+        return conn
+
+    def exchange(self, conn: UpstreamConnection, response: bytes = KEEP_ALIVE) -> Listener:
+        """Run one complete request/response on ``conn``."""
+        listener = Listener()
+        conn.send_head(REQUEST, listener, chunked_body=False, has_body=False,
+                       head_request=False, upgrade=False, timeout=10.0)
+        conn.dataReceived(response)
+        self.assertEqual(listener.outcome, "end")
+        return listener
+
+    def idle_connection(self, address: str = ADDRESS, port: int = PORT) -> UpstreamConnection:
+        conn = self.open(address, port)
+        self.exchange(conn)
+        return conn
+
+
+class AcquireTests(PoolTestCase):
+
+    def test_acquireOpensConnection(self):
+        """With nothing pooled, acquire starts a TCP connection to the address and port."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        host, port, _factory, timeout, _bind = self.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), (ADDRESS, PORT, 5.0))
+        self.assertNoResult(d)
+
+    def test_acquireWaitsForConnectionMade(self):
+        """The Deferred fires only once the connection is made, with that connection."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[0]
+        conn = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.assertNoResult(d)
+        conn.makeConnection(StringTransport())
+        self.assertIs(self.successResultOf(d), conn)
+        self.assertIsInstance(conn, UpstreamConnection)
+        self.assertEqual(conn.key, (ADDRESS, PORT))
+        self.assertEqual(conn.requests, 0)
+
+    def test_connectFailureErrbacks(self):
+        """A failed connection attempt errbacks the Deferred with the failure."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(self.reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_customConnectUsed(self):
+        """A ``connect`` callable replaces connectTCP and gets address, port, factory, timeout."""
+        calls = []
+
+        def connect(address, port, factory, timeout):
+            calls.append((address, port, timeout))
+            return self.reactor.connectTCP(address, port, factory, timeout=timeout)
+
+        pool = self.make_pool(connect=connect, connect_timeout=7.0)
+        pool.acquire(ADDRESS, PORT)
+        self.assertEqual(calls, [(ADDRESS, PORT, 7.0)])
+
+
+class ReuseTests(PoolTestCase):
+
+    def test_keepAliveConnectionPooledAfterExchange(self):
+        """A complete keep-alive exchange puts the connection in the pool."""
+        conn = self.open()
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT), 1)
+
+    def test_pooledConnectionReusedByNextAcquire(self):
+        """The next acquire for the same address and port gets the pooled connection at once."""
+        conn = self.idle_connection()
+        d = self.pool.acquire(ADDRESS, PORT)
+        self.assertIs(self.successResultOf(d), conn)
+        self.assertEqual(len(self.reactor.tcpClients), 1, "a new connection was opened")
+        self.assertEqual(conn.requests, 1)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_reusedConnectionReturnsAfterNextExchange(self):
+        """A reused connection comes back to the pool after its next exchange too."""
+        conn = self.idle_connection()
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), conn)
+        self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), conn)
+        self.assertEqual(conn.requests, 2)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_connectionInUseNotHandedOut(self):
+        """A connection checked out and not yet finished is not given to a second acquire."""
+        self.open()
+        self.pool.acquire(ADDRESS, PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_otherPortGetsOwnConnection(self):
+        """Pooled connections are per (address, port)."""
+        self.idle_connection(ADDRESS, PORT)
+        self.pool.acquire(ADDRESS, PORT + 1)
+        self.pool.acquire("10.9.9.9", PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT), 1)
+
+    def test_mostRecentlyUsedHandedOutFirst(self):
+        """Of several pooled connections, the one released last is handed out first."""
+        first = self.open()
+        second = self.open()
+        self.exchange(first)
+        self.exchange(second)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), second)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), first)
+
+    def test_connectionCloseNotPooled(self):
+        """A response with ``Connection: close`` does not return the connection."""
+        conn = self.open()
+        self.exchange(conn, CLOSE)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_failedExchangeNotPooled(self):
+        """A connection whose exchange failed is not pooled."""
+        conn = self.open()
+        listener = Listener()
+        conn.send_head(REQUEST, listener, chunked_body=False, has_body=False,
+                       head_request=False, upgrade=False, timeout=10.0)
+        conn.dataReceived(b"garbage\r\n\r\n")
+        self.assertEqual(listener.outcome[0], "failed")
+        self.assertEqual(self.pool.idle_count(), 0)
+
+
+class MaxIdleTests(PoolTestCase):
+
+    def test_maxIdleBoundRespected(self):
+        """No more than max_idle connections are kept; the extra one is closed."""
+        conns = [self.open() for _ in range(3)]
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 2)
+        self.assertEqual([c.transport.disconnecting for c in conns], [False, False, True])
+
+    def test_maxIdleIsPerAddressAndPort(self):
+        """The max_idle bound applies per (address, port)."""
+        for port in (PORT, PORT + 1):
+            conns = [self.open(ADDRESS, port) for _ in range(2)]
+            for conn in conns:
+                self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 4)
+
+    def test_zeroMaxIdleKeepsNothing(self):
+        """With max_idle=0 every released connection is closed."""
+        self.pool = self.make_pool(max_idle=0)
+        conn = self.open()
+        self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertTrue(conn.transport.disconnecting)
+
+
+class IdleTimeoutTests(PoolTestCase):
+
+    def test_idleConnectionKeptBeforeIdleTimeout(self):
+        """A pooled connection survives sweeps until idle_timeout has passed."""
+        conn = self.idle_connection()
+        self.reactor.advance(IDLE_TIMEOUT * 0.99)
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertFalse(conn.transport.disconnecting)
+
+    def test_idleConnectionClosedAfterIdleTimeout(self):
+        """A connection idle for longer than idle_timeout is closed by the sweep."""
+        conn = self.idle_connection()
+        # The sweep is periodic, so allow it up to one more half-period to notice.
+        for _ in range(4):
+            self.reactor.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_recentlyUsedConnectionSurvivesSweep(self):
+        """The sweep closes only the connections that have been idle long enough."""
+        old, new = self.open(), self.open()
+        self.exchange(old)
+        self.reactor.advance(IDLE_TIMEOUT * 0.75)
+        self.exchange(new)
+        self.reactor.advance(IDLE_TIMEOUT * 0.75)
+        self.assertTrue(old.transport.disconnecting)
+        self.assertFalse(new.transport.disconnecting)
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), new)
+
+    def test_reuseRefreshesIdleTime(self):
+        """Idle time counts from the end of the last exchange, not from when it opened."""
+        conn = self.idle_connection()
+        self.reactor.advance(IDLE_TIMEOUT * 0.75)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), conn)
+        self.exchange(conn)
+        self.reactor.advance(IDLE_TIMEOUT * 0.75)
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertFalse(conn.transport.disconnecting)
+
+    def test_sweepStopsWhenPoolEmpty(self):
+        """Once nothing is pooled, no periodic call is left on the reactor."""
+        self.idle_connection()
+        self.assertNotEqual(self.reactor.getDelayedCalls(), [])
+        for _ in range(4):
+            self.reactor.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class ClosedConnectionTests(PoolTestCase):
+
+    def test_closedPooledConnectionForgotten(self):
+        """A pooled connection that the container closes leaves the pool."""
+        conn = self.idle_connection()
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.pool.acquire(ADDRESS, PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_closingPooledConnectionNotHandedOut(self):
+        """A pooled connection already closing is skipped by acquire."""
+        conn = self.idle_connection()
+        conn.transport.loseConnection()  # closing, connectionLost not delivered yet
+        self.pool.acquire(ADDRESS, PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_unsolicitedDataEvictsPooledConnection(self):
+        """A pooled connection that receives bytes nobody asked for is not handed out again."""
+        conn = self.idle_connection()
+        conn.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.pool.acquire(ADDRESS, PORT)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_closedCheckedOutConnectionNotPooled(self):
+        """A connection lost while in use never enters the pool."""
+        conn = self.open()
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.idle_count(), 0)
+
+
+class CancelTests(PoolTestCase):
+
+    def test_cancelWhileConnectingDisconnectsConnector(self):
+        """Cancelling the acquire Deferred while connecting disconnects the connector."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        connector = self.reactor.connectors[0]
+        self.assertFalse(connector._disconnected)
+        d.cancel()
+        self.assertTrue(connector._disconnected)
+        self.failureResultOf(d, CancelledError)
+
+    def test_connectionMadeAfterCancelIsAborted(self):
+        """A connection that completes after its acquire was cancelled is aborted, not pooled."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        conn, transport = self.establish()
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_connectFailureAfterCancelIgnored(self):
+        """A connection failure reported after cancel does not errback twice."""
+        d = self.pool.acquire(ADDRESS, PORT)
+        d.cancel()
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(self.reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.failureResultOf(d, CancelledError)
+
+
+class CloseTests(PoolTestCase):
+
+    def test_closeClosesIdleConnections(self):
+        """close() closes every pooled connection and empties the pool."""
+        conns = [self.open(ADDRESS, PORT), self.open(ADDRESS, PORT + 1)]
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(), 2)
+        self.pool.close()
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertEqual([c.transport.disconnecting for c in conns], [True, True])
+
+    def test_closeStopsSweep(self):
+        """close() leaves no periodic call on the reactor."""
+        self.idle_connection()
+        self.pool.close()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_closeLeavesConnectionsInUseAlone(self):
+        """close() does not touch a connection that is carrying a request."""
+        conn = self.open()
+        self.pool.close()
+        self.assertFalse(conn.transport.disconnecting)
