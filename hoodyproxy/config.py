@@ -8,10 +8,12 @@ before anything listens, so a bad config never leaves a half-started node.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Mapping
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -101,7 +103,7 @@ class Settings:
     client_idle_timeout: float = 75.0
     websocket_handshake_timeout: float = 10.0
     websocket_idle_timeout: float = 3600.0
-    programs: Mapping[str, Program] = field(default_factory=lambda: dict(DEFAULT_PROGRAMS))
+    programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
 
     @property
@@ -153,6 +155,8 @@ def _number(key: str, value: Any, *, integer: bool = False, minimum: float = 0.0
             exclusive: bool = True) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise ConfigError(key, "must be " + ("an integer" if integer else "a number"))
+    if not math.isfinite(value):
+        raise ConfigError(key, "must be a finite number")
     if value < minimum or (exclusive and value == minimum):
         raise ConfigError(key, f"must be {'greater than' if exclusive else 'at least'} {minimum:g}")
     return value
@@ -199,6 +203,8 @@ def _program(name: str, table: Any) -> Program:
         raise ConfigError(f"{key} port", "must not be set when index is 'port' (the index is the port)")
     max_instance = _number(f"{key} max_instance", table.get("max_instance", base.max_instance),
                            integer=True, minimum=1, exclusive=False)
+    if max_instance > 99999:
+        raise ConfigError(f"{key} max_instance", "must be at most 99999 (five digits in a host label)")
     return Program(name, index, port, kind, max_instance)
 
 
@@ -281,7 +287,7 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     programs = dict(DEFAULT_PROGRAMS)
     for name, table in doc.get("programs", {}).items():
         programs[name] = _program(name, table)
-    kw["programs"] = programs
+    kw["programs"] = MappingProxyType(programs)
     demo = get("demo", "enabled", False)
     if not isinstance(demo, bool):
         raise ConfigError("[demo] enabled", "must be true or false")

@@ -18,8 +18,9 @@ from typing import Mapping
 from hoodyproxy import errors
 from hoodyproxy.config import Program
 
-_LABEL = re.compile(r"^([0-9a-f]{24})-([0-9a-f]{24})-([a-z][a-z0-9]*)-(0|[1-9][0-9]{0,4})$")
-_HEXISH = re.compile(r"^[0-9a-z]{24}-[0-9a-z]{24}-")
+_LABEL = re.compile(r"([0-9a-f]{24})-([0-9a-f]{24})-([a-z][a-z0-9]*)-(0|[1-9][0-9]{0,4})")
+_HEXISH = re.compile(r"[0-9a-z]{24}-[0-9a-z]{24}-")
+_HEX_IDS = re.compile(r"[0-9a-f]{24}-[0-9a-f]{24}-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ def split_host(raw: bytes | str | None) -> str:
             raw = raw.decode("ascii")
         except UnicodeDecodeError:
             raise errors.UnknownHost(reason="non-ascii host") from None
+    if not raw.isascii():
+        raise errors.UnknownHost(reason="non-ascii host")
     host = raw.strip().lower()
     if not host:
         raise errors.MissingHost()
@@ -55,7 +58,7 @@ def split_host(raw: bytes | str | None) -> str:
         raise errors.UnknownHost(reason="ip literal host")
     name, sep, port = host.rpartition(":")
     if sep:
-        if not port.isdigit():
+        if port and not port.isdigit():
             raise errors.UnknownHost(reason="bad port in host")
         host = name
     if host.endswith("."):
@@ -91,9 +94,9 @@ class Router:
         """Parse one route label (already lowercased) into a Target."""
         if len(label) > 63:
             raise errors.BadLabel("the host label is longer than 63 characters", reason="label too long")
-        m = _LABEL.match(label)
+        m = _LABEL.fullmatch(label)
         if m is None:
-            if _HEXISH.match(label) and not re.match(r"^[0-9a-f]{24}-[0-9a-f]{24}-", label):
+            if _HEXISH.match(label) and not _HEX_IDS.match(label):
                 raise errors.BadLabel("project and container ids are 24 hexadecimal digits",
                                       reason="bad hex id")
             raise errors.BadLabel(reason="label does not match the grammar")

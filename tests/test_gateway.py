@@ -519,3 +519,57 @@ class WebSocketIdleTests(GatewayTestCase):
         proto, factory = await ws_connect(self, self.node, self.backend.number)
         await factory.closed
         await until(lambda: any(line.get("reason") == "idle timeout" for line in audit_lines(self.node)))
+
+
+class RequestHygieneTests(GatewayTestCase):
+
+    async def raw(self, request: bytes, port: int | None = None) -> bytes:
+        client = await tls_client(self, self.node, host_for(index=port or self.backend.number))
+        client.transport.write(request)
+        await until(lambda: b"\r\n\r\n" in client.received)
+        return client.received
+
+    async def test_content_length_with_transfer_encoding_is_rejected(self):
+        """A request with both Content-Length and chunked framing (a smuggling vector) gets 400
+        and never reaches the container."""
+        port, factory = raw_backend(self, lambda p, d: None)
+        received = await self.raw(
+            f"POST / HTTP/1.1\r\nHost: {host_for(index=port)}\r\nContent-Length: 5\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode(), port)
+        self.assertTrue(received.startswith(b"HTTP/1.1 400"), received[:30])
+        self.assertEqual(factory.connections, [])
+
+    async def test_two_content_lengths_are_rejected(self):
+        """Two Content-Length headers: 400, nothing forwarded."""
+        port, factory = raw_backend(self, lambda p, d: None)
+        received = await self.raw(
+            f"POST / HTTP/1.1\r\nHost: {host_for(index=port)}\r\nContent-Length: 1\r\n"
+            "Content-Length: 2\r\n\r\nab".encode(), port)
+        self.assertTrue(received.startswith(b"HTTP/1.1 400"), received[:30])
+        self.assertEqual(factory.connections, [])
+
+    async def test_two_hosts_are_rejected(self):
+        """Two Host headers: 400 (which one would be the route?)."""
+        host = host_for(index=self.backend.number)
+        received = await self.raw(f"GET / HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n".encode())
+        self.assertTrue(received.startswith(b"HTTP/1.1 400"), received[:30])
+
+
+class IPv6ContainerTests(GatewayTestCase):
+
+    async def test_container_on_ipv6_address(self):
+        """A container whose internal address is IPv6 is reached the same way."""
+        from twisted.web.server import Site
+        site = Site(backends.app())
+        site.log = lambda request: None
+        try:
+            port = reactor.listenTCP(0, site, interface="::1")
+        except Exception as e:  # pragma: no cover - hosts without IPv6 loopback
+            raise unittest.SkipTest(f"no IPv6 loopback here: {e}")
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        register(self.node, 0, container="cccccccccccccccccccccccc", address="::1")
+        response = await treq.get(url(self.node, "/headers", container="cccccccccccccccccccccccc", index=number),
+                                  agent=self.agent)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(await response.content())["peer"], "::1")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-CONTAINER_ID = re.compile(r"^[0-9a-f]{24}$")
-PORT_KEY = re.compile(r"^[a-z][a-z0-9]{0,11}(-(0|[1-9][0-9]{0,4}))?$")
+CONTAINER_ID = re.compile(r"[0-9a-f]{24}\Z")
+PORT_KEY = re.compile(r"[a-z][a-z0-9]{0,11}(-(0|[1-9][0-9]{0,4}))?\Z")
 STATES = ("running", "stopped")
 
 

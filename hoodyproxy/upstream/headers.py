@@ -39,7 +39,9 @@ def wants_websocket(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     headers = list(headers)
     if b"upgrade" not in connection_tokens(headers):
         return False
-    return any(name.lower() == b"upgrade" and b"websocket" in value.lower() for name, value in headers)
+    return any(name.lower() == b"upgrade"
+               and any(p.strip().split(b"/", 1)[0].strip().lower() == b"websocket" for p in value.split(b","))
+               for name, value in headers)
 
 
 def forwarded_for(client_ip: str) -> bytes:
