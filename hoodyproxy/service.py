@@ -103,7 +103,7 @@ class NodeService(service.MultiService):
             dev = ensure_dev_certificates(os.path.join(s.data_dir, "tls"), s.node, s.zone)
             cert, key, self.ca_path = dev.cert_path, dev.key_path, dev.ca_path
         self.certificates = CertificateStore(cert, key)
-        self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file)
+        self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=self.reactor)
         self.pool = ConnectionPool(self.reactor, connect_timeout=s.connect_timeout,
                                    idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
         self.gateway = Gateway(s, self.directory, self.pool, self.audit, self.reactor)

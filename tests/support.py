@@ -61,6 +61,7 @@ def register(node: NodeService, port: int, *, container: str = CONTAINER, projec
 
 
 def audit_lines(node: NodeService) -> list[dict]:
+    node.audit.flush()
     with open(node.settings.audit_file) as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -11,6 +11,7 @@ through.  It also offers the small frontend-neutral API the exchange uses
 from __future__ import annotations
 
 import ipaddress
+import time
 
 from twisted.web import http
 from twisted.web.http_headers import Headers
@@ -18,6 +19,15 @@ from twisted.web.http_headers import Headers
 from hoodyproxy import errors
 
 SERVER = b"hoodyproxy"
+_date_cache: list = [0, b""]
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP date, formatted once per second."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0], _date_cache[1] = now, http.datetimeToString(now)
+    return _date_cache[1]
 
 
 def client_ip_of(address) -> str:
@@ -41,6 +51,7 @@ class GatewayRequest(http.Request):
     body_complete = False
     bytes_in = 0
     _finish_on_body = False
+    _head_headers: list[tuple[bytes, bytes]] | None = None
     _discarded = 0
     proto = b"https"
 
@@ -98,12 +109,46 @@ class GatewayRequest(http.Request):
     def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.code = status
         self.code_message = reason
-        raw = Headers()
-        for name, value in headers:
-            raw.addRawHeader(name, value)
-        if not raw.hasHeader(b"date"):
-            raw.addRawHeader(b"Date", http.datetimeToString())
-        self.responseHeaders = raw
+        self._head_headers = headers
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self._head_headers is not None:
+            if self._write_head():
+                return
+        http.Request.write(self, data)
+
+    def _write_head(self) -> bool:
+        """Write the status line and headers in one go; True if the response has no body.
+
+        Does what ``Request.write`` does on its first call, without building a Headers
+        object from the list the container sent (the hot path of every response).
+        """
+        self.startedWriting = 1
+        code = self.code
+        version = self.clientproto
+        parts = [version, b" %d " % code, self.code_message, b"\r\n"]
+        has_length = has_date = False
+        for name, value in self._head_headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                has_length = True
+            elif lname == b"date":
+                has_date = True
+            parts += (name, b": ", value, b"\r\n")
+        if not has_date:
+            parts += (b"Date: ", http_date(), b"\r\n")
+        no_body = self.method == b"HEAD" or code in http.NO_BODY_CODES
+        if version == b"HTTP/1.1":
+            if not has_length and not no_body:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.chunked = 1
+            if not self.channel.persistent:
+                parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        self.channel.writeSequence(parts)
+        if no_body:
+            self.write = lambda data: None
+        return no_body
 
     def finish_response(self) -> None:
         if not self._disconnected and not self.finished:
@@ -123,7 +168,7 @@ class GatewayRequest(http.Request):
         headers.addRawHeader(b"Content-Type", b"application/json")
         headers.addRawHeader(b"Content-Length", b"%d" % len(body))
         headers.addRawHeader(b"Cache-Control", b"no-store")
-        headers.addRawHeader(b"Date", http.datetimeToString())
+        headers.addRawHeader(b"Date", http_date())
         headers.addRawHeader(b"Server", SERVER)
         for name, value in error.headers.items():
             headers.addRawHeader(name, value)
