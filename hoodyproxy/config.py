@@ -105,6 +105,7 @@ class Settings:
     websocket_idle_timeout: float = 3600.0
     programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
+    workers: int = 1
 
     @property
     def suffix(self) -> str:
@@ -209,7 +210,7 @@ def _program(name: str, table: Any) -> Program:
 
 
 _SCHEMA: dict[str, set[str]] = {
-    "node": {"name", "zone", "data_dir"},
+    "node": {"name", "zone", "data_dir", "workers"},
     "listen": {"https", "http", "admin"},
     "tls": {"certificate", "key"},
     "admin": {"token"},
@@ -249,6 +250,10 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if "." in kw["node"]:
         raise ConfigError("[node] name", "must be a single DNS label")
     kw["zone"] = _dns_name("[node] zone", get("node", "zone", d.zone))
+    kw["workers"] = _number("[node] workers", get("node", "workers", d.workers), integer=True, minimum=1,
+                            exclusive=False)
+    if kw["workers"] > 64:
+        raise ConfigError("[node] workers", "must be at most 64")
     kw["data_dir"] = os.path.abspath(os.path.expanduser(_string("[node] data_dir", get("node", "data_dir", d.data_dir))))
     kw["https"] = _listen("[listen] https", get("listen", "https", [str(a) for a in d.https]), "0.0.0.0")
     kw["http"] = _listen("[listen] http", get("listen", "http", [str(a) for a in d.http]), "0.0.0.0")
@@ -293,6 +298,32 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         raise ConfigError("[demo] enabled", "must be true or false")
     kw["demo"] = demo
     return Settings(**kw)
+
+
+def settings_to_mapping(settings: Settings) -> dict[str, Any]:
+    """The TOML-shaped mapping that ``settings_from_mapping`` turns back into ``settings``."""
+    s = settings
+    doc: dict[str, Any] = {
+        "node": {"name": s.node, "zone": s.zone, "data_dir": s.data_dir, "workers": s.workers},
+        "listen": {"https": [str(a) for a in s.https], "http": [str(a) for a in s.http],
+                   "admin": [str(a) for a in s.admin]},
+        "upstream": {"connect_timeout": s.connect_timeout, "response_timeout": s.response_timeout,
+                     "pool_idle_timeout": s.pool_idle_timeout, "pool_max_idle": s.pool_max_idle},
+        "client": {"idle_timeout": s.client_idle_timeout},
+        "websocket": {"handshake_timeout": s.websocket_handshake_timeout,
+                      "idle_timeout": s.websocket_idle_timeout},
+        "programs": {name: {"index": p.index, "kind": p.kind, "max_instance": p.max_instance,
+                            **({"port": p.port} if p.port is not None else {})}
+                     for name, p in s.programs.items()},
+        "demo": {"enabled": s.demo},
+    }
+    if s.tls_certificate:
+        doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}
+    if s.admin_token:
+        doc["admin"] = {"token": s.admin_token}
+    if s.audit_path:
+        doc["audit"] = {"path": s.audit_path}
+    return doc
 
 
 def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

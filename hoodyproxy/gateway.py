@@ -117,11 +117,11 @@ class Gateway:
         # 3. authorize: permissions plug in here (the URL is the credential until they do).
 
         # 4. forward
-        upgrade = request.method == b"GET" and wants_websocket(
-            (name, value) for name, values in headers.getAllRawHeaders() for value in values)
+        raw = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
+                   and wants_websocket(raw))
         head = build_request_head(
-            request.method, uri,
-            ((name, value) for name, values in headers.getAllRawHeaders() for value in values),
+            request.method, uri, raw,
             host=host, client_ip=request.client_ip, proto=request.proto,
             body_length=request.body_length, upgrade=upgrade,
             instance=target.index if program.index == "instance" else None)

@@ -38,6 +38,7 @@ class Options(usage.Options):
         ["tls-cert", None, None, "PEM certificate chain for *.<node>.<zone>"],
         ["tls-key", None, None, "PEM private key for --tls-cert"],
         ["audit", None, None, "audit log file, or - for stdout (default <data-dir>/audit.log)"],
+        ["workers", "w", None, "worker processes sharing the ports (default 1)", int],
     ]
     optFlags = [["demo", None, "also start a built-in sample service and register it as a container"]]
 
@@ -53,6 +54,7 @@ class Options(usage.Options):
             "tls.key": self["tls-key"],
             "audit.path": self["audit"],
             "demo.enabled": True if self["demo"] else None,
+            "node.workers": self["workers"],
         }
 
 
@@ -73,6 +75,56 @@ def admin_token(settings: Settings) -> str:
     return token
 
 
+class GatewayStack:
+    """The stores and the gateway one process serves with (worker 0 and every other worker)."""
+
+    def __init__(self, settings: Settings, reactor, *, generate_certificates: bool = True) -> None:
+        from hoodyproxy.directory import SQLiteDirectory, open_database
+        from hoodyproxy.gateway import Gateway
+        from hoodyproxy.observe.audit import AuditLog
+        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
+        from hoodyproxy.upstream.pool import ConnectionPool
+
+        s = self.settings = settings
+        self.reactor = reactor
+        os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
+        self.directory = SQLiteDirectory(open_database(os.path.join(s.data_dir, "hoodyproxy.db")))
+        if s.tls_certificate:
+            cert, key, self.ca_path = s.tls_certificate, s.tls_key, None
+        elif generate_certificates:
+            dev = ensure_dev_certificates(os.path.join(s.data_dir, "tls"), s.node, s.zone)
+            cert, key, self.ca_path = dev.cert_path, dev.key_path, dev.ca_path
+        else:
+            tls_dir = os.path.join(s.data_dir, "tls")
+            cert, key = os.path.join(tls_dir, "wildcard.pem"), os.path.join(tls_dir, "wildcard-key.pem")
+            self.ca_path = os.path.join(tls_dir, "ca.pem")
+        self.certificates = CertificateStore(cert, key)
+        self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=reactor)
+        self.pool = ConnectionPool(reactor, connect_timeout=s.connect_timeout,
+                                   idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
+        self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor)
+
+    def https_factory(self):
+        """The TLS-wrapped HTTP/1.1 server factory for the HTTPS port."""
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from hoodyproxy.frontend.http1 import GatewayHTTPFactory
+        from hoodyproxy.tls import SNIContextFactory
+        factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
+        return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, factory)
+
+    def redirect_factory(self, https_port: int) -> Site:
+        """The plain-HTTP factory: a 308 to HTTPS on ``https_port``."""
+        from hoodyproxy.frontend.redirect import RedirectToHTTPS
+        site = Site(RedirectToHTTPS(https_port), reactor=self.reactor)
+        site.log = lambda request: None
+        return site
+
+    def close(self) -> None:
+        self.pool.close()
+        self.audit.close()
+
+
 class NodeService(service.MultiService):
     """A whole node: stores, gateway and listeners.  Listening happens at privileged start."""
 
@@ -84,51 +136,46 @@ class NodeService(service.MultiService):
         self.reactor = reactor
         self.ports: dict[str, list] = {"https": [], "http": [], "admin": []}
         self.demo_port = None
-        self._build()
-
-    def _build(self) -> None:
-        from hoodyproxy.directory import SQLiteDirectory, open_database
-        from hoodyproxy.gateway import Gateway
-        from hoodyproxy.observe.audit import AuditLog
-        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
-        from hoodyproxy.upstream.pool import ConnectionPool
-
-        s = self.settings
-        os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
-        self.directory = SQLiteDirectory(open_database(os.path.join(s.data_dir, "hoodyproxy.db")))
-        self.token = admin_token(s)
-        if s.tls_certificate:
-            cert, key, self.ca_path = s.tls_certificate, s.tls_key, None
-        else:
-            dev = ensure_dev_certificates(os.path.join(s.data_dir, "tls"), s.node, s.zone)
-            cert, key, self.ca_path = dev.cert_path, dev.key_path, dev.ca_path
-        self.certificates = CertificateStore(cert, key)
-        self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=self.reactor)
-        self.pool = ConnectionPool(self.reactor, connect_timeout=s.connect_timeout,
-                                   idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
-        self.gateway = Gateway(s, self.directory, self.pool, self.audit, self.reactor)
+        self.workers = None
+        self.stack = GatewayStack(settings, reactor)
+        self.directory = self.stack.directory
+        self.certificates = self.stack.certificates
+        self.audit = self.stack.audit
+        self.pool = self.stack.pool
+        self.gateway = self.stack.gateway
+        self.ca_path = self.stack.ca_path
+        self.token = admin_token(settings)
 
     def privilegedStartService(self) -> None:
         from hoodyproxy.admin.api import AdminAPI
-        from hoodyproxy.frontend.http1 import GatewayHTTPFactory
-        from hoodyproxy.frontend.redirect import RedirectToHTTPS
-        from hoodyproxy.tls import SNIContextFactory, listen_tls
+        from hoodyproxy.config import ListenAddress
+        from hoodyproxy.workers import WorkerPool, listen_reuseport
 
         s = self.settings
-        https_factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=s.client_idle_timeout)
-        context = SNIContextFactory(self.certificates)
-        admin = Site(AdminAPI(self.directory, self.token), reactor=self.reactor)
-        admin.log = lambda request: None
+        r = self.reactor
+        https_factory = self.stack.https_factory()
+        if s.workers > 1:
+            def listen(addr, factory):
+                return listen_reuseport(r, addr, factory)
+        else:
+            def listen(addr, factory):
+                return r.listenTCP(addr.port, factory, backlog=1024, interface=addr.interface)
         for addr in s.https:
-            self.ports["https"].append(listen_tls(self.reactor, addr.port, https_factory, context,
-                                                  interface=addr.interface, backlog=1024))
+            self.ports["https"].append(listen(addr, https_factory))
         # Redirect to the port actually bound (it differs from the config when that says 0).
-        redirect = Site(RedirectToHTTPS(self.ports["https"][0].getHost().port), reactor=self.reactor)
-        redirect.log = lambda request: None
+        https_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.https, self.ports["https"])]
+        redirect = self.stack.redirect_factory(https_bound[0].port)
         for addr in s.http:
-            self.ports["http"].append(self.reactor.listenTCP(addr.port, redirect, interface=addr.interface))
+            self.ports["http"].append(listen(addr, redirect))
+        http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.http, self.ports["http"])]
+        admin = Site(AdminAPI(self.directory, self.token), reactor=r)
+        admin.log = lambda request: None
         for addr in s.admin:
-            self.ports["admin"].append(self.reactor.listenTCP(addr.port, admin, interface=addr.interface))
+            self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
+        if s.workers > 1:
+            self.workers = WorkerPool(r, s, https_bound, http_bound, s.workers)
+            self.workers.setServiceParent(self)
+            self.directory.subscribe(self.workers.notify_change)
         super().privilegedStartService()
 
     #: Seconds between checks for replaced certificate files.
@@ -167,17 +214,18 @@ class NodeService(service.MultiService):
         self.demo_url = url
 
     def stopService(self):
-        super().stopService()
+        stopped = super().stopService()
         if getattr(self, "_cert_check", None) is not None and self._cert_check.running:
             self._cert_check.stop()
         from twisted.internet import defer
         waits = [defer.maybeDeferred(p.stopListening) for ports in self.ports.values() for p in ports]
+        if stopped is not None:
+            waits.append(stopped)
         if self.demo_port is not None:
             waits.append(defer.maybeDeferred(self.demo_port.stopListening))
         for ports in self.ports.values():
             ports.clear()
-        self.pool.close()
-        self.audit.close()
+        self.stack.close()
         return defer.DeferredList(waits)
 
 

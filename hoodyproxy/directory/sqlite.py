@@ -60,13 +60,17 @@ class SQLiteDirectory:
         for cid in sorted(changed):
             self._notify(cid)
 
+    def refresh(self) -> None:
+        """Re-read the store now if another process changed it."""
+        self._next_check = 0.0
+        self._reload_if_changed()
+
     def lookup(self, container_id: str) -> Container | None:
         self._reload_if_changed()
         return self._containers.get(container_id)
 
     def list(self, project: str | None = None) -> list[Container]:
-        self._next_check = 0.0
-        self._reload_if_changed()
+        self.refresh()
         return [c for _, c in sorted(self._containers.items())
                 if project is None or c.project == project]
 

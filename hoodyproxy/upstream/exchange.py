@@ -105,10 +105,11 @@ class Exchange:
 
     def start(self) -> None:
         self.attempts += 1
-        d = self.pool.acquire(self.address, self.port)
-        if d.called:
-            d.addCallbacks(self._connected, self._connect_failed)
+        conn = self.pool.acquire_idle(self.address, self.port)
+        if conn is not None:
+            self._connected(conn)
             return
+        d = self.pool.acquire(self.address, self.port)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 

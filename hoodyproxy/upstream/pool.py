@@ -67,15 +67,23 @@ class ConnectionPool:
     def _connect_tcp(self, address: str, port: int, factory, timeout: float):
         return self.reactor.connectTCP(address, port, factory, timeout=timeout)
 
-    def acquire(self, address: str, port: int) -> defer.Deferred:
-        """A Deferred firing with an idle or new UpstreamConnection (``.requests`` > 0 if reused)."""
-        key = (address, port)
-        idle = self._idle.get(key)
+    def acquire_idle(self, address: str, port: int) -> UpstreamConnection | None:
+        """An idle pooled connection to (address, port), or None: the hot path, no Deferred."""
+        idle = self._idle.get((address, port))
         while idle:
             conn = idle.pop()
-            if conn.transport is not None and conn.transport.connected and not conn.transport.disconnecting:
+            transport = conn.transport
+            if transport is not None and transport.connected and not transport.disconnecting:
                 conn.on_reusable = self._release
-                return defer.succeed(conn)
+                return conn
+        return None
+
+    def acquire(self, address: str, port: int) -> defer.Deferred:
+        """A Deferred firing with an idle or new UpstreamConnection (``.requests`` > 0 if reused)."""
+        conn = self.acquire_idle(address, port)
+        if conn is not None:
+            return defer.succeed(conn)
+        key = (address, port)
         d: defer.Deferred = defer.Deferred()
         factory = _ConnectFactory(self, key, d)
         connector = self._connect(address, port, factory, self.connect_timeout)

@@ -1,0 +1,181 @@
+"""Multi-core: worker processes that share the listening ports (SO_REUSEPORT).
+
+With ``--workers N`` the twistd process is worker 0 and starts N-1 more
+(``python -m hoodyproxy.workers SPEC``).  Every worker binds its own socket to the same
+address with ``SO_REUSEPORT``, so the kernel spreads connections across them with no
+accept lock and no hand-off.  Each worker has its own reactor, gateway and upstream pool;
+all read the same state (the SQLite store).  Workers need no coordination on the request
+path.  The admin API runs in worker 0 only; after each change it writes a byte to every
+worker's stdin and the worker re-reads the live map at once (without that, a worker sees
+another process's writes within 50 ms).  A worker whose stdin closes (worker 0 died)
+exits; a worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from hoodyproxy.config import ListenAddress, Settings, settings_from_mapping, settings_to_mapping
+
+log = Logger()
+
+
+def listen_reuseport(reactor, address: ListenAddress, factory, backlog: int = 1024):
+    """Listen on ``address`` with SO_REUSEPORT set (so other workers can bind it too)."""
+    family = socket.AF_INET6 if ":" in address.interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((address.interface, address.port))
+            sock.listen(backlog)
+        except OSError as e:
+            raise CannotListenError(address.interface, address.port, e) from None
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    finally:
+        sock.close()  # the reactor holds its own duplicate
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """Worker 0's view of one child worker: its log lines, its exit."""
+
+    def __init__(self, pool: "WorkerPool", number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self._partial = b""
+
+    def errReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                log.info("worker {n}: {line}", n=self.number, line=line.decode("utf-8", "replace"))
+
+    outReceived = errReceived
+
+    def processEnded(self, reason) -> None:
+        self.pool._ended(self)
+
+
+class WorkerPool(service.Service):
+    """Starts, watches and stops worker processes 1..N-1 (this process is worker 0)."""
+
+    restart_delay = 1.0
+
+    def __init__(self, reactor, settings: Settings, https: list[ListenAddress], http: list[ListenAddress],
+                 count: int) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.spec = json.dumps({
+            "settings": settings_to_mapping(settings),
+            "https": [[a.interface, a.port] for a in https],
+            "http": [[a.interface, a.port] for a in http],
+        })
+        self.processes: dict[int, _WorkerProcess] = {}
+        self.stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        for number in range(1, self.count):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        if self.stopping:
+            return
+        proto = _WorkerProcess(self, number)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.reactor.spawnProcess(proto, sys.executable,
+                                  [sys.executable, "-m", "hoodyproxy.workers", self.spec, str(number)],
+                                  env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self.processes[number] = proto
+
+    def _ended(self, proto: _WorkerProcess) -> None:
+        if self.processes.get(proto.number) is proto:
+            del self.processes[proto.number]
+        if not self.stopping:
+            log.warn("worker {n} exited; starting it again", n=proto.number)
+            self.reactor.callLater(self.restart_delay, self._spawn, proto.number)
+
+    def notify_change(self, _container_id=None) -> None:
+        """Tell every worker the store changed (it re-reads at once)."""
+        for proto in self.processes.values():
+            if proto.transport is not None:
+                proto.transport.write(b"\n")
+
+    def stopService(self):
+        from twisted.internet import defer, task
+        self.stopping = True
+        super().stopService()
+        for proto in list(self.processes.values()):
+            if proto.transport is not None:
+                proto.transport.closeStdin()
+                try:
+                    proto.transport.signalProcess("TERM")
+                except Exception:
+                    pass
+
+        async def wait_all():
+            for _ in range(100):
+                if not self.processes:
+                    return
+                await task.deferLater(self.reactor, 0.05, lambda: None)
+            for proto in list(self.processes.values()):
+                try:
+                    proto.transport.signalProcess("KILL")
+                except Exception:
+                    pass
+        return defer.ensureDeferred(wait_all())
+
+
+class _Control(protocol.Protocol):
+    """A worker's stdin: a byte means 'the store changed'; end of file means 'exit'."""
+
+    def __init__(self, stack, reactor) -> None:
+        self.stack = stack
+        self.reactor = reactor
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stack.directory.refresh()
+
+    def connectionLost(self, reason=None) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def worker_main(argv: list[str]) -> None:
+    """Entry point of a worker process: serve the listed ports until stdin closes."""
+    from twisted.internet import reactor, stdio
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from hoodyproxy.service import GatewayStack
+
+    spec = json.loads(argv[0])
+    number = argv[1]
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    settings = settings_from_mapping(spec["settings"])
+    stack = GatewayStack(settings, reactor, generate_certificates=False)
+    ports = []
+    for interface, port in spec["https"]:
+        ports.append(listen_reuseport(reactor, ListenAddress(interface, port), stack.https_factory()))
+    for interface, port in spec["http"]:
+        ports.append(listen_reuseport(reactor, ListenAddress(interface, port),
+                                      stack.redirect_factory(spec["https"][0][1])))
+    stdio.StandardIO(_Control(stack, reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
+    reactor.addSystemEventTrigger("before", "shutdown", stack.close)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
