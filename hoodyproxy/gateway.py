@@ -86,7 +86,9 @@ class Gateway:
             request.send_error(error)
             record["status"] = error.status
             record["reason"] = error.reason
-            self.finish_record(request, record)
+            record["bytes_in"] = request.bytes_in
+            record["bytes_out"] = request.sentLength
+            self.emit_record(record)
 
     def _begin(self, request, record: dict) -> None:
         headers = request.requestHeaders
@@ -130,16 +132,14 @@ class Gateway:
             request, self.pool, address=container.address, port=port, head=head,
             head_request=request.method == b"HEAD", upgrade=upgrade,
             timeout=settings.websocket_handshake_timeout if upgrade else settings.response_timeout,
-            record=record, done=lambda rec: self.finish_record(request, rec), clock=self.clock,
+            record=record, done=self.emit_record, clock=self.clock,
             tunnel_idle_timeout=settings.websocket_idle_timeout)
         request.exchange = exchange
         exchange.start()
 
     # -- 5. audit -----------------------------------------------------------------------
 
-    def finish_record(self, request, record: dict) -> None:
-        """Complete and emit the audit record of one exchange."""
-        record.setdefault("bytes_in", request.bytes_in)
-        record.setdefault("bytes_out", request.sentLength)
+    def emit_record(self, record: dict) -> None:
+        """Complete (duration) and emit the audit record of one exchange."""
         record["duration_ms"] = round((self.now() - record["time"]) * 1000.0, 3)
         self.audit.record(record)

@@ -147,6 +147,7 @@ class NodeService(service.MultiService):
         self.token = admin_token(settings)
 
     def privilegedStartService(self) -> None:
+        from hoodyproxy import eagertcp
         from hoodyproxy.admin.api import AdminAPI
         from hoodyproxy.config import ListenAddress
         from hoodyproxy.workers import WorkerPool, listen_reuseport
@@ -159,7 +160,7 @@ class NodeService(service.MultiService):
                 return listen_reuseport(r, addr, factory)
         else:
             def listen(addr, factory):
-                return r.listenTCP(addr.port, factory, backlog=1024, interface=addr.interface)
+                return eagertcp.listen_tcp(r, addr.port, factory, backlog=1024, interface=addr.interface)
         for addr in s.https:
             self.ports["https"].append(listen(addr, https_factory))
         # Redirect to the port actually bound (it differs from the config when that says 0).

@@ -23,6 +23,7 @@ from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from hoodyproxy import eagertcp
 from hoodyproxy.config import ListenAddress, Settings, settings_from_mapping, settings_to_mapping
 
 log = Logger()
@@ -41,7 +42,7 @@ def listen_reuseport(reactor, address: ListenAddress, factory, backlog: int = 10
         except OSError as e:
             raise CannotListenError(address.interface, address.port, e) from None
         sock.setblocking(False)
-        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+        return eagertcp.adopt_port(reactor, sock.fileno(), family, factory)
     finally:
         sock.close()  # the reactor holds its own duplicate
 

@@ -203,6 +203,7 @@ class Exchange:
 
     def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.replay = None
+        self.head = None  # no retry from here on
         if status == 101:
             self.switch_headers = response_headers(headers, upgrade=True)
             return  # upstream_upgraded follows at once
@@ -255,9 +256,11 @@ class Exchange:
         conn, self.conn = self.conn, None
         self._unregister_body_producer()
         self.record["status"] = 101
-        transport, client_leftover = self.request.take_over(self.switch_headers)
+        request = self.request
+        transport, client_leftover = request.take_over(self.switch_headers)
         tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed)
-        self.request.attach_tunnel(tunnel)
+        request.attach_tunnel(tunnel)
+        self.switch_headers = None
         tunnel.start(client_leftover, leftover)
 
     def _tunnel_closed(self, bytes_up: int, bytes_down: int, reason: str | None) -> None:
@@ -276,7 +279,12 @@ class Exchange:
         if self.over:
             return
         self.over = True
-        self.record["status"] = status
+        record = self.record
+        record["status"] = status
         if reason:
-            self.record["reason"] = reason
-        self.done(self.record)
+            record["reason"] = reason
+        if "bytes_in" not in record:  # a tunnel sets its own counts
+            record["bytes_in"] = self.request.bytes_in
+            record["bytes_out"] = self.request.sentLength
+        self.request = None
+        self.done(record)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from hoodyproxy import eagertcp
 from hoodyproxy.upstream.http11 import UpstreamConnection
 
 log = Logger()
@@ -65,6 +67,8 @@ class ConnectionPool:
         self.closed = False
 
     def _connect_tcp(self, address: str, port: int, factory, timeout: float):
+        if isinstance(self.reactor, PosixReactorBase):  # a real reactor: eager-sending TCP
+            return eagertcp.connect_tcp(self.reactor, address, port, factory, timeout=timeout)
         return self.reactor.connectTCP(address, port, factory, timeout=timeout)
 
     def acquire_idle(self, address: str, port: int) -> UpstreamConnection | None:
