@@ -54,3 +54,35 @@ class ICertificateSource(Interface):
 
     def certificates():
         """Iterate over (hostnames, cert_path, key_path) to serve."""
+
+
+class IGroupType(Interface):
+    """A kind of permission group: how a request's credentials are checked against it.
+
+    Found by ``type`` name (``ip``, ``token``, ``password``, ``jwt``, ``ldap`` ship with
+    hoodyproxy).  A provider that raises in ``check`` is logged and counts as no match.
+    """
+
+    name = Attribute("the group's 'type' string in a permission set, e.g. 'ip'")
+    challenge = Attribute("'basic', 'bearer' or None: which WWW-Authenticate challenge "
+                          "a request without credentials gets when this group could have let it in")
+
+    def parse(spec, field):
+        """Validate a group object from the admin API and return its stored form.
+
+        ``field`` is the path to name in errors (``groups.office``).  Raise
+        :class:`hoodyproxy.access.InvalidPermissions` naming the bad field.  Secrets that
+        only need checking are hashed here (passwords, tokens); the stored form is a
+        JSON-serialisable dict that ``parse`` accepts again unchanged (a PATCH re-reads
+        stored groups).
+        """
+
+    def redact(stored):
+        """The stored form as the admin API shows it: no secret, no hash."""
+
+    def check(stored, credentials):
+        """True if ``credentials`` (:class:`hoodyproxy.access.Credentials`) satisfy the group.
+
+        May return a Deferred firing with a bool (JWKS fetch, LDAP bind).  Never blocks
+        the reactor.
+        """
