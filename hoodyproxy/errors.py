@@ -100,3 +100,19 @@ class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
     message = "the request body is too large"
+
+
+class AccessDenied(GatewayError):
+    """A permission decision said no: 401 (with challenges) or 403; the body never says why."""
+
+    def __init__(self, decision) -> None:
+        self.status = decision.status
+        self.code = "unauthorized" if decision.status == 401 else "forbidden"
+        self._body = decision.body()
+        headers = {}
+        if decision.challenges:
+            headers[b"WWW-Authenticate"] = [c.encode() for c in decision.challenges]
+        super().__init__("access denied", reason=decision.reason, headers=headers)
+
+    def body(self) -> bytes:
+        return self._body

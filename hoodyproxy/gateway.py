@@ -12,7 +12,12 @@ import re
 import time
 from typing import Callable
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
 from hoodyproxy import errors
+from hoodyproxy.access.model import challenge_kinds
+from hoodyproxy.access.policy import read_credentials
 from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.routing import Router, Target
@@ -22,6 +27,7 @@ from hoodyproxy.upstream.headers import build_request_head, wants_websocket
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _URI_BAD = re.compile(rb"[\x00-\x20\x7f]")
 ROUTE_CACHE_SIZE = 4096
+log = Logger()
 
 
 def _request_target(uri: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
@@ -44,8 +50,9 @@ class Gateway:
     """Routes each request by its own Host to a container service and forwards it."""
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
-                 clock, *, now: Callable[[], float] = time.time) -> None:
+                 clock, *, now: Callable[[], float] = time.time, policy=None) -> None:
         self.settings = settings
+        self.policy = policy
         self.router = Router(settings.node, settings.zone, settings.programs)
         self.directory = directory
         self.pool = pool
@@ -116,12 +123,27 @@ class Gateway:
         if port is None:
             port = program.port if program.index == "instance" else target.index
 
-        # 3. authorize: permissions plug in here (the URL is the credential until they do).
-
-        # 4. forward
         raw = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
         upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
                    and wants_websocket(raw))
+
+        # 3. authorize (the URL alone is the credential when no permission set applies)
+        pset = self.policy.effective(target.project, target.container) if self.policy else None
+        decision = None
+        if pset is not None:
+            credentials, consumed = read_credentials(request.client_ip, uri, headers)
+            uri = consumed.uri
+            # Credentials meant for the gateway do not travel on to the container.
+            if consumed.drop_authorization and challenge_kinds(pset, self.policy.registry):
+                raw = [(n, v) for n, v in raw if n.lower() != b"authorization"]
+            if consumed.cookie is not None:
+                raw = [(n, v) for n, v in raw if n.lower() != b"cookie"]
+                if consumed.cookie:
+                    raw.append((b"Cookie", consumed.cookie))
+            decision = self.policy.authorize(pset, credentials, program.kind, request.method,
+                                             uri.split(b"?", 1)[0], upgrade)
+
+        # 4. forward
         head = build_request_head(
             request.method, uri, raw,
             host=host, client_ip=request.client_ip, proto=request.proto,
@@ -135,7 +157,30 @@ class Gateway:
             record=record, done=self.emit_record, clock=self.clock,
             tunnel_idle_timeout=settings.websocket_idle_timeout)
         request.exchange = exchange
+        if decision is None:
+            exchange.start()
+        elif isinstance(decision, Deferred):
+            # Body bytes wait in the exchange's bounded buffer meanwhile.
+            decision.addCallback(self._decided, exchange, record)
+            decision.addErrback(self._decision_failed, exchange, record)
+        else:
+            self._decided(decision, exchange, record)
+
+    def _decided(self, decision, exchange: Exchange, record: dict) -> None:
+        record["decision"] = decision.audit()
+        if exchange.over:
+            return
+        if not decision.allowed:
+            exchange.deny(errors.AccessDenied(decision))
+            return
+        exchange.read_only = decision.read_only
         exchange.start()
+
+    def _decision_failed(self, failure, exchange: Exchange, record: dict) -> None:
+        log.failure("permission decision failed; request denied", failure)
+        record["decision"] = {"allowed": False, "group": None, "read_only": False, "reason": "decision failed"}
+        if not exchange.over:
+            exchange.deny(errors.GatewayError("internal error", reason="decision failed"))
 
     # -- 5. audit -----------------------------------------------------------------------
 

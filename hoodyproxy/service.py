@@ -102,7 +102,14 @@ class GatewayStack:
         self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=reactor)
         self.pool = ConnectionPool(reactor, connect_timeout=s.connect_timeout,
                                    idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
-        self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor)
+        from hoodyproxy.access.capabilities import service_kinds
+        from hoodyproxy.access.groups import group_types
+        from hoodyproxy.access.policy import Policy
+        from hoodyproxy.access.store import PermissionStore
+        self.registry = group_types()
+        self.permissions = PermissionStore(self.directory._conn, self.registry)
+        self.policy = Policy(self.permissions, self.registry, service_kinds())
+        self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy)
 
     def https_factory(self):
         """The TLS-wrapped HTTP/1.1 server factory for the HTTPS port."""
@@ -169,7 +176,8 @@ class NodeService(service.MultiService):
         for addr in s.http:
             self.ports["http"].append(listen(addr, redirect))
         http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.http, self.ports["http"])]
-        admin = Site(AdminAPI(self.directory, self.token), reactor=r)
+        admin = Site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
+                              registry=self.stack.registry), reactor=r)
         admin.log = lambda request: None
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
@@ -177,6 +185,7 @@ class NodeService(service.MultiService):
             self.workers = WorkerPool(r, s, https_bound, http_bound, s.workers)
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
+            self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())
         super().privilegedStartService()
 
     #: Seconds between checks for replaced certificate files.

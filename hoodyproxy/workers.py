@@ -148,6 +148,7 @@ class _Control(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.stack.directory.refresh()
+        self.stack.permissions.refresh()
 
     def connectionLost(self, reason=None) -> None:
         if self.reactor.running:

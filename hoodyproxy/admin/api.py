@@ -1,4 +1,4 @@
-"""The admin REST API (a twisted.web Resource): the live container map, over JSON.
+"""The admin REST API (a twisted.web Resource): the live container map and permission sets, over JSON.
 
 Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from hoodyproxy.access.model import InvalidPermissions, parse_permission_set, to_json
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 
@@ -23,10 +24,12 @@ MAX_BODY = 1024 * 1024
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[bytes, bytes] | None = None,
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
+        self.field = field
 
 
 def _json_body(request) -> Any:
@@ -39,15 +42,39 @@ def _json_body(request) -> Any:
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
 
 
+def _default_registry() -> dict:
+    """The shipped group types, if that package is installed; else none."""
+    try:
+        from hoodyproxy.access.groups import group_types
+    except ImportError:
+        log.warn("hoodyproxy.access.groups.group_types is not available: no group types")
+        return {}
+    return group_types()
+
+
 class AdminAPI(Resource):
-    """``/api/v1/...``: containers now; permissions, aliases and domains plug in later."""
+    """``/api/v1/...``: containers and permission sets; aliases and domains plug in later.
+
+    ``permissions`` is a :class:`hoodyproxy.access.store.PermissionStore` (without one the
+    permission endpoints answer 404); ``registry`` maps group type names to IGroupType
+    providers (default: the store's, else :func:`hoodyproxy.access.groups.group_types`).
+    """
 
     isLeaf = True
 
-    def __init__(self, directory, token: str) -> None:
+    def __init__(self, directory, token: str, *, permissions=None, registry=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
+        self.permissions = permissions
+        self._registry = registry
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            store_registry = getattr(self.permissions, "registry", None)
+            self._registry = store_registry if store_registry is not None else _default_registry()
+        return self._registry
 
     def render(self, request) -> bytes:
         try:
@@ -58,6 +85,8 @@ class AdminAPI(Resource):
                 status, body = self._dispatch(request)
         except ApiError as e:
             status, body = e.status, {"error": e.code, "message": e.message}
+            if e.field is not None:
+                body["field"] = e.field
             for name, value in e.headers.items():
                 request.setHeader(name, value)
         except Exception:
@@ -86,6 +115,8 @@ class AdminAPI(Resource):
                 return self._containers(request)
             if len(parts) == 4:
                 return self._container(request, parts[3])
+        if parts[2] in ("containers", "projects") and len(parts) == 6 and parts[4:] == ["proxy", "permissions"]:
+            return self._permissions(request, parts[2][:-1], parts[3])
         raise ApiError(404, "not_found", "no such endpoint")
 
     @staticmethod
@@ -99,7 +130,7 @@ class AdminAPI(Resource):
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
         project = query.get("project", [None])[0]
         if project is not None and not CONTAINER_ID.match(project):
-            raise ApiError(422, "invalid", "project: must be 24 lowercase hexadecimal digits")
+            raise ApiError(422, "invalid", "project: must be 24 lowercase hexadecimal digits", field="project")
         return 200, {"containers": [c.to_json() for c in self.directory.list(project)]}
 
     def _container(self, request, container_id: str) -> tuple[int, Any]:
@@ -118,7 +149,48 @@ class AdminAPI(Resource):
         try:
             container = container_from_json(container_id, _json_body(request))
         except InvalidContainer as e:
-            raise ApiError(422, "invalid", str(e)) from None
+            raise ApiError(422, "invalid", str(e), field=e.field) from None
         existed = self.directory.lookup(container_id) is not None
         self.directory.put(container)
         return (200 if existed else 201), container.to_json()
+
+    # -- permission sets --------------------------------------------------------------
+
+    def _permissions(self, request, scope: str, set_id: str) -> tuple[int, Any]:
+        """``/api/v1/{containers,projects}/{id}/proxy/permissions``: PUT, PATCH, GET, DELETE."""
+        self._allow(request, b"GET", b"PUT", b"PATCH", b"DELETE")
+        if self.permissions is None:
+            raise ApiError(404, "not_found", "permission sets are not kept on this node")
+        if not CONTAINER_ID.match(set_id):
+            raise ApiError(404, "not_found", f"{scope} ids are 24 lowercase hexadecimal digits")
+        store = self.permissions
+        if request.method == b"GET":
+            store.refresh()
+            pset = store.get(scope, set_id)
+            if pset is None:
+                raise ApiError(404, "not_found", f"no permission set for this {scope}")
+            return 200, to_json(pset, self.registry)
+        if request.method == b"DELETE":
+            if not store.delete(scope, set_id):
+                raise ApiError(404, "not_found", f"no permission set for this {scope}")
+            return 204, None
+        body = _json_body(request)
+        container = self.directory.lookup(set_id) if scope == "container" else None
+        known_project = container.project if container is not None else None
+        registry = self.registry
+
+        def parse(previous=None):
+            try:
+                return parse_permission_set(body, scope, set_id, registry, previous, previous is not None,
+                                            container_project=known_project)
+            except InvalidPermissions as e:
+                raise ApiError(422, "invalid", str(e), field=e.field) from None
+
+        if request.method == b"PUT":
+            pset = parse()
+            replaced = store.put(pset)
+            return (200 if replaced else 201), to_json(pset, registry)
+        pset = store.update(scope, set_id, parse)
+        if pset is None:
+            raise ApiError(404, "not_found", f"no permission set for this {scope} (PUT one first)")
+        return 200, to_json(pset, registry)

@@ -22,6 +22,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX containers_project ON containers (project);
     """,
+    """
+    CREATE TABLE permission_sets (
+        scope TEXT NOT NULL CHECK (scope IN ('project', 'container')),
+        id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        body TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (scope, id)
+    );
+    """,
 ]
 
 

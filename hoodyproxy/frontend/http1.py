@@ -171,7 +171,8 @@ class GatewayRequest(http.Request):
         headers.addRawHeader(b"Date", http_date())
         headers.addRawHeader(b"Server", SERVER)
         for name, value in error.headers.items():
-            headers.addRawHeader(name, value)
+            for one in value if isinstance(value, list) else (value,):
+                headers.addRawHeader(name, one)
         if not self.body_complete:
             # The client is still sending a body we will not read: close after answering.
             self.channel.persistent = False

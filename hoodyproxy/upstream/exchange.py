@@ -100,6 +100,7 @@ class Exchange:
         self.response_done = False
         self.discarded = 0
         self.over = False
+        self.read_only = False
 
     # -- connecting -------------------------------------------------------------------
 
@@ -258,7 +259,8 @@ class Exchange:
         self.record["status"] = 101
         request = self.request
         transport, client_leftover = request.take_over(self.switch_headers)
-        tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed)
+        tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed,
+                        read_only=self.read_only)
         request.attach_tunnel(tunnel)
         self.switch_headers = None
         tunnel.start(client_leftover, leftover)
@@ -269,6 +271,11 @@ class Exchange:
         self._end(101, reason)
 
     # -- the end ------------------------------------------------------------------------
+
+    def deny(self, error: errors.GatewayError) -> None:
+        """Refuse the request before anything was sent to the container."""
+        self.pending = []
+        self._fail(error)
 
     def _fail(self, error: errors.GatewayError) -> None:
         self._unregister_body_producer()

@@ -14,7 +14,7 @@ class Tunnel:
     """Relays bytes between a client transport and an upstream connection."""
 
     def __init__(self, client_transport, upstream, clock, idle_timeout: float,
-                 on_close: Callable[[int, int, str | None], None]) -> None:
+                 on_close: Callable[[int, int, str | None], None], read_only: bool = False) -> None:
         self.client = client_transport
         self.upstream = upstream
         self.clock = clock
@@ -25,6 +25,10 @@ class Tunnel:
         self.last_activity = clock.seconds()
         self.closed = False
         self._idle_call = None
+        self.read_only = None
+        if read_only:
+            from hoodyproxy.upstream.readonly import ReadOnlyClientSide
+            self.read_only = ReadOnlyClientSide(self._to_upstream, self._client_sent_data)
 
     def start(self, client_leftover: bytes, upstream_leftover: bytes) -> None:
         """Wire both sides together and deliver what each had already sent."""
@@ -41,8 +45,23 @@ class Tunnel:
     def client_data(self, data: bytes) -> None:
         self.bytes_up += len(data)
         self.last_activity = self.clock.seconds()
+        if self.read_only is not None:
+            self.read_only.feed(data)
+        else:
+            self._to_upstream(data)
+
+    def _to_upstream(self, data: bytes) -> None:
         if self.upstream.transport is not None:
             self.upstream.transport.write(data)
+
+    def _client_sent_data(self) -> None:
+        """A read-only WebSocket's client sent a data frame: close with 1008, both sides."""
+        from hoodyproxy.upstream.readonly import POLICY_VIOLATION, close_frame
+        self.client.write(close_frame(POLICY_VIOLATION, b"read-only"))
+        self._close("read-only websocket: client sent data")
+        self.client.loseConnection()
+        if self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
 
     def client_lost(self, reason=None) -> None:
         self._close("client closed" if not self.closed else None)
