@@ -132,7 +132,10 @@ class Gateway:
         decision = None
         if pset is not None:
             credentials, consumed = read_credentials(request.client_ip, uri, headers)
-            uri = consumed.uri
+            if consumed.uri is not uri:
+                uri = consumed.uri
+                # A token in the query string is a secret: it stays out of the audit line too.
+                record["path"] = uri.decode("latin-1")
             # Credentials meant for the gateway do not travel on to the container.
             if consumed.drop_authorization and challenge_kinds(pset, self.policy.registry):
                 raw = [(n, v) for n, v in raw if n.lower() != b"authorization"]

@@ -516,3 +516,22 @@ class SuccessCacheTests(unittest.TestCase):
         """Keys differ when the parts differ, even if their concatenation does not."""
         self.assertNotEqual(_secrets.SuccessCache.key("ab", "c"), _secrets.SuccessCache.key("a", "bc"))
         self.assertEqual(_secrets.SuccessCache.key("a", "b"), _secrets.SuccessCache.key("a", "b"))
+
+
+class RedactedPlaceholderTests(unittest.TestCase):
+    """A body read back from GET (secrets shown as ***) cannot set *** as a secret."""
+
+    def test_password_placeholder_is_refused(self):
+        """PUTting a password group as GET showed it is a 422 on groups.x.password."""
+        with self.assertRaises(InvalidPermissions) as caught:
+            PasswordGroup().parse({"type": "password", "username": "ann", "password": "***"}, "groups.x")
+        self.assertEqual(caught.exception.field, "groups.x.password")
+
+    def test_ldap_bind_password_placeholder_is_refused(self):
+        """PUTting an LDAP group as GET showed it is a 422 on groups.x.bind_password."""
+        from hoodyproxy.access.groups.ldap import LDAPGroup
+        with self.assertRaises(InvalidPermissions) as caught:
+            LDAPGroup().parse({"type": "ldap", "url": "ldap://127.0.0.1:389/", "search_base": "dc=example,dc=org",
+                               "search_filter": "(uid={username})", "bind_dn": "cn=gw,dc=example,dc=org",
+                               "bind_password": "***"}, "groups.x")
+        self.assertEqual(caught.exception.field, "groups.x.bind_password")

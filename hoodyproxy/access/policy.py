@@ -40,7 +40,7 @@ class Consumed:
 def _strip_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
     """(uri without any hoody_token parameter, the first token's value or None)."""
     path, sep, query = uri.partition(b"?")
-    if not sep or TOKEN_NAME not in query:
+    if not sep:
         return uri, None
     kept, token = [], None
     for part in query.split(b"&"):

@@ -80,10 +80,11 @@ class GatewayRequest(http.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self.body_complete = True
-        if self.exchange is not None:
-            self.exchange.body_end()
-        elif self._finish_on_body:
+        if self._finish_on_body:
+            # Answered (an error) before the body was in: now the answer can end.
             self.finish()
+        elif self.exchange is not None:
+            self.exchange.body_end()
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

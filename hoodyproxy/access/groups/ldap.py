@@ -206,6 +206,9 @@ class LDAPGroup:
                 stored["bind_dn"] = _dn(spec["bind_dn"], f"{field}.bind_dn")
                 stored["bind_password"] = check_string(spec["bind_password"],
                                                        f"{field}.bind_password")
+                if stored["bind_password"] == REDACTED:
+                    raise InvalidPermissions(f"{field}.bind_password", "is the redacted placeholder; "
+                                             "send the real password, or use PATCH to keep the group")
         else:
             raise InvalidPermissions(f"{field}.user_dn", "needs user_dn, or search_base and "
                                                          "search_filter")

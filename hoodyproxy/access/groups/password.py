@@ -57,8 +57,12 @@ class PasswordGroup:
             except ValueError as e:
                 raise InvalidPermissions(f"{field}.password_hash", str(e)) from None
         else:
-            encoded = _secrets.hash_password(
-                check_string(spec["password"], f"{field}.password", max_length=1024))
+            password = check_string(spec["password"], f"{field}.password", max_length=1024)
+            if password == REDACTED:
+                # A GET shows this placeholder; PUTting it back must not become the password.
+                raise InvalidPermissions(f"{field}.password", "is the redacted placeholder; "
+                                         "send the real password, or use PATCH to keep the group")
+            encoded = _secrets.hash_password(password)
         return {"type": self.name, "username": username, "password_hash": encoded}
 
     def redact(self, stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,462 @@
+"""``hoodyproxy``: a command-line client of the admin API (stdlib only: argparse and urllib).
+
+::
+
+    hoodyproxy projects proxy permissions replace --project P \\
+        --groups office='{"type":"ip","range":"203.0.113.0/24"}' \\
+        --permissions office='{"terminal":true,"files":true,"display":true}' --default deny
+    hoodyproxy containers proxy permissions get --container C
+    hoodyproxy containers put --container C --project P --address 10.0.0.7
+    hoodyproxy containers list --project P
+
+The API is ``--admin-url``, else ``$HOODYPROXY_ADMIN_URL``, else the local node's
+(``http://127.0.0.1:8081``).  The token is ``--token``, else the ``admin-token`` file of
+``--data-dir`` if that is given, else ``$HOODYPROXY_ADMIN_TOKEN``, else the
+``admin-token`` file of the default data directory
+(:func:`hoodyproxy.config.default_data_dir`).
+
+The answer's JSON is printed on stdout, indented.  Exit status: 0 on a 2xx; 1 when the
+API answers an error (its message on stderr, one line: ``hoodyproxy: 422
+groups.office.range: ...``); 2 on a usage error or when the API cannot be reached.
+No reactor is involved: one blocking request per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import re
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, NoReturn, Sequence
+
+PROG = "hoodyproxy"
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
+URL_ENV = "HOODYPROXY_ADMIN_URL"
+TOKEN_ENV = "HOODYPROXY_ADMIN_TOKEN"
+TOKEN_FILE = "admin-token"
+ID = re.compile(r"[0-9a-f]{24}\Z")
+
+EXIT_OK, EXIT_API_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class Failed(Exception):
+    """Stop with ``status`` after printing ``message`` (one line) to stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# -- argument types -----------------------------------------------------------------------
+
+def _id(value: str) -> str:
+    if not ID.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an id (24 lowercase hexadecimal digits)")
+    return value
+
+
+def _name_json(value: str) -> tuple[str, Any]:
+    """``NAME=JSON`` (or ``NAME=@FILE``, the JSON read from FILE) as (name, parsed value)."""
+    name, sep, text = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not NAME=JSON")
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{name}: cannot read {text[1:]!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise argparse.ArgumentTypeError(f"{name}: {text[1:]!r} is not UTF-8 text") from None
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        where = f" ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise argparse.ArgumentTypeError(f"{name}: the value is not valid JSON{where}") from None
+    return name, parsed
+
+
+def _port(value: str) -> tuple[str, int]:
+    """``PROGRAM=PORT`` (``terminal=7681``, ``http-80=8080``) as (key, port)."""
+    key, sep, text = value.partition("=")
+    if not sep or not key or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not PROGRAM=PORT "
+                                         f"(a port from 1 to 65535)")
+    return key, int(text)
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options naming the API and the token (accepted before or after the command)."""
+    default = argparse.SUPPRESS if suppress else None
+    group = parser.add_argument_group("admin API")
+    group.add_argument("--admin-url", metavar="URL", default=default,
+                       help=f"the admin API (default: ${URL_ENV}, else {DEFAULT_ADMIN_URL})")
+    group.add_argument("--token", metavar="TOKEN", default=default,
+                       help=f"the admin token (default: the {TOKEN_FILE} file of --data-dir if given, "
+                            f"else ${TOKEN_ENV}, else the {TOKEN_FILE} file of the default data directory)")
+    group.add_argument("--data-dir", metavar="DIR", default=default,
+                       help=f"the node's data directory, to read <DIR>/{TOKEN_FILE} from "
+                            f"(default: $HOODYPROXY_DATA_DIR, else /var/lib/hoodyproxy as root, "
+                            f"else ~/.local/share/hoodyproxy)")
+    group.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS if suppress else 30.0,
+                       help="give up on the API after this many seconds (default 30)")
+
+
+def _leaf(subparsers, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler, parser=parser)
+    return parser
+
+
+def _permission_commands(subparsers, scope: str) -> None:
+    """``proxy permissions {replace,patch,get,delete}`` under ``subparsers`` (of projects or containers)."""
+    perms = subparsers.add_parser("proxy", help=f"the gateway's settings for a {scope}").add_subparsers(
+        dest="proxy_what", metavar="permissions", required=True)
+    actions = perms.add_parser("permissions", help=f"the {scope}'s permission set").add_subparsers(
+        dest="action", metavar="{replace,patch,get,delete}", required=True)
+    where = f"the {scope}-level permission set"
+    specs = {
+        "replace": (f"create or replace {where} (PUT)", _permissions_replace),
+        "patch": (f"change {where} by name (PATCH): groups and permissions given are set, "
+                  f"others kept", _permissions_patch),
+        "get": (f"show {where}, secrets redacted (GET)", _permissions_get),
+        "delete": (f"remove {where} (DELETE)", _permissions_delete),
+    }
+    for action, (help_text, handler) in specs.items():
+        p = _leaf(actions, action, help_text, handler)
+        p.set_defaults(scope=scope)
+        if scope == "container":
+            p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
+            p.add_argument("--project", metavar="P", type=_id, required=action == "replace",
+                           help="the container's project id" + (" (required)" if action == "replace" else ""))
+        else:
+            p.add_argument("--project", metavar="P", type=_id, required=True, help="the project id")
+        if action in ("replace", "patch"):
+            p.add_argument("--groups", metavar="NAME=JSON", type=_name_json, action="append", default=[],
+                           help='a group, e.g. office=\'{"type":"ip","range":"203.0.113.0/24"}\' '
+                                "(NAME=@FILE reads the JSON from FILE); repeatable")
+            p.add_argument("--permissions", metavar="NAME=JSON", type=_name_json, action="append", default=[],
+                           help='what a group may do, e.g. office=\'{"terminal":true,"files":"read"}\'; '
+                                "repeatable")
+            p.add_argument("--default", choices=("allow", "deny"),
+                           help="what a request no group allows gets" + (" (default deny)" if action == "replace" else ""))
+        if action == "patch":
+            p.add_argument("--remove-group", metavar="NAME", action="append", default=[],
+                           help="delete this group (sent as null); repeatable")
+            p.add_argument("--remove-permissions", metavar="NAME", action="append", default=[],
+                           help="delete this group's permissions (sent as null); repeatable")
+        _connection_options(p, suppress=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hoodyproxy import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Talk to a hoodyproxy node's admin API.",
+        epilog="Exit status: 0 on success, 1 when the API answers an error, 2 on a usage error "
+               "or when the API cannot be reached.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _connection_options(parser, suppress=False)
+    top = parser.add_subparsers(dest="command", metavar="{projects,containers}", required=True)
+
+    projects = top.add_parser("projects", help="project-level settings")
+    _permission_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
+                         "project")
+
+    containers = top.add_parser("containers", help="the live container map, and container-level settings")
+    sub = containers.add_subparsers(dest="container_command", metavar="{put,get,delete,list,proxy}",
+                                    required=True)
+    p = _leaf(sub, "put", "register or replace a container in the live map (PUT)", _container_put)
+    p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
+    p.add_argument("--project", metavar="P", type=_id, required=True, help="its project id")
+    p.add_argument("--address", metavar="A", required=True, help="its IPv4 or IPv6 address")
+    p.add_argument("--state", choices=("running", "stopped"), help="default running")
+    p.add_argument("--port", metavar="PROGRAM=PORT", type=_port, action="append", default=[],
+                   help="a port override, e.g. terminal=7681 or http-80=8080; repeatable")
+    _connection_options(p, suppress=True)
+    for name, help_text, handler in (("get", "show a container (GET)", _container_get),
+                                     ("delete", "remove a container from the live map (DELETE)", _container_delete)):
+        p = _leaf(sub, name, help_text, handler)
+        p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
+        _connection_options(p, suppress=True)
+    p = _leaf(sub, "list", "list the containers, optionally one project's (GET)", _container_list)
+    p.add_argument("--project", metavar="P", type=_id, help="only this project's")
+    _connection_options(p, suppress=True)
+    _permission_commands(sub, "container")
+    return parser
+
+
+# -- the commands -------------------------------------------------------------------------
+
+def _permissions_path(args) -> str:
+    if args.scope == "container":
+        return f"/api/v1/containers/{args.container}/proxy/permissions"
+    return f"/api/v1/projects/{args.project}/proxy/permissions"
+
+
+def _named(parser: argparse.ArgumentParser, option: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in named:
+            parser.error(f"argument {option}: {name} is given twice")
+        named[name] = value
+    return named
+
+
+def _permissions_body(parser, args, patch: bool) -> dict[str, Any]:
+    groups = _named(parser, "--groups", args.groups)
+    permissions = _named(parser, "--permissions", args.permissions)
+    if patch:
+        for option, names, section in (("--remove-group", args.remove_group, groups),
+                                       ("--remove-permissions", args.remove_permissions, permissions)):
+            for name in names:
+                if name in section:
+                    parser.error(f"argument {option}: {name} is also given a value")
+                section[name] = None
+    body: dict[str, Any] = {}
+    if args.scope == "container" and args.project is not None:
+        body["project"] = args.project  # a project-level set's project is the URL's
+    if groups or not patch:
+        body["groups"] = groups
+    if permissions or not patch:
+        body["permissions"] = permissions
+    if args.default is not None:
+        body["default"] = args.default
+    if not body:
+        parser.error("nothing to change: give --groups, --permissions, --remove-group, "
+                     "--remove-permissions or --default")
+    return body
+
+
+def _permissions_replace(client, parser, args):
+    return client.request("PUT", _permissions_path(args), _permissions_body(parser, args, patch=False))
+
+
+def _permissions_patch(client, parser, args):
+    return client.request("PATCH", _permissions_path(args), _permissions_body(parser, args, patch=True))
+
+
+def _permissions_get(client, parser, args):
+    return client.request("GET", _permissions_path(args))
+
+
+def _permissions_delete(client, parser, args):
+    return client.request("DELETE", _permissions_path(args))
+
+
+def _container_put(client, parser, args):
+    body: dict[str, Any] = {"project": args.project, "address": args.address}
+    if args.state is not None:
+        body["state"] = args.state
+    if args.port:
+        body["ports"] = _named(parser, "--port", args.port)
+    return client.request("PUT", f"/api/v1/containers/{args.container}", body)
+
+
+def _container_get(client, parser, args):
+    return client.request("GET", f"/api/v1/containers/{args.container}")
+
+
+def _container_delete(client, parser, args):
+    return client.request("DELETE", f"/api/v1/containers/{args.container}")
+
+
+def _container_list(client, parser, args):
+    query = f"?{urllib.parse.urlencode({'project': args.project})}" if args.project else ""
+    return client.request("GET", f"/api/v1/containers{query}")
+
+
+# -- talking to the API -------------------------------------------------------------------
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is here: the token must not follow it elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class Client:
+    """One admin API, one token; :meth:`request` answers (status, parsed body or None)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        # No proxies from the environment (the token goes to the node, not through a
+        # proxy) and no redirects.
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with self.opener.open(request, timeout=self.timeout) as response:
+                return response.status, self._parse(response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                raw = error.read()
+            raise Failed(EXIT_API_ERROR, f"{error.code} {self._message(raw, error.reason)}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                why = f"no answer within {self.timeout:g} s"
+            elif isinstance(reason, OSError) and reason.strerror:
+                why = reason.strerror
+            else:
+                why = str(reason) or type(reason).__name__
+            raise Failed(EXIT_USAGE, f"cannot reach the admin API at {self.base_url}: {_one_line(why)}") from None
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            return raw.decode("utf-8", "replace")
+
+    @staticmethod
+    def _message(raw: bytes, reason: Any) -> str:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return _one_line(body["message"])
+        return _one_line(str(reason or "error"))
+
+
+def admin_url(args) -> str:
+    url = args.admin_url or os.environ.get(URL_ENV) or DEFAULT_ADMIN_URL
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Failed(EXIT_USAGE, f"the admin URL {url!r} is not http(s)://host[:port]")
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        raise Failed(EXIT_USAGE, f"the admin URL {url!r} has a bad port") from None
+    if parts.query or parts.fragment:
+        raise Failed(EXIT_USAGE, f"the admin URL {url!r} must not have a query or fragment")
+    return url
+
+
+def admin_token(args) -> str:
+    token = _find_token(args)
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise Failed(EXIT_USAGE, "the admin token has characters a header cannot carry "
+                                 "(spaces, control or non-ASCII characters)")
+    return token
+
+
+def _find_token(args) -> str:
+    if args.token:
+        return args.token
+    if args.data_dir is None and os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if args.data_dir is not None:
+        data_dir = args.data_dir
+    else:
+        from hoodyproxy.config import default_data_dir
+        data_dir = default_data_dir()
+    path = os.path.join(data_dir, TOKEN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "not readable"
+        raise Failed(EXIT_USAGE, f"no admin token: cannot read {path} ({why}); "
+                                 f"give --token, ${TOKEN_ENV} or --data-dir") from None
+    if not token:
+        raise Failed(EXIT_USAGE, f"no admin token: {path} is empty; give --token, ${TOKEN_ENV} or --data-dir")
+    return token
+
+
+def _print_json(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        sys.stdout.write(value if value.endswith("\n") else value + "\n")
+    else:
+        sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+#: The options that take a value, and every option string the command knows.
+VALUE_OPTIONS = frozenset(("--admin-url", "--token", "--data-dir", "--timeout", "--project", "--container",
+                           "--groups", "--permissions", "--default", "--remove-group", "--remove-permissions",
+                           "--address", "--state", "--port"))
+OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version"}
+
+
+def _join_values(argv: Sequence[str]) -> list[str]:
+    """``--token -abc`` as ``--token=-abc``: argparse takes a value starting with ``-`` for an
+    option, and fails, but generated tokens start with ``-`` one time in 64."""
+    words, out = list(argv), []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            out.extend(words[i:])
+            break
+        if word in VALUE_OPTIONS and i + 1 < len(words) and words[i + 1].startswith("-") \
+                and words[i + 1] not in OPTIONS:
+            out.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, do one request, print; the exit status (argparse exits 2 itself)."""
+    parser = build_parser()
+    args = parser.parse_args(_join_values(sys.argv[1:] if argv is None else argv))
+    leaf = args.parser  # the command's own parser: its usage line goes with its errors
+    try:
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            leaf.error("argument --timeout: must be a number of seconds more than 0")
+        client = Client(admin_url(args), admin_token(args), args.timeout)
+        _, body = args.handler(client, leaf, args)
+    except Failed as failure:
+        sys.stderr.write(f"{PROG}: {failure.message}\n")
+        return failure.status
+    _print_json(body)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``hoodyproxy`` console script."""
+    try:
+        status = run(argv)
+    except KeyboardInterrupt:
+        status = 130
+    except BrokenPipeError:
+        # stdout closed early (``| head``): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 1
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
