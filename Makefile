@@ -5,7 +5,8 @@
 #   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...)
 #   make run             twistd -n hoodyproxy     (ARGS='--config ...')
 #   make demo            twistd -n hoodyproxy --demo
-#   make bench           run the benchmark harness (bench/__main__.py), when it exists
+#   make bench           run the benchmark harness: python -m bench (ARGS='--quick', '--only tls', ...);
+#                        installs DEBIAN_BENCH_PACKAGES first when run as root
 #   make clean           remove build and test leftovers (distclean: also .venv)
 #
 # PYTHONPATH=$(CURDIR) is deliberate: Twisted finds twistd plugins by scanning every
@@ -25,7 +26,11 @@ STAMP := $(VENV)/.installed
 
 # Debian packages the tests need (command-line tools, servers the tests start).
 # Later work appends to this list (nginx, slapd, pebble, ...).
-DEBIAN_TEST_PACKAGES := curl openssl procps
+DEBIAN_TEST_PACKAGES := curl openssl procps slapd
+
+# Debian packages the benchmark harness needs (make bench; see docs/performance.rst).
+# mitmproxy is not among them: the harness installs it into bench/.venv-mitm itself.
+DEBIAN_BENCH_PACKAGES := nginx haproxy caddy wrk nghttp2-client
 
 TESTS ?= tests
 TRIAL_ARGS ?=
@@ -68,13 +73,25 @@ run: venv
 demo: venv
 	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy --demo $(ARGS)
 
-bench: venv
-	@if [ -f bench/__main__.py ]; then \
-	    $(RUN_ENV) $(VENV_PY) -m bench $(ARGS); \
-	else \
-	    echo "bench: the benchmark harness (bench/__main__.py) is not there yet"; \
-	    exit 1; \
-	fi
+# The harness also uses curl and openssl (DEBIAN_TEST_PACKAGES, through deps).
+.PHONY: bench-deps
+bench-deps:
+	@missing=""; \
+	for p in $(DEBIAN_BENCH_PACKAGES); do \
+	    dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	    echo "bench: not root, not installing missing Debian packages:$$missing"; \
+	    exit 0; \
+	fi; \
+	echo "bench: installing Debian packages:$$missing"; \
+	apt-get update && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+bench: venv deps bench-deps
+	$(RUN_ENV) $(VENV_PY) -m bench $(ARGS)
 
 clean:
 	rm -rf _trial_temp _trial_temp.lock build dist *.egg-info twistd.pid twisted/plugins/dropin.cache

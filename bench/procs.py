@@ -86,7 +86,11 @@ class Gateway(Process):
                           "--https", f"127.0.0.1:{self.https_port}", "--http", f"127.0.0.1:{self.http_port}",
                           "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.devnull, *(extra or [])],
                          env={"PYTHONPATH": ROOT}, cwd=self.data_dir)
-        wait_for_line(self.proc, r"hoodyproxy admin listening")
+        try:
+            wait_for_line(self.proc, r"hoodyproxy admin listening")
+        except BaseException:
+            self.stop()  # e.g. an option this version rejects: no process or data dir left behind
+            raise
         with open(os.path.join(self.data_dir, "admin-token")) as f:
             self.token = f.read().strip()
         self.ca_path = os.path.join(self.data_dir, "tls", "ca.pem")

@@ -99,7 +99,7 @@ class Settings:
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     pool_idle_timeout: float = 60.0
-    pool_max_idle: int = 32
+    pool_max_idle: int = 256
     client_idle_timeout: float = 75.0
     websocket_handshake_timeout: float = 10.0
     websocket_idle_timeout: float = 3600.0
