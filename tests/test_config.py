@@ -78,7 +78,7 @@ class DefaultTests(SynchronousTestCase):
         self.assertEqual(
             (s.connect_timeout, s.response_timeout, s.pool_idle_timeout, s.pool_max_idle,
              s.client_idle_timeout, s.websocket_handshake_timeout, s.websocket_idle_timeout),
-            (5.0, 60.0, 60.0, 32, 75.0, 10.0, 3600.0))
+            (5.0, 60.0, 60.0, 256, 75.0, 10.0, 3600.0))
 
     def test_data_dir_from_environment(self) -> None:
         """``$HOODYPROXY_DATA_DIR`` sets the default data directory; the audit log lives in it."""

@@ -573,3 +573,27 @@ class IPv6ContainerTests(GatewayTestCase):
                                   agent=self.agent)
         self.assertEqual(response.code, 200)
         self.assertEqual(json.loads(await response.content())["peer"], "::1")
+
+
+class ClientIdleTimeoutTests(GatewayTestCase):
+    config = {"client": {"idle_timeout": 0.5}}
+
+    async def test_idle_client_connection_is_closed(self):
+        """A kept-alive client connection with nothing to do is closed after the idle timeout."""
+        client = await tls_client(self, self.node)
+        client.transport.write(f"GET /headers HTTP/1.1\r\nHost: {host_for(index=self.backend.number)}\r\n\r\n".encode())
+        await until(lambda: client.received.endswith(b"}"))
+        await client.closed
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200"))
+
+    async def test_request_in_flight_is_not_cut_by_the_idle_timeout(self):
+        """A response that takes longer than the idle timeout still arrives."""
+        def script(proto, data):
+            if proto.received.endswith(b"\r\n\r\n"):
+                reactor.callLater(1.0, proto.transport.write,
+                                  b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        port, factory = raw_backend(self, script)
+        client = await tls_client(self, self.node, host_for(index=port))
+        client.transport.write(f"GET / HTTP/1.1\r\nHost: {host_for(index=port)}\r\n\r\n".encode())
+        await until(lambda: client.received.endswith(b"slow") or client.lost)
+        self.assertTrue(client.received.endswith(b"slow"))

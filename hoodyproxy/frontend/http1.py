@@ -46,6 +46,23 @@ def client_ip_of(address) -> str:
 class GatewayRequest(http.Request):
     """A request that streams: the gateway sees it at end of headers."""
 
+    def __init__(self, channel, queued=None) -> None:
+        # Request.__init__ without a fresh address object per request (the peer does not
+        # change on a kept-alive connection) and without form parsing.
+        self.notifications = []
+        self.channel = channel
+        addresses = getattr(channel, "_addresses", None)
+        if addresses is None:
+            addresses = channel._addresses = (channel.getPeer(), channel.getHost())
+        self.client, self.host = addresses
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False
+
     exchange = None
     body_length: int | None = 0
     body_complete = False
@@ -199,7 +216,7 @@ class GatewayRequest(http.Request):
         """
         channel = self.channel
         transport = channel.transport
-        channel.setTimeout(None)
+        channel.stop_idle_timer()
         transport.unregisterProducer()
         head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         for name, value in headers:
@@ -222,7 +239,53 @@ class GatewayRequest(http.Request):
 
 
 class GatewayChannel(http.HTTPChannel):
-    """HTTPChannel that does not send ``100 Continue`` for a request already answered."""
+    """HTTPChannel with a cheaper idle timeout, that sends no ``100 Continue`` for a request
+    already answered.
+
+    Twisted's TimeoutMixin cancels its timer at every request and schedules a new one when
+    the response is done, and moves it on every read: heap work on each request.  Here one
+    timer per connection only notes activity; when it fires it checks how long the
+    connection has really been idle and sleeps again for the rest.
+    """
+
+    _idle_timer = None
+    _last_activity = 0.0
+
+    def _now(self) -> float:
+        return self.factory.reactor.seconds()
+
+    def setTimeout(self, period):
+        previous, self.timeOut = self.timeOut, period
+        if period is not None:
+            self._last_activity = self._now()
+            if self._idle_timer is None:
+                self._idle_timer = self.callLater(period, self._check_idle)
+        return previous
+
+    def resetTimeout(self) -> None:
+        self._last_activity = self._now()
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        period = self.timeOut
+        if period is None:
+            return  # a request is being handled; setTimeout re-arms when it is done
+        idle = self._now() - self._last_activity
+        if idle >= period:
+            self.timeoutConnection()
+        else:
+            self._idle_timer = self.callLater(period - idle, self._check_idle)
+
+    def stop_idle_timer(self) -> None:
+        """No idle timeout from now on (the connection became a tunnel, or is gone)."""
+        self.timeOut = None
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def connectionLost(self, reason) -> None:
+        self.stop_idle_timer()
+        super().connectionLost(reason)
 
     def _send100Continue(self) -> None:
         if self.requests and self.requests[-1].startedWriting:
