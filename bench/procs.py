@@ -84,7 +84,12 @@ class Gateway(Process):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         super().__init__([twistd, "-n", "--pidfile=", "hoodyproxy", "--data-dir", self.data_dir,
                           "--https", f"127.0.0.1:{self.https_port}", "--http", f"127.0.0.1:{self.http_port}",
-                          "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.devnull, *(extra or [])],
+                          "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.devnull,
+                          # Loopback only: the forwarding headers carry the client address, and
+                          # the host's netfilter rules are left alone.
+                          *([] if any(a.startswith("--client-ip-mode") for a in (extra or []))
+                            else ["--client-ip-mode", "headers"]),
+                          *(extra or [])],
                          env={"PYTHONPATH": ROOT}, cwd=self.data_dir)
         try:
             wait_for_line(self.proc, r"hoodyproxy admin listening")

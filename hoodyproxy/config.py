@@ -12,7 +12,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -20,6 +20,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PROGRAM_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 INDEX_KINDS = ("instance", "port")
 SERVICE_KINDS = ("terminal", "display", "sqlite", "files", "http", "generic")
+#: How a container learns the client's address (see docs/real-client-ip.rst).
+CLIENT_IP_MODES = ("auto", "transparent", "proxy-protocol", "headers")
+#: Routing tables the kernel reserves (unspec, default, main, local): never ours.
+RESERVED_TABLES = frozenset({0, 253, 254, 255})
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,8 @@ class Program:
     port: int | None = None
     kind: str = "generic"
     max_instance: int = 999
+    #: This program's client IP mode, overriding the node's (``[client_ip] mode``); None: the node's.
+    client_ip: str | None = None
 
 
 DEFAULT_PROGRAMS = {
@@ -106,6 +112,9 @@ class Settings:
     programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
     workers: int = 1
+    client_ip_mode: str = "auto"
+    client_ip_mark: int = 0x4870
+    client_ip_table: int = 4870
 
     @property
     def suffix(self) -> str:
@@ -184,7 +193,7 @@ def _program(name: str, table: Any) -> Program:
     if not isinstance(table, dict):
         raise ConfigError(key, "must be a table")
     base = DEFAULT_PROGRAMS.get(name, Program(name))
-    unknown = set(table) - {"index", "port", "kind", "max_instance"}
+    unknown = set(table) - {"index", "port", "kind", "max_instance", "client_ip"}
     if unknown:
         raise ConfigError(f"{key} {sorted(unknown)[0]}", "unknown key")
     index = table.get("index", base.index)
@@ -206,7 +215,10 @@ def _program(name: str, table: Any) -> Program:
                            integer=True, minimum=1, exclusive=False)
     if max_instance > 99999:
         raise ConfigError(f"{key} max_instance", "must be at most 99999 (five digits in a host label)")
-    return Program(name, index, port, kind, max_instance)
+    client_ip = table.get("client_ip", base.client_ip)
+    if client_ip is not None and client_ip not in CLIENT_IP_MODES:
+        raise ConfigError(f"{key} client_ip", f"must be one of {', '.join(CLIENT_IP_MODES)}")
+    return Program(name, index, port, kind, max_instance, client_ip)
 
 
 _SCHEMA: dict[str, set[str]] = {
@@ -220,6 +232,7 @@ _SCHEMA: dict[str, set[str]] = {
     "websocket": {"handshake_timeout", "idle_timeout"},
     "programs": set(),
     "demo": {"enabled"},
+    "client_ip": {"mode", "mark", "table"},
 }
 
 
@@ -297,6 +310,21 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if not isinstance(demo, bool):
         raise ConfigError("[demo] enabled", "must be true or false")
     kw["demo"] = demo
+    mode = get("client_ip", "mode", d.client_ip_mode)
+    if mode not in CLIENT_IP_MODES:
+        raise ConfigError("[client_ip] mode", f"must be one of {', '.join(CLIENT_IP_MODES)}")
+    kw["client_ip_mode"] = mode
+    mark = _number("[client_ip] mark", get("client_ip", "mark", d.client_ip_mark), integer=True, minimum=1,
+                   exclusive=False)
+    if mark > 0xFFFFFFFF:
+        raise ConfigError("[client_ip] mark", "must be at most 0xffffffff (a 32-bit packet mark)")
+    kw["client_ip_mark"] = mark
+    table_id = _number("[client_ip] table", get("client_ip", "table", d.client_ip_table), integer=True,
+                       minimum=1, exclusive=False)
+    if table_id > 0xFFFFFFFF or table_id in RESERVED_TABLES:
+        raise ConfigError("[client_ip] table", "must be 1 to 4294967295 and not 253, 254 or 255 "
+                                               "(the kernel's default, main and local tables)")
+    kw["client_ip_table"] = table_id
     return Settings(**kw)
 
 
@@ -313,9 +341,11 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
         "websocket": {"handshake_timeout": s.websocket_handshake_timeout,
                       "idle_timeout": s.websocket_idle_timeout},
         "programs": {name: {"index": p.index, "kind": p.kind, "max_instance": p.max_instance,
-                            **({"port": p.port} if p.port is not None else {})}
+                            **({"port": p.port} if p.port is not None else {}),
+                            **({"client_ip": p.client_ip} if p.client_ip is not None else {})}
                      for name, p in s.programs.items()},
         "demo": {"enabled": s.demo},
+        "client_ip": {"mode": s.client_ip_mode, "mark": s.client_ip_mark, "table": s.client_ip_table},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}
@@ -324,6 +354,24 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
     if s.audit_path:
         doc["audit"] = {"path": s.audit_path}
     return doc
+
+
+def client_ip_modes(settings: Settings) -> set[str]:
+    """Every client IP mode the node's config names (the node's and the programs' overrides)."""
+    return {settings.client_ip_mode} | {p.client_ip for p in settings.programs.values() if p.client_ip}
+
+
+def resolve_client_ip(settings: Settings, transparent: bool) -> Settings:
+    """``settings`` with every ``auto`` client IP mode made concrete.
+
+    ``auto`` becomes ``transparent`` when the node can be transparent (``transparent``
+    True: it has CAP_NET_ADMIN and its netfilter rules are in place), else ``headers``.
+    """
+    auto = "transparent" if transparent else "headers"
+    programs = {name: replace(p, client_ip=auto) if p.client_ip == "auto" else p
+                for name, p in settings.programs.items()}
+    return replace(settings, programs=MappingProxyType(programs),
+                   client_ip_mode=auto if settings.client_ip_mode == "auto" else settings.client_ip_mode)
 
 
 def load_settings(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -23,6 +23,8 @@ from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.routing import Router, Target
 from hoodyproxy.upstream.exchange import Exchange
 from hoodyproxy.upstream.headers import build_request_head, wants_websocket
+from hoodyproxy.upstream.proxy_protocol import ProxySource
+from hoodyproxy.upstream.transparent import TransparentSource
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _URI_BAD = re.compile(rb"[\x00-\x20\x7f]")
@@ -46,8 +48,15 @@ def _request_target(uri: bytes, host: bytes | None) -> tuple[bytes, bytes | None
     raise errors.BadRequest("the request target is malformed", reason="bad uri")
 
 
+def _loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1"
+
+
 class Gateway:
     """Routes each request by its own Host to a container service and forwards it."""
+
+    #: False when the host could set up transparent mode for IPv4 only (IPv6 disabled).
+    transparent_ipv6 = True
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
                  clock, *, now: Callable[[], float] = time.time, policy=None) -> None:
@@ -60,6 +69,48 @@ class Gateway:
         self.clock = clock
         self.now = now
         self._routes: dict[bytes, Target] = {}
+        self.configure_client_ip(settings)
+
+    def configure_client_ip(self, settings: Settings) -> None:
+        """Take the node's client IP mode and the programs' overrides from ``settings``.
+
+        The node resolves ``auto`` at start (:func:`hoodyproxy.config.resolve_client_ip`);
+        one left unresolved counts as ``headers``.  The forwarding headers are sent in
+        every mode.
+        """
+        def concrete(mode: str) -> str:
+            return "headers" if mode == "auto" else mode
+        self.client_ip_mode = concrete(settings.client_ip_mode)
+        self._program_client_ip = {name: concrete(p.client_ip) for name, p in settings.programs.items()
+                                   if p.client_ip is not None}
+        self._fallbacks_said: set[str] = set()
+
+    def _source(self, mode: str, request, address: str):
+        """Whose upstream connection a request in ``mode`` takes (None: a shared one)."""
+        client = request.client_ip
+        if mode == "transparent":
+            if (":" in client) != (":" in address):
+                self._fallback("an IPv%s client cannot reach an IPv%s container transparently"
+                               % ((6, 4) if ":" in client else (4, 6)))
+                return None
+            if ":" in client and not self.transparent_ipv6:
+                self._fallback("IPv6 is not transparent on this host")
+                return None
+            if _loopback(client) != _loopback(address):
+                # A loopback source cannot leave the host; a service on loopback answers a
+                # remote address through the host's own routes, never back to this socket.
+                self._fallback("a loopback client and a networked container (or a networked client and "
+                               "a container on loopback) cannot be joined transparently")
+                return None
+            return TransparentSource(client)
+        peer, local = getattr(request, "client", None), getattr(request, "host", None)
+        return ProxySource(client, getattr(peer, "port", 0), getattr(local, "host", ""), getattr(local, "port", 0))
+
+    def _fallback(self, why: str) -> None:
+        if why not in self._fallbacks_said:
+            self._fallbacks_said.add(why)
+            log.warn("client IP: {why}; such requests give the container the client's address in "
+                     "forwarding headers only (said once)", why=why)
 
     # -- 1. route -----------------------------------------------------------------------
 
@@ -153,12 +204,14 @@ class Gateway:
             body_length=request.body_length, upgrade=upgrade,
             instance=target.index if program.index == "instance" else None)
         settings = self.settings
+        mode = self._program_client_ip.get(target.program, self.client_ip_mode)
+        source = None if mode == "headers" else self._source(mode, request, container.address)
         exchange = Exchange(
             request, self.pool, address=container.address, port=port, head=head,
             head_request=request.method == b"HEAD", upgrade=upgrade,
             timeout=settings.websocket_handshake_timeout if upgrade else settings.response_timeout,
             record=record, done=self.emit_record, clock=self.clock,
-            tunnel_idle_timeout=settings.websocket_idle_timeout)
+            tunnel_idle_timeout=settings.websocket_idle_timeout, source=source)
         request.exchange = exchange
         if decision is None:
             exchange.start()

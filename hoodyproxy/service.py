@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from hoodyproxy.config import ConfigError, Settings, load_settings
+from hoodyproxy.config import ConfigError, Settings, client_ip_modes, load_settings, resolve_client_ip
 from hoodyproxy.tls.devca import write_atomic
 
 log = Logger()
@@ -39,6 +39,8 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key for --tls-cert"],
         ["audit", None, None, "audit log file, or - for stdout (default <data-dir>/audit.log)"],
         ["workers", "w", None, "worker processes sharing the ports (default 1)", int],
+        ["client-ip-mode", None, None, "how containers learn the client's address: auto (default), "
+                                       "transparent, proxy-protocol or headers"],
     ]
     optFlags = [["demo", None, "also start a built-in sample service and register it as a container"]]
 
@@ -55,7 +57,18 @@ class Options(usage.Options):
             "audit.path": self["audit"],
             "demo.enabled": True if self["demo"] else None,
             "node.workers": self["workers"],
+            "client_ip.mode": self["client-ip-mode"],
         }
+
+
+class StartError(Exception):
+    """The node cannot start as configured; the message is the one line to show."""
+
+
+def transparent_needs_cap_message() -> str:
+    return ("client IP mode 'transparent' needs CAP_NET_ADMIN, which this process does not have: "
+            "run it as root or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN), "
+            "or use --client-ip-mode auto or headers")
 
 
 def admin_token(settings: Settings) -> str:
@@ -135,12 +148,15 @@ class GatewayStack:
 class NodeService(service.MultiService):
     """A whole node: stores, gateway and listeners.  Listening happens at privileged start."""
 
-    def __init__(self, settings: Settings, reactor=None) -> None:
+    def __init__(self, settings: Settings, reactor=None, *, has_net_admin: bool | None = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
-        self.settings = settings
         self.reactor = reactor
+        self.configured = settings
+        self._has_net_admin = has_net_admin
+        settings = self._resolve_client_ip(settings, has_net_admin)
+        self.settings = settings
         self.ports: dict[str, list] = {"https": [], "http": [], "admin": []}
         self.demo_port = None
         self.workers = None
@@ -152,6 +168,43 @@ class NodeService(service.MultiService):
         self.gateway = self.stack.gateway
         self.ca_path = self.stack.ca_path
         self.token = admin_token(settings)
+        self.netfilter = None
+        if "transparent" in client_ip_modes(settings):
+            from hoodyproxy.netfilter import NetfilterService
+            self.netfilter = NetfilterService(
+                settings.node, settings.client_ip_mark, settings.client_ip_table,
+                required="transparent" in client_ip_modes(self.configured),
+                directory=self.directory, reactor=reactor)
+            self.netfilter.setServiceParent(self)
+
+    def _resolve_client_ip(self, settings: Settings, has_net_admin: bool | None) -> Settings:
+        """Make ``auto`` concrete: transparent with CAP_NET_ADMIN, else headers (with a warning)."""
+        modes = client_ip_modes(settings)
+        self.client_ip_warning = None
+        if not modes & {"auto", "transparent"}:
+            return settings
+        if has_net_admin is None:
+            from hoodyproxy.netfilter import has_net_admin as check
+            has_net_admin = check()
+        if not has_net_admin:
+            if "transparent" in modes:
+                raise StartError(transparent_needs_cap_message())
+            self.client_ip_warning = ("no CAP_NET_ADMIN, so containers see the gateway's address as the "
+                                      "peer and the client's in forwarding headers only (run as root or "
+                                      "grant CAP_NET_ADMIN for transparent mode; [client_ip] mode = "
+                                      "\"headers\" says this is meant)")
+        return resolve_client_ip(settings, has_net_admin)
+
+    def _client_ip_unavailable(self, why: str) -> None:
+        """``auto`` cannot be transparent after all: fall back to forwarding headers."""
+        self.settings = resolve_client_ip(self.configured, False)
+        self.stack.settings = self.settings
+        self.gateway.settings = self.settings
+        self.gateway.configure_client_ip(self.settings)
+        if self.workers is not None:
+            self.workers.use_settings(self.settings)
+        self.client_ip_warning = (f"{why}, so containers see the gateway's address as the peer and the "
+                                  f"client's in forwarding headers only")
 
     def privilegedStartService(self) -> None:
         from hoodyproxy import eagertcp
@@ -181,17 +234,27 @@ class NodeService(service.MultiService):
         admin.log = lambda request: None
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
+        # The netfilter rules go in once every port is bound (a port in use ends the start).
+        super().privilegedStartService()
+        if self.netfilter is not None and self.netfilter.failed is not None:
+            self._client_ip_unavailable("the netfilter rules transparent mode needs could not be "
+                                        f"installed ({self.netfilter.failed})")
+            self.netfilter.disownServiceParent()
+            self.netfilter = None
+        elif self.netfilter is not None and 6 not in self.netfilter.families_installed:
+            self.gateway.transparent_ipv6 = False
         if s.workers > 1:
-            self.workers = WorkerPool(r, s, https_bound, http_bound, s.workers)
+            # Created after the client IP mode is final: the workers are given these settings.
+            self.workers = WorkerPool(r, self.settings, https_bound, http_bound, s.workers)
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
             self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())
-        super().privilegedStartService()
 
     #: Seconds between checks for replaced certificate files.
     certificate_check_interval = 10.0
 
     def startService(self) -> None:
+        self._check_capability_kept()
         super().startService()
         s = self.settings
         from twisted.internet.task import LoopingCall
@@ -206,9 +269,39 @@ class NodeService(service.MultiService):
                 log.info("hoodyproxy {kind} listening on {host}:{port}", kind=kind, host=host.host, port=host.port)
         if self.ca_path:
             log.info("hoodyproxy development CA (trust it to browse without warnings): {ca}", ca=self.ca_path)
+        self._log_client_ip()
         log.info("hoodyproxy admin token file: {path}",
                  path="(from config)" if s.admin_token else os.path.join(s.data_dir, "admin-token"))
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
+
+    def _check_capability_kept(self) -> None:
+        """Transparent sockets need CAP_NET_ADMIN on every connect, not only at start: twistd's
+        ``--uid`` drops it after the privileged start."""
+        if self.netfilter is None or self._has_net_admin is not None:
+            return
+        from hoodyproxy.netfilter import has_net_admin
+        if has_net_admin():
+            return
+        if self.netfilter.required:
+            exit_with_line(f"cannot start: {transparent_needs_cap_message()} (it was lost when privileges "
+                           f"were dropped: keep it, e.g. systemd AmbientCapabilities, instead of twistd --uid)")
+        # Without the capability the rules cannot be removed either: the next start replaces them.
+        self.netfilter.disownServiceParent()
+        self.netfilter = None
+        self._client_ip_unavailable("CAP_NET_ADMIN was lost when privileges were dropped (keep it, e.g. "
+                                    "systemd AmbientCapabilities, instead of twistd --uid)")
+
+    def _log_client_ip(self) -> None:
+        s = self.settings
+        overrides = sorted((name, p.client_ip) for name, p in s.programs.items()
+                           if p.client_ip and p.client_ip != s.client_ip_mode)
+        detail = "".join(f", program {name}: {mode}" for name, mode in overrides)
+        if self.netfilter is not None:
+            detail += f"; netfilter mark {s.client_ip_mark:#x}, table {s.client_ip_table}"
+        log.info("hoodyproxy client IP mode: {mode}{detail}", mode=s.client_ip_mode, detail=detail)
+        if self.client_ip_warning:
+            # (not "warning": trial's reporter takes events with that key for Python warnings)
+            log.warn("hoodyproxy client IP: {problem}", problem=self.client_ip_warning)
 
     def _start_demo(self) -> None:
         from hoodyproxy.demo import listen_demo
@@ -248,14 +341,15 @@ def makeService(options: Options) -> service.IService:
         raise SystemExit(2)
     try:
         node = NodeService(settings)
-    except OSError as e:
+    except (OSError, StartError) as e:
         sys.stderr.write(f"hoodyproxy: cannot start: {e}\n")
         raise SystemExit(1)
     return _ExitOnListenError(node)
 
 
 class _ExitOnListenError(service.MultiService):
-    """Turns a port that cannot be bound into one clear line and a non-zero exit."""
+    """Turns a port that cannot be bound (or netfilter rules that cannot be installed when
+    transparent mode is required) into one clear line and a non-zero exit."""
 
     def __init__(self, node: NodeService) -> None:
         super().__init__()
@@ -263,12 +357,21 @@ class _ExitOnListenError(service.MultiService):
         node.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        from hoodyproxy.netfilter import NetfilterError
         try:
             super().privilegedStartService()
+        except NetfilterError as e:
+            exit_with_line(f"cannot start: client IP mode 'transparent': {e} (see docs/real-client-ip.rst)")
         except CannotListenError as e:
-            # twistd has redirected sys.stderr into its log by now; say it on the real stderr.
-            stream = sys.__stderr__ or sys.stderr
-            stream.write(f"hoodyproxy: cannot listen on {e.interface or '0.0.0.0'}:{e.port}: "
-                         f"{e.socketError}\n")
-            stream.flush()
-            os._exit(1)
+            exit_with_line(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {e.socketError}")
+
+
+def exit_with_line(problem: str) -> None:
+    """End the process with one line ``hoodyproxy: PROBLEM`` on the real stderr and status 1.
+
+    (twistd has redirected sys.stderr into its log by the time services start.)
+    """
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"hoodyproxy: {problem}\n")
+    stream.flush()
+    os._exit(1)

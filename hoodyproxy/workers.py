@@ -77,13 +77,18 @@ class WorkerPool(service.Service):
                  count: int) -> None:
         self.reactor = reactor
         self.count = count
-        self.spec = json.dumps({
-            "settings": settings_to_mapping(settings),
-            "https": [[a.interface, a.port] for a in https],
-            "http": [[a.interface, a.port] for a in http],
-        })
+        self.https, self.http = https, http
+        self.use_settings(settings)
         self.processes: dict[int, _WorkerProcess] = {}
         self.stopping = False
+
+    def use_settings(self, settings: Settings) -> None:
+        """The settings workers started from now on get (before ``startService``: all of them)."""
+        self.spec = json.dumps({
+            "settings": settings_to_mapping(settings),
+            "https": [[a.interface, a.port] for a in self.https],
+            "http": [[a.interface, a.port] for a in self.http],
+        })
 
     def startService(self) -> None:
         super().startService()

@@ -41,7 +41,10 @@ def start_node(case, config: dict | None = None) -> NodeService:
     case.addCleanup(shutil.rmtree, data_dir, True)
     doc = {"node": {"data_dir": data_dir},
            "listen": {"https": "127.0.0.1:0", "http": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-           "audit": {"path": os.path.join(data_dir, "audit.log")}}
+           "audit": {"path": os.path.join(data_dir, "audit.log")},
+           # Tests in the host namespace leave its netfilter rules alone; transparent mode is
+           # tested inside namespaces of its own (tests/test_real_client_ip.py).
+           "client_ip": {"mode": "headers"}}
     for section, table in (config or {}).items():
         doc.setdefault(section, {}).update(table)
     node = NodeService(settings_from_mapping(doc), reactor)

@@ -366,6 +366,76 @@ class ErrorTests(TempDirMixin, SynchronousTestCase):
         self.assertEqual(str(e), "[upstream] connect_timeout: must be greater than 0")
 
 
+class ClientIPTests(SynchronousTestCase):
+    """``[client_ip]``: how containers learn the client's address, per node and per program."""
+
+    def assertConfigError(self, doc: dict, key: str) -> ConfigError:
+        e = self.assertRaises(ConfigError, settings_from_mapping, doc)
+        self.assertEqual(e.key, key, f"{doc!r}: {e}")
+        return e
+
+    def test_defaults(self) -> None:
+        """The default mode is ``auto`` with mark 0x4870 and table 4870; no program overrides it."""
+        s = settings_from_mapping({})
+        self.assertEqual((s.client_ip_mode, s.client_ip_mark, s.client_ip_table), ("auto", 0x4870, 4870))
+        self.assertTrue(all(p.client_ip is None for p in s.programs.values()))
+
+    def test_every_mode(self) -> None:
+        """auto, transparent, proxy-protocol and headers are the modes."""
+        for mode in ("auto", "transparent", "proxy-protocol", "headers"):
+            self.assertEqual(settings_from_mapping({"client_ip": {"mode": mode}}).client_ip_mode, mode)
+
+    def test_bad_mode(self) -> None:
+        """Any other mode is an error naming the key and the choices."""
+        e = self.assertConfigError({"client_ip": {"mode": "kernel"}}, "[client_ip] mode")
+        self.assertIn("transparent", e.problem)
+
+    def test_mark_and_table(self) -> None:
+        """The mark is a 32-bit value other than 0; the table is not one the kernel reserves."""
+        s = settings_from_mapping({"client_ip": {"mark": 0x1, "table": 100}})
+        self.assertEqual((s.client_ip_mark, s.client_ip_table), (1, 100))
+        for bad in (0, -1, 2 ** 32, "0x10", 1.5):
+            self.assertConfigError({"client_ip": {"mark": bad}}, "[client_ip] mark")
+        for bad in (0, 253, 254, 255, 2 ** 32, True):
+            self.assertConfigError({"client_ip": {"table": bad}}, "[client_ip] table")
+
+    def test_program_override(self) -> None:
+        """A program's ``client_ip`` overrides the node's mode for that program only."""
+        s = settings_from_mapping({"programs": {"terminal": {"client_ip": "headers"},
+                                                "web": {"index": "port", "client_ip": "proxy-protocol"}}})
+        self.assertEqual(s.programs["terminal"].client_ip, "headers")
+        self.assertEqual(s.programs["terminal"].port, 76)
+        self.assertEqual(s.programs["web"].client_ip, "proxy-protocol")
+        self.assertIsNone(s.programs["display"].client_ip)
+        self.assertConfigError({"programs": {"http": {"client_ip": "maybe"}}}, "[programs.http] client_ip")
+
+    def test_command_line_option(self) -> None:
+        """``--client-ip-mode`` overrides the file's ``[client_ip] mode``."""
+        from hoodyproxy.service import Options
+        options = Options()
+        options.parseOptions(["--client-ip-mode", "headers"])
+        s = settings_from_mapping({"client_ip": {"mode": "transparent"}}, options.overrides())
+        self.assertEqual(s.client_ip_mode, "headers")
+
+    def test_resolve_auto(self) -> None:
+        """``auto`` (node or program) becomes transparent when the node can be, else headers;
+        explicit modes stay."""
+        s = settings_from_mapping({"programs": {"terminal": {"client_ip": "auto"},
+                                                "display": {"client_ip": "proxy-protocol"}}})
+        can = config.resolve_client_ip(s, True)
+        cannot = config.resolve_client_ip(s, False)
+        self.assertEqual((can.client_ip_mode, can.programs["terminal"].client_ip), ("transparent", "transparent"))
+        self.assertEqual((cannot.client_ip_mode, cannot.programs["terminal"].client_ip), ("headers", "headers"))
+        self.assertEqual(cannot.programs["display"].client_ip, "proxy-protocol")
+        self.assertEqual(config.client_ip_modes(cannot), {"headers", "proxy-protocol"})
+
+    def test_round_trip(self) -> None:
+        """settings_to_mapping writes the client IP keys back (workers are started from it)."""
+        s = settings_from_mapping({"client_ip": {"mode": "transparent", "mark": 7, "table": 70},
+                                   "programs": {"sqlite": {"client_ip": "headers"}}})
+        self.assertEqual(settings_from_mapping(config.settings_to_mapping(s)), s)
+
+
 class TapConfigTests(TempDirMixin, SynchronousTestCase):
     """The example configs in ``tap-configs/`` load, validate and document the format."""
 

@@ -69,6 +69,10 @@ class Twistd:
         env.pop("HOODYPROXY_DATA_DIR", None)
         cmd = [TWISTD, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", data_dir,
                "--https", https, "--http", http, "--admin", admin, *args]
+        if not any(a.startswith("--client-ip-mode") for a in args):
+            # Leave the host namespace's netfilter rules alone (tests/test_real_client_ip.py
+            # covers transparent mode in namespaces of its own).
+            cmd += ["--client-ip-mode", "headers"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.workdir, env=env)

@@ -74,11 +74,14 @@ class Exchange:
 
     def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
                  head_request: bool, upgrade: bool, timeout: float, record: dict,
-                 done: Callable[[dict], None], clock, tunnel_idle_timeout: float = 3600.0) -> None:
+                 done: Callable[[dict], None], clock, tunnel_idle_timeout: float = 3600.0,
+                 source=None) -> None:
         self.request = request
         self.pool = pool
         self.address = address
         self.port = port
+        #: Whose connection to use (None: a shared one; see hoodyproxy.upstream.pool).
+        self.source = source
         self.head = head
         self.head_request = head_request
         self.upgrade = upgrade
@@ -106,11 +109,11 @@ class Exchange:
 
     def start(self) -> None:
         self.attempts += 1
-        conn = self.pool.acquire_idle(self.address, self.port)
+        conn = self.pool.acquire_idle(self.address, self.port, self.source)
         if conn is not None:
             self._connected(conn)
             return
-        d = self.pool.acquire(self.address, self.port)
+        d = self.pool.acquire(self.address, self.port, self.source)
         self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
