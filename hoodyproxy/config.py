@@ -112,6 +112,11 @@ class Settings:
     programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
     workers: int = 1
+    acme_directory: str | None = None
+    acme_email: str | None = None
+    acme_challenge: str = "http-01"
+    acme_ca_bundle: str | None = None
+    acme_verify_cname: bool = False
     client_ip_mode: str = "auto"
     client_ip_mark: int = 0x4870
     client_ip_table: int = 4870
@@ -232,6 +237,7 @@ _SCHEMA: dict[str, set[str]] = {
     "websocket": {"handshake_timeout", "idle_timeout"},
     "programs": set(),
     "demo": {"enabled"},
+    "acme": {"directory", "email", "challenge", "ca_bundle", "verify_cname"},
     "client_ip": {"mode", "mark", "table"},
 }
 
@@ -310,6 +316,28 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if not isinstance(demo, bool):
         raise ConfigError("[demo] enabled", "must be true or false")
     kw["demo"] = demo
+    directory = get("acme", "directory", None) or None
+    if directory is not None:
+        directory = _string("[acme] directory", directory)
+        if not directory.startswith(("https://", "http://")):
+            raise ConfigError("[acme] directory", "must be an http(s) URL of an ACME directory")
+    kw["acme_directory"] = directory
+    email = get("acme", "email", None) or None
+    if email is not None and ("@" not in _string("[acme] email", email) or any(c in email for c in " \r\n<>")):
+        raise ConfigError("[acme] email", "must be an e-mail address")
+    kw["acme_email"] = email
+    challenge = get("acme", "challenge", d.acme_challenge)
+    if challenge not in ("http-01", "tls-alpn-01"):
+        raise ConfigError("[acme] challenge", "must be http-01 or tls-alpn-01")
+    kw["acme_challenge"] = challenge
+    bundle = get("acme", "ca_bundle", None) or None
+    if bundle is not None and not os.path.isfile(_string("[acme] ca_bundle", bundle)):
+        raise ConfigError("[acme] ca_bundle", f"no such file: {bundle}")
+    kw["acme_ca_bundle"] = bundle
+    verify = get("acme", "verify_cname", False)
+    if not isinstance(verify, bool):
+        raise ConfigError("[acme] verify_cname", "must be true or false")
+    kw["acme_verify_cname"] = verify
     mode = get("client_ip", "mode", d.client_ip_mode)
     if mode not in CLIENT_IP_MODES:
         raise ConfigError("[client_ip] mode", f"must be one of {', '.join(CLIENT_IP_MODES)}")
@@ -345,6 +373,9 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                             **({"client_ip": p.client_ip} if p.client_ip is not None else {})}
                      for name, p in s.programs.items()},
         "demo": {"enabled": s.demo},
+        "acme": {"directory": s.acme_directory or "", "email": s.acme_email or "",
+                 "challenge": s.acme_challenge, "ca_bundle": s.acme_ca_bundle or "",
+                 "verify_cname": s.acme_verify_cname},
         "client_ip": {"mode": s.client_ip_mode, "mark": s.client_ip_mark, "table": s.client_ip_table},
     }
     if s.tls_certificate:

@@ -20,7 +20,7 @@ from hoodyproxy.access.model import challenge_kinds
 from hoodyproxy.access.policy import read_credentials
 from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
-from hoodyproxy.routing import Router, Target
+from hoodyproxy.routing import Router, Target, split_host
 from hoodyproxy.upstream.exchange import Exchange
 from hoodyproxy.upstream.headers import build_request_head, wants_websocket
 from hoodyproxy.upstream.proxy_protocol import ProxySource
@@ -59,9 +59,10 @@ class Gateway:
     transparent_ipv6 = True
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
-                 clock, *, now: Callable[[], float] = time.time, policy=None) -> None:
+                 clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None) -> None:
         self.settings = settings
         self.policy = policy
+        self.aliases = aliases
         self.router = Router(settings.node, settings.zone, settings.programs)
         self.directory = directory
         self.pool = pool
@@ -115,14 +116,40 @@ class Gateway:
     # -- 1. route -----------------------------------------------------------------------
 
     def route(self, host: bytes | None) -> Target:
-        """Resolve a Host to a Target (cached; the router is pure and config is immutable)."""
+        """Resolve a Host to a Target.
+
+        Route labels are cached (the router is pure and the program table immutable);
+        aliases and custom domains are not (they change through the admin API), and are
+        only consulted for hosts that are not route labels.
+        """
         target = self._routes.get(host) if host is not None else None
         if target is None:
-            target = self.router.resolve_target(host)
+            try:
+                target = self.router.resolve_target(host)
+            except (errors.UnknownHost, errors.BadLabel, errors.WrongNode):
+                aliased = self._route_alias(host)
+                if aliased is None:
+                    raise
+                return aliased
             if len(self._routes) >= ROUTE_CACHE_SIZE:
                 self._routes.clear()
             self._routes[host] = target
         return target
+
+    def _route_alias(self, host: bytes | None) -> Target | None:
+        """The Target of an alias (``my-api.<node>.<zone>``) or an attached custom domain."""
+        if self.aliases is None:
+            return None
+        name = split_host(host)
+        found = self.aliases.resolve_host(name)
+        if found is None:
+            return None
+        container_id, program, index = found
+        container = self.directory.lookup(container_id)
+        if container is None:
+            raise errors.ContainerUnavailable("the container is not available", reason="alias: container absent")
+        # The project comes from the live map, so permissions apply as on the container's own URL.
+        return Target(container.project, container_id, program, index, name)
 
     # -- the whole path ---------------------------------------------------------------
 

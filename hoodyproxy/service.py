@@ -41,6 +41,10 @@ class Options(usage.Options):
         ["workers", "w", None, "worker processes sharing the ports (default 1)", int],
         ["client-ip-mode", None, None, "how containers learn the client's address: auto (default), "
                                        "transparent, proxy-protocol or headers"],
+        ["acme-directory", None, None, "ACME directory URL: custom domains get certificates (off when unset)"],
+        ["acme-email", None, None, "contact e-mail for the ACME account"],
+        ["acme-challenge", None, None, "http-01 (default) or tls-alpn-01"],
+        ["acme-ca-bundle", None, None, "CA bundle to trust a private ACME server (pebble)"],
     ]
     optFlags = [["demo", None, "also start a built-in sample service and register it as a container"]]
 
@@ -58,6 +62,10 @@ class Options(usage.Options):
             "demo.enabled": True if self["demo"] else None,
             "node.workers": self["workers"],
             "client_ip.mode": self["client-ip-mode"],
+            "acme.directory": self["acme-directory"],
+            "acme.email": self["acme-email"],
+            "acme.challenge": self["acme-challenge"],
+            "acme.ca_bundle": self["acme-ca-bundle"],
         }
 
 
@@ -111,7 +119,13 @@ class GatewayStack:
             tls_dir = os.path.join(s.data_dir, "tls")
             cert, key = os.path.join(tls_dir, "wildcard.pem"), os.path.join(tls_dir, "wildcard-key.pem")
             self.ca_path = os.path.join(tls_dir, "ca.pem")
-        self.certificates = CertificateStore(cert, key)
+        from hoodyproxy.aliases import AliasStore
+        from hoodyproxy.tls.challenges import HTTP01Responder, TLSALPN01Responder
+        # Files under the data directory let every worker answer a challenge worker 0 started.
+        challenges_dir = os.path.join(s.data_dir, "acme", "challenges")
+        self.http01 = HTTP01Responder(os.path.join(challenges_dir, "http-01"))
+        self.tlsalpn01 = TLSALPN01Responder(os.path.join(challenges_dir, "tls-alpn-01"))
+        self.certificates = CertificateStore(cert, key, challenges=self.tlsalpn01)
         self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=reactor)
         self.pool = ConnectionPool(reactor, connect_timeout=s.connect_timeout,
                                    idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
@@ -122,7 +136,9 @@ class GatewayStack:
         self.registry = group_types()
         self.permissions = PermissionStore(self.directory._conn, self.registry)
         self.policy = Policy(self.permissions, self.registry, service_kinds())
-        self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy)
+        self.aliases = AliasStore(self.directory._conn, node=s.node, zone=s.zone, programs=s.programs)
+        self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy,
+                               aliases=self.aliases)
 
     def https_factory(self):
         """The TLS-wrapped HTTP/1.1 server factory for the HTTPS port."""
@@ -136,7 +152,7 @@ class GatewayStack:
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``."""
         from hoodyproxy.frontend.redirect import RedirectToHTTPS
-        site = Site(RedirectToHTTPS(https_port), reactor=self.reactor)
+        site = Site(RedirectToHTTPS(https_port, http01=self.http01), reactor=self.reactor)
         site.log = lambda request: None
         return site
 
@@ -229,8 +245,24 @@ class NodeService(service.MultiService):
         for addr in s.http:
             self.ports["http"].append(listen(addr, redirect))
         http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.http, self.ports["http"])]
+        from hoodyproxy.aliases import alias_url
+        from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
+        issuer = None
+        if s.acme_directory:
+            from hoodyproxy.tls.acme import AcmeIssuer
+            issuer = AcmeIssuer(s.acme_directory, s.data_dir, is_allowed=self.stack.aliases.is_attached,
+                                challenge=s.acme_challenge, email=s.acme_email, ca_bundle=s.acme_ca_bundle,
+                                http01=self.stack.http01, tlsalpn01=self.stack.tlsalpn01, reactor=r)
+        self.certificate_manager = CertificateManager(
+            self.stack.certificates, self.stack.aliases, issuer, s.data_dir, reactor=r,
+            cname=CnameVerifier() if s.acme_verify_cname else None,
+            on_issued=lambda domain: self.workers.notify_change() if self.workers else None)
+        self.certificate_manager.setServiceParent(self)
+        https_port = https_bound[0].port
         admin = Site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
-                              registry=self.stack.registry), reactor=r)
+                              registry=self.stack.registry, aliases=self.stack.aliases,
+                              base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
+                              certificate_status=self.certificate_manager.status), reactor=r)
         admin.log = lambda request: None
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
@@ -249,6 +281,7 @@ class NodeService(service.MultiService):
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
             self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())
+            self.stack.aliases.subscribe(lambda kind, name: self.workers.notify_change())
 
     #: Seconds between checks for replaced certificate files.
     certificate_check_interval = 10.0

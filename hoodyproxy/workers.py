@@ -147,13 +147,17 @@ class WorkerPool(service.Service):
 class _Control(protocol.Protocol):
     """A worker's stdin: a byte means 'the store changed'; end of file means 'exit'."""
 
-    def __init__(self, stack, reactor) -> None:
+    def __init__(self, stack, reactor, certificates=None) -> None:
         self.stack = stack
         self.reactor = reactor
+        self.certificates = certificates
 
     def dataReceived(self, data: bytes) -> None:
         self.stack.directory.refresh()
         self.stack.permissions.refresh()
+        self.stack.aliases.refresh()
+        if self.certificates is not None:
+            self.certificates.reconcile()
 
     def connectionLost(self, reason=None) -> None:
         if self.reactor.running:
@@ -178,7 +182,11 @@ def worker_main(argv: list[str]) -> None:
     for interface, port in spec["http"]:
         ports.append(listen_reuseport(reactor, ListenAddress(interface, port),
                                       stack.redirect_factory(spec["https"][0][1])))
-    stdio.StandardIO(_Control(stack, reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    from hoodyproxy.tls.manager import CertificateManager
+    # Serves the certificates worker 0 issued (no issuer here: only worker 0 talks ACME).
+    certificates = CertificateManager(stack.certificates, stack.aliases, None, settings.data_dir, reactor=reactor)
+    certificates.startService()
+    stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
     reactor.addSystemEventTrigger("before", "shutdown", stack.close)
     reactor.run()

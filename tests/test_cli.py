@@ -500,3 +500,95 @@ class ContainerTests(CLITestCase):
     async def test_put_needs_address(self):
         done = await self.invoke("containers", "put", "--container", CONTAINER, "--project", PROJECT)
         self.assertIn("--address", self.assertFailed(done, 2))
+
+
+class ProxyCommandTests(CLITestCase):
+    """``proxy create/list/get/delete`` and ``proxy domains add/list/delete``: aliases and domains.
+
+    The command talks to a real AdminAPI with an alias store on loopback
+    (:func:`tests.test_aliases.start_admin`), checked through that store.
+    """
+
+    def setUp(self) -> None:
+        from types import SimpleNamespace
+
+        from hoodyproxy.directory import Container
+        from tests.test_aliases import TOKEN, start_admin
+        self.url, self.directory, self.aliases = start_admin(self)
+        self.node = SimpleNamespace(token=TOKEN)
+        self.home = tempfile.mkdtemp(prefix="hoodyproxy-cli-home-")
+        self.addCleanup(shutil.rmtree, self.home, True)
+        self.directory.put(Container(CONTAINER, PROJECT, "10.0.0.7"))
+
+    async def test_create_the_issue_example(self):
+        """The issue's own command creates the alias; stdout is the API's 201 body."""
+        answer = await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "my-api",
+                               "--program", "http", "--index", "3000")
+        self.assertEqual(answer, {"alias": "my-api", "container_id": CONTAINER, "program": "http",
+                                  "index": 3000, "url": "https://my-api.node-local.containers.localhost/"})
+        self.assertEqual(self.aliases.resolve_alias("my-api"), (CONTAINER, "http", 3000))
+
+    async def test_list_get_delete(self):
+        await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "my-api",
+                      "--program", "http", "--index", "3000")
+        await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "shell",
+                      "--program", "terminal", "--index", "1")
+        listed = await self.ok("proxy", "list")
+        self.assertEqual([a["alias"] for a in listed["aliases"]], ["my-api", "shell"])
+        listed = await self.ok("proxy", "list", "--container-id", OTHER_PROJECT)
+        self.assertEqual(listed, {"aliases": []})
+        shown = await self.ok("proxy", "get", "--alias", "shell")
+        self.assertEqual((shown["program"], shown["index"], shown["domains"]), ("terminal", 1, []))
+        done = await self.invoke("proxy", "delete", "--alias", "shell")
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, "", ""))
+        self.assertIsNone(self.aliases.get("shell"))
+        done = await self.invoke("proxy", "delete", "--alias", "shell")
+        self.assertFailed(done, 1, "hoodyproxy: 404 no such alias")
+
+    async def test_create_errors(self):
+        """API errors are exit 1 with the API's message; usage errors exit 2, nothing sent."""
+        done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "My-Api",
+                                 "--program", "http", "--index", "3000")
+        self.assertTrue(self.assertFailed(done, 1).startswith("hoodyproxy: 422 alias: "))
+        done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "x",
+                                 "--program", "http", "--index", "70000")
+        self.assertFailed(done, 1, "hoodyproxy: 422 index: must be a port from 1 to 65535")
+        done = await self.invoke("proxy", "create", "--container-id", "111111111111111111111111",
+                                 "--alias", "x", "--program", "http", "--index", "80")
+        self.assertFailed(done, 1, "hoodyproxy: 422 container_id: no such container in the live map")
+        await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "x", "--program", "http",
+                      "--index", "80")
+        done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "x",
+                                 "--program", "http", "--index", "81")
+        self.assertFailed(done, 1, "hoodyproxy: 409 alias: already exists on this node")
+        done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "y",
+                                 "--program", "http", "--index", "eighty")
+        self.assertIn("argument --index", self.assertFailed(done, 2))
+        done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "y",
+                                 "--program", "http")
+        self.assertIn("--index", self.assertFailed(done, 2))
+        done = await self.invoke("proxy", "get", "--alias", "../containers")
+        self.assertIn("argument --alias", self.assertFailed(done, 2))
+        self.assertEqual([a.alias for a in self.aliases.list()], ["x"])
+
+    async def test_domains(self):
+        """domains add, list and delete; a domain attached twice is the API's 409."""
+        await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "my-api",
+                      "--program", "http", "--index", "3000")
+        answer = await self.ok("proxy", "domains", "add", "--alias", "my-api", "--domain", "api.yourcompany.com")
+        self.assertEqual(answer, {"domain": "api.yourcompany.com", "alias": "my-api",
+                                  "cname": "my-api.node-local.containers.localhost"})
+        self.assertEqual(self.aliases.resolve_domain("api.yourcompany.com"), "my-api")
+        listed = await self.ok("proxy", "domains", "list", "--alias", "my-api")
+        self.assertEqual([d["domain"] for d in listed["domains"]], ["api.yourcompany.com"])
+        done = await self.invoke("proxy", "domains", "add", "--alias", "my-api", "--domain", "api.yourcompany.com")
+        self.assertFailed(done, 1, "hoodyproxy: 409 domain: already attached to this alias")
+        done = await self.invoke("proxy", "domains", "add", "--alias", "my-api", "--domain", "*.yourcompany.com")
+        self.assertFailed(done, 1, "hoodyproxy: 422 domain: must not be a wildcard")
+        done = await self.invoke("proxy", "domains", "delete", "--alias", "my-api", "--domain", "api.yourcompany.com")
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, "", ""))
+        self.assertFalse(self.aliases.is_attached("api.yourcompany.com"))
+        done = await self.invoke("proxy", "domains", "list", "--alias", "nope")
+        self.assertFailed(done, 1, "hoodyproxy: 404 no such alias")
+        done = await self.invoke("proxy", "domains", "add", "--alias", "my-api")
+        self.assertIn("--domain", self.assertFailed(done, 2))

@@ -1,4 +1,4 @@
-"""The admin REST API (a twisted.web Resource): the live container map and permission sets, over JSON.
+"""The admin REST API (a twisted.web Resource): containers, permission sets, aliases and domains, over JSON.
 
 Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
@@ -16,6 +16,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from hoodyproxy.access.model import InvalidPermissions, parse_permission_set, to_json
+from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
+                                check_target)
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 
@@ -53,21 +55,30 @@ def _default_registry() -> dict:
 
 
 class AdminAPI(Resource):
-    """``/api/v1/...``: containers and permission sets; aliases and domains plug in later.
+    """``/api/v1/...``: containers, permission sets, aliases and their custom domains.
 
     ``permissions`` is a :class:`hoodyproxy.access.store.PermissionStore` (without one the
     permission endpoints answer 404); ``registry`` maps group type names to IGroupType
     providers (default: the store's, else :func:`hoodyproxy.access.groups.group_types`).
+    ``aliases`` is a :class:`hoodyproxy.aliases.AliasStore` (without one the alias
+    endpoints answer 404); ``base_url_for(alias)`` is the alias's public URL (default
+    ``https://<alias>.<node>.<zone>/``); ``certificate_status(domain)`` (optional, e.g.
+    :meth:`hoodyproxy.tls.manager.CertificateManager.status`) adds a domain's certificate
+    state to the domain reads.
     """
 
     isLeaf = True
 
-    def __init__(self, directory, token: str, *, permissions=None, registry=None) -> None:
+    def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
+                 base_url_for=None, certificate_status=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
         self.permissions = permissions
         self._registry = registry
+        self.aliases = aliases
+        self.base_url_for = base_url_for
+        self.certificate_status = certificate_status
 
     @property
     def registry(self):
@@ -117,6 +128,8 @@ class AdminAPI(Resource):
                 return self._container(request, parts[3])
         if parts[2] in ("containers", "projects") and len(parts) == 6 and parts[4:] == ["proxy", "permissions"]:
             return self._permissions(request, parts[2][:-1], parts[3])
+        if parts[2:4] == ["proxy", "aliases"]:
+            return self._alias_endpoints(request, parts[4:])
         raise ApiError(404, "not_found", "no such endpoint")
 
     @staticmethod
@@ -194,3 +207,122 @@ class AdminAPI(Resource):
         if pset is None:
             raise ApiError(404, "not_found", f"no permission set for this {scope} (PUT one first)")
         return 200, to_json(pset, registry)
+
+    # -- aliases and custom domains ---------------------------------------------------
+
+    def _alias_endpoints(self, request, rest: list[str]) -> tuple[int, Any]:
+        """``/api/v1/proxy/aliases[/{alias}[/domains[/{domain}]]]``."""
+        if self.aliases is None:
+            raise ApiError(404, "not_found", "aliases are not kept on this node")
+        if not rest:
+            self._allow(request, b"GET", b"POST")
+            return self._alias_list(request) if request.method == b"GET" else self._alias_create(request)
+        alias = self._known_alias(rest[0])
+        if len(rest) == 1:
+            self._allow(request, b"GET", b"DELETE")
+            if request.method == b"DELETE":
+                if not self.aliases.delete(alias.alias):
+                    raise ApiError(404, "not_found", "no such alias")
+                return 204, None
+            return 200, self._alias_json(alias, with_domains=True)
+        if rest[1] != "domains" or len(rest) > 3:
+            raise ApiError(404, "not_found", "no such endpoint")
+        if len(rest) == 2:
+            self._allow(request, b"GET", b"POST")
+            if request.method == b"GET":
+                return 200, {"domains": [self._domain_json(d, alias.alias)
+                                         for d in self.aliases.domains(alias.alias)]}
+            return self._domain_attach(request, alias.alias)
+        self._allow(request, b"GET", b"DELETE")
+        domain = rest[2].lower().rstrip(".")
+        if domain not in self.aliases.domains(alias.alias):
+            raise ApiError(404, "not_found", "no such domain on this alias")
+        if request.method == b"GET":
+            return 200, self._domain_json(domain, alias.alias)
+        if not self.aliases.detach(domain, alias.alias):
+            raise ApiError(404, "not_found", "no such domain on this alias")
+        return 204, None
+
+    def _known_alias(self, name: str):
+        alias = self.aliases.get(name)
+        if alias is None:
+            raise ApiError(404, "not_found", "no such alias")
+        return alias
+
+    def _alias_url(self, alias: str) -> str:
+        if self.base_url_for is not None:
+            return self.base_url_for(alias)
+        return alias_url(alias, self.aliases.suffix)
+
+    def _alias_json(self, alias, with_domains: bool = False) -> dict[str, Any]:
+        out = {"alias": alias.alias, "container_id": alias.container_id, "program": alias.program,
+               "index": alias.index, "url": self._alias_url(alias.alias)}
+        if with_domains:
+            out["domains"] = self.aliases.domains(alias.alias)
+        return out
+
+    def _domain_json(self, domain: str, alias: str, with_status: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"domain": domain, "alias": alias, "cname": self.aliases.hostname(alias)}
+        if with_status and self.certificate_status is not None:
+            status = self.certificate_status(domain)
+            if status is not None:
+                out["certificate"] = status
+        return out
+
+    def _alias_list(self, request) -> tuple[int, Any]:
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"))
+        container_id = query.get("container_id", [None])[0]
+        if container_id is not None and not CONTAINER_ID.match(container_id):
+            raise ApiError(422, "invalid", "container_id: must be 24 lowercase hexadecimal digits",
+                           field="container_id")
+        return 200, {"aliases": [self._alias_json(a, with_domains=True)
+                                 for a in self.aliases.list(container_id)]}
+
+    def _alias_create(self, request) -> tuple[int, Any]:
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid", "body: must be a JSON object", field="body")
+        fields = ("container_id", "alias", "program", "index")
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise ApiError(422, "invalid", f"{unknown[0]}: unknown field", field=unknown[0])
+        for name in fields:
+            if name not in body:
+                raise ApiError(422, "invalid", f"{name}: is required", field=name)
+        try:
+            alias = check_alias(body["alias"], self.aliases.reserved)
+            container_id, program, index = check_target(body["container_id"], body["program"], body["index"],
+                                                        self.aliases.programs)
+        except InvalidAlias as e:
+            raise ApiError(422, "invalid", str(e), field=e.field) from None
+        # An alias is created for a container the node knows (its project comes from the
+        # live map at each request; a container removed later leaves the alias, which then
+        # answers 503 like the container's own URL).
+        if self.directory.lookup(container_id) is None:
+            raise ApiError(422, "invalid", "container_id: no such container in the live map",
+                           field="container_id")
+        try:
+            created = self.aliases.create(alias, container_id, program, index)
+        except AliasExists:
+            raise ApiError(409, "conflict", "alias: already exists on this node", field="alias") from None
+        return 201, self._alias_json(created)
+
+    def _domain_attach(self, request, alias: str) -> tuple[int, Any]:
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid", "body: must be a JSON object", field="body")
+        unknown = sorted(set(body) - {"domain"})
+        if unknown:
+            raise ApiError(422, "invalid", f"{unknown[0]}: unknown field", field=unknown[0])
+        if "domain" not in body:
+            raise ApiError(422, "invalid", "domain: is required", field="domain")
+        try:
+            domain = self.aliases.attach(alias, body["domain"])
+        except InvalidAlias as e:
+            raise ApiError(422, "invalid", str(e), field=e.field) from None
+        except NoSuchAlias:
+            raise ApiError(404, "not_found", "no such alias") from None
+        except DomainExists as e:
+            where = "this alias" if e.alias == alias else f"alias {e.alias}"
+            raise ApiError(409, "conflict", f"domain: already attached to {where}", field="domain") from None
+        return 201, self._domain_json(domain, alias, with_status=False)

@@ -8,6 +8,8 @@
     hoodyproxy containers proxy permissions get --container C
     hoodyproxy containers put --container C --project P --address 10.0.0.7
     hoodyproxy containers list --project P
+    hoodyproxy proxy create --container-id C --alias my-api --program http --index 3000
+    hoodyproxy proxy domains add --alias my-api --domain api.yourcompany.com
 
 The API is ``--admin-url``, else ``$HOODYPROXY_ADMIN_URL``, else the local node's
 (``http://127.0.0.1:8081``).  The token is ``--token``, else the ``admin-token`` file of
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                "or when the API cannot be reached.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection_options(parser, suppress=False)
-    top = parser.add_subparsers(dest="command", metavar="{projects,containers}", required=True)
+    top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy}", required=True)
 
     projects = top.add_parser("projects", help="project-level settings")
     _permission_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
@@ -197,7 +199,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", metavar="P", type=_id, help="only this project's")
     _connection_options(p, suppress=True)
     _permission_commands(sub, "container")
+    _proxy_commands(top)
     return parser
+
+
+def _alias_name(value: str) -> str:
+    # A light check so a path never carries '/' or '?'; the API validates the rest.
+    if not value or any(c in value for c in "/?#%") or value in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not an alias")
+    return value
+
+
+def _domain_name(value: str) -> str:
+    if not value or any(c in value for c in "/?#%") or value in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not a domain name")
+    return value
+
+
+def _proxy_commands(top) -> None:
+    """``proxy {create,list,delete}`` and ``proxy domains {add,list,delete}``: aliases and domains."""
+    proxy = top.add_parser("proxy", help="aliases (<alias>.<node>.<zone>) and their custom domains")
+    sub = proxy.add_subparsers(dest="proxy_command", metavar="{create,list,get,delete,domains}", required=True)
+    p = _leaf(sub, "create", "create an alias routing to a container's program and index (POST)", _alias_create)
+    p.add_argument("--container-id", metavar="C", type=_id, required=True, help="the container id")
+    p.add_argument("--alias", metavar="A", type=_alias_name, required=True,
+                   help="one lowercase DNS label, e.g. my-api")
+    p.add_argument("--program", metavar="P", required=True, help="the program, e.g. http or terminal")
+    p.add_argument("--index", metavar="N", type=int, required=True,
+                   help="the port (http) or instance (terminal, display...)")
+    _connection_options(p, suppress=True)
+    p = _leaf(sub, "list", "list the aliases, optionally one container's (GET)", _alias_list)
+    p.add_argument("--container-id", metavar="C", type=_id, help="only this container's")
+    _connection_options(p, suppress=True)
+    for name, help_text, handler in (("get", "show an alias and its domains (GET)", _alias_get),
+                                     ("delete", "delete an alias and detach its domains (DELETE)", _alias_delete)):
+        p = _leaf(sub, name, help_text, handler)
+        p.add_argument("--alias", metavar="A", type=_alias_name, required=True, help="the alias")
+        _connection_options(p, suppress=True)
+    domains = sub.add_parser("domains", help="custom domains attached to an alias").add_subparsers(
+        dest="domains_command", metavar="{add,list,delete}", required=True)
+    for name, help_text, handler in (
+            ("add", "attach a custom domain (a CNAME to the alias's hostname) to an alias (POST)", _domain_add),
+            ("list", "list an alias's custom domains (GET)", _domain_list),
+            ("delete", "detach a custom domain from an alias (DELETE)", _domain_delete)):
+        p = _leaf(domains, name, help_text, handler)
+        p.add_argument("--alias", metavar="A", type=_alias_name, required=True, help="the alias")
+        if name != "list":
+            p.add_argument("--domain", metavar="D", type=_domain_name, required=True,
+                           help="the custom domain, e.g. api.yourcompany.com")
+        _connection_options(p, suppress=True)
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -278,6 +328,39 @@ def _container_delete(client, parser, args):
 def _container_list(client, parser, args):
     query = f"?{urllib.parse.urlencode({'project': args.project})}" if args.project else ""
     return client.request("GET", f"/api/v1/containers{query}")
+
+
+ALIASES_PATH = "/api/v1/proxy/aliases"
+
+
+def _alias_create(client, parser, args):
+    body = {"container_id": args.container_id, "alias": args.alias, "program": args.program, "index": args.index}
+    return client.request("POST", ALIASES_PATH, body)
+
+
+def _alias_list(client, parser, args):
+    query = f"?{urllib.parse.urlencode({'container_id': args.container_id})}" if args.container_id else ""
+    return client.request("GET", ALIASES_PATH + query)
+
+
+def _alias_get(client, parser, args):
+    return client.request("GET", f"{ALIASES_PATH}/{args.alias}")
+
+
+def _alias_delete(client, parser, args):
+    return client.request("DELETE", f"{ALIASES_PATH}/{args.alias}")
+
+
+def _domain_add(client, parser, args):
+    return client.request("POST", f"{ALIASES_PATH}/{args.alias}/domains", {"domain": args.domain})
+
+
+def _domain_list(client, parser, args):
+    return client.request("GET", f"{ALIASES_PATH}/{args.alias}/domains")
+
+
+def _domain_delete(client, parser, args):
+    return client.request("DELETE", f"{ALIASES_PATH}/{args.alias}/domains/{args.domain}")
 
 
 # -- talking to the API -------------------------------------------------------------------
@@ -403,7 +486,8 @@ def _print_json(value: Any) -> None:
 #: The options that take a value, and every option string the command knows.
 VALUE_OPTIONS = frozenset(("--admin-url", "--token", "--data-dir", "--timeout", "--project", "--container",
                            "--groups", "--permissions", "--default", "--remove-group", "--remove-permissions",
-                           "--address", "--state", "--port"))
+                           "--address", "--state", "--port", "--container-id", "--alias", "--program",
+                           "--index", "--domain"))
 OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version"}
 
 

@@ -32,6 +32,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (scope, id)
     );
     """,
+    """
+    CREATE TABLE aliases (
+        alias TEXT PRIMARY KEY,
+        container_id TEXT NOT NULL,
+        program TEXT NOT NULL,
+        "index" INTEGER NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX aliases_container ON aliases (container_id);
+    CREATE TABLE domains (
+        domain TEXT PRIMARY KEY,
+        alias TEXT NOT NULL REFERENCES aliases (alias) ON DELETE CASCADE,
+        created REAL NOT NULL
+    );
+    CREATE INDEX domains_alias ON domains (alias);
+    """,
 ]
 
 

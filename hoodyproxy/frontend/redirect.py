@@ -1,4 +1,10 @@
-"""The plain-HTTP listener: a permanent redirect to HTTPS and nothing else in clear."""
+"""The plain-HTTP listener: a permanent redirect to HTTPS, and ACME HTTP-01 answers.
+
+The only thing ever served in clear is ``GET`` (or ``HEAD``)
+``/.well-known/acme-challenge/<token>`` for a challenge the node's ACME issuer has
+pending (RFC 8555 section 8.3); an unknown token under that path is a 404.  Every other
+request is a 308 to the same host and path over HTTPS.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,25 @@ import json
 
 from twisted.web.resource import Resource
 
-from hoodyproxy.routing import split_host
 from hoodyproxy import errors
+from hoodyproxy.routing import split_host
+
+ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
 class RedirectToHTTPS(Resource):
-    """Answers every request with 308 to the same host and path over HTTPS."""
+    """Answers every request with 308 to the same host and path over HTTPS.
+
+    ``http01`` (a :class:`hoodyproxy.tls.challenges.HTTP01Responder`, optional) answers
+    ACME HTTP-01 challenges; without it the challenge path is redirected like any other.
+    """
 
     isLeaf = True
 
-    def __init__(self, https_port: int) -> None:
+    def __init__(self, https_port: int, http01=None) -> None:
         super().__init__()
         self.port_suffix = b"" if https_port == 443 else b":%d" % https_port
+        self.http01 = http01
 
     def render(self, request) -> bytes:
         try:
@@ -30,8 +43,23 @@ class RedirectToHTTPS(Resource):
             request.setResponseCode(400)
             request.setHeader(b"Content-Type", b"application/json")
             return json.dumps({"error": "bad_request", "message": "bad host"}).encode()
+        if self.http01 is not None and request.path.startswith(ACME_CHALLENGE_PREFIX) \
+                and request.method in (b"GET", b"HEAD"):
+            return self._challenge(request, host)
         uri = request.uri if request.uri.startswith(b"/") else b"/"
         request.setResponseCode(308)
         request.setHeader(b"Location", b"https://" + host + self.port_suffix + uri)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps({"error": "https_required", "message": "use HTTPS"}).encode() + b"\n"
+
+    def _challenge(self, request, host: bytes) -> bytes:
+        token = request.path[len(ACME_CHALLENGE_PREFIX):].decode("ascii", "replace")
+        body = self.http01.response(token, host.decode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        if body is None:
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps({"error": "not_found", "message": "no such challenge"}).encode() + b"\n"
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        return body

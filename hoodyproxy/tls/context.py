@@ -1,10 +1,20 @@
-"""Server-side TLS: per-hostname certificates chosen by SNI, ALPN, and hot reload from disk."""
+"""Server-side TLS: per-hostname certificates chosen by SNI, ALPN, and hot reload from disk.
+
+ACME TLS-ALPN-01 (RFC 8737) hooks in at ALPN time: OpenSSL runs the servername callback
+before ALPN selection and pyOpenSSL exposes no ClientHello callback, so the servername
+callback picks the ordinary context and the ALPN callback, seeing ``acme-tls/1``
+offered for a name with a pending challenge, selects ``acme-tls/1`` and swaps in the
+challenge certificate -- signed with the private key the handshake already uses, so the
+swap is valid whatever TLS version and key type were negotiated.  Ordinary clients
+never see a challenge certificate.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
 
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -25,6 +35,8 @@ CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 SESSION_ID_CONTEXT = b"hoodyproxy"
+#: The ALPN protocol of ACME TLS-ALPN-01, selected only for a pending challenge.
+ACME_TLS_ALPN = b"acme-tls/1"
 
 
 def normalize_hostname(name: bytes | str | None) -> str | None:
@@ -52,7 +64,8 @@ class CertificateStore:
     """Certificates by hostname (exact or ``*.`` wildcard) with a default, as SSL contexts."""
 
     def __init__(
-        self, default_cert_path: str, default_key_path: str, alpn: Sequence[bytes] = (b"http/1.1",)
+        self, default_cert_path: str, default_key_path: str, alpn: Sequence[bytes] = (b"http/1.1",),
+        *, challenges=None,
     ) -> None:
         for proto in alpn:
             if not isinstance(proto, bytes) or not 0 < len(proto) < 256:
@@ -60,6 +73,21 @@ class CertificateStore:
         self._alpn = tuple(alpn)
         self._names: dict[str, _Entry] = {}
         self._default = self._load(default_cert_path, default_key_path)
+        self.challenges = challenges
+
+    def set_challenge_responder(self, responder) -> None:
+        """Answer ACME TLS-ALPN-01 from ``responder`` (a
+        :class:`hoodyproxy.tls.challenges.TLSALPN01Responder`), or stop with None."""
+        self.challenges = responder
+
+    def names(self) -> list[str]:
+        """The hostnames (and ``*.`` patterns) with a certificate of their own, sorted."""
+        return sorted(self._names)
+
+    def paths(self, hostname: str) -> tuple[str, str] | None:
+        """(cert_path, key_path) served for exactly ``hostname``, or None."""
+        entry = self._names.get(normalize_hostname(hostname) or "")
+        return (entry.cert_path, entry.key_path) if entry is not None else None
 
     @property
     def default_context(self) -> SSL.Context:
@@ -137,12 +165,21 @@ class CertificateStore:
         ctx.use_certificate_chain_file(cert_path)
         ctx.use_privatekey_file(key_path)
         ctx.check_privatekey()
-        if self._alpn:
-            ctx.set_alpn_select_callback(self._select_alpn)
+        # The key again, as an object: a TLS-ALPN-01 challenge certificate is signed with it.
+        with open(key_path, "rb") as f:
+            ctx.set_app_data(serialization.load_pem_private_key(f.read(), password=None))
+        # Always set: acme-tls/1 may need selecting even when no other protocol is offered.
+        ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_tlsext_servername_callback(self._on_server_name)
         return ctx
 
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> object:
+        if ACME_TLS_ALPN in offered and self.challenges is not None:
+            name = server_name(connection)
+            certificate = self.challenges.certificate_for(name, connection.get_context().get_app_data())
+            if certificate is not None:
+                connection.use_certificate(certificate)
+                return ACME_TLS_ALPN
         for proto in self._alpn:
             if proto in offered:
                 return proto
