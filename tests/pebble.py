@@ -143,6 +143,17 @@ class Pebble:
             self._spawn("challtestsrv", [CHALLTESTSRV, "-defaultIPv6", "", "-defaultIPv4", "127.0.0.1",
                                          "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "",
                                          "-tlsalpn01", "", "-management", f"127.0.0.1:{self.challtestsrv_port}"], {})
+        # A port picked free can be taken by a parallel test before pebble binds it: try again.
+        for attempt in range(3):
+            try:
+                return await self._start_pebble()
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == 2:
+                    raise
+                self._stop_process(self.pebble)
+        raise AssertionError("unreachable")
+
+    async def _start_pebble(self) -> "Pebble":
         self.acme_port, self.management_port = free_port(), free_port()
         config = {"pebble": {
             "listenAddress": f"127.0.0.1:{self.acme_port}",
