@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 from twisted.logger import Logger
 
 from hoodyproxy.config import DEFAULT_PROGRAMS, Program
+from hoodyproxy.directory._db import MirroredTables
 
 log = Logger()
 
@@ -166,7 +167,7 @@ class Alias:
         return hash((self.alias, *self.target))
 
 
-class AliasStore:
+class AliasStore(MirroredTables):
     """Aliases and domains of one node, answered from memory.
 
     ``node`` and ``zone`` are the node's (domains under the zone are refused);
@@ -176,9 +177,6 @@ class AliasStore:
     with ``kind`` ``"alias"`` or ``"domain"`` after that alias or domain was created,
     changed or removed (a deleted alias also reports each domain it took with it).
     """
-
-    #: How stale a read may be about another process's writes, in seconds.
-    recheck_interval = 0.05
 
     def __init__(self, conn: sqlite3.Connection, *, node: str, zone: str,
                  programs: Mapping[str, Program] = DEFAULT_PROGRAMS,
@@ -194,8 +192,6 @@ class AliasStore:
         self.reserved = reserved
         self._clock = clock
         self._monotonic = monotonic
-        self._next_check = 0.0
-        self._data_version = -1
         self._aliases: dict[str, Alias] = {}
         self._domains: dict[str, str] = {}
         self._subscribers: list[Callable[[str, str], None]] = []
@@ -204,15 +200,7 @@ class AliasStore:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _reload_if_changed(self) -> None:
-        now = self._monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.recheck_interval
-        data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if data_version == self._data_version:
-            return
-        self._data_version = data_version
+    def _reload(self) -> None:
         aliases = {row[0]: Alias(*row) for row in self._conn.execute(
             'SELECT alias, container_id, program, "index", created FROM aliases')}
         domains = dict(self._conn.execute("SELECT domain, alias FROM domains"))
@@ -225,11 +213,6 @@ class AliasStore:
             self.version += 1
             for kind, name in changed:
                 self._notify(kind, name)
-
-    def refresh(self) -> None:
-        """Re-read the store now if another process changed it."""
-        self._next_check = 0.0
-        self._reload_if_changed()
 
     def resolve_alias(self, label: str) -> tuple[str, str, int] | None:
         """(container_id, program, index) for an alias label (lowercase), or None.  Hot path."""

@@ -16,13 +16,14 @@ from typing import Any, Callable, Mapping
 from twisted.logger import Logger
 
 from hoodyproxy.access.model import PermissionSet, from_stored_json, to_stored_json
+from hoodyproxy.directory._db import MirroredTables
 
 log = Logger()
 
 Key = tuple[str, str]
 
 
-class PermissionStore:
+class PermissionStore(MirroredTables):
     """Project- and container-level permission sets, by (scope, id).
 
     ``version`` grows by at least one on every change (own writes and other processes'
@@ -31,9 +32,6 @@ class PermissionStore:
     parses groups.
     """
 
-    #: How stale a read may be about another process's writes, in seconds.
-    recheck_interval = 0.05
-
     def __init__(self, conn: sqlite3.Connection, registry: Mapping[str, Any] | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -41,8 +39,6 @@ class PermissionStore:
         self.registry = registry
         self._clock = clock
         self._monotonic = monotonic
-        self._next_check = 0.0
-        self._data_version = -1
         self._sets: dict[Key, PermissionSet] = {}
         self._subscribers: list[Callable[[str, str], None]] = []
         self.version = 0
@@ -60,15 +56,7 @@ class PermissionStore:
             project = set_id if scope == "project" else "0" * 24
             return PermissionSet(scope, project, set_id if scope == "container" else None, {}, {}, "deny")
 
-    def _reload_if_changed(self) -> None:
-        now = self._monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.recheck_interval
-        data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if data_version == self._data_version:
-            return
-        self._data_version = data_version
+    def _reload(self) -> None:
         fresh = {(scope, set_id): self._load(scope, set_id, body)
                  for scope, set_id, body in self._conn.execute("SELECT scope, id, body FROM permission_sets")}
         changed = sorted(key for key in fresh.keys() | self._sets.keys()
@@ -78,11 +66,6 @@ class PermissionStore:
             self.version += 1
             for scope, set_id in changed:
                 self._notify(scope, set_id)
-
-    def refresh(self) -> None:
-        """Re-read the store now if another process changed it."""
-        self._next_check = 0.0
-        self._reload_if_changed()
 
     def get(self, scope: str, set_id: str) -> PermissionSet | None:
         """The set stored for a project (``scope="project"``) or a container, or None."""

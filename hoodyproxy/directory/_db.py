@@ -78,3 +78,38 @@ def open_database(path: str) -> sqlite3.Connection:
     except OSError:
         pass
     return conn
+
+
+class MirroredTables:
+    """Base for stores that answer from memory what they keep in the node's database.
+
+    Writes made through the store update memory themselves; a commit by another
+    connection (another worker, the CLI) is noticed through ``PRAGMA data_version``,
+    checked at most every ``recheck_interval`` seconds (checking on every read costs a
+    few microseconds, too much for the request path).  Subclasses set ``_conn`` and
+    ``_monotonic`` and implement ``_reload()``.
+    """
+
+    #: How stale a read may be about another process's writes, in seconds.
+    recheck_interval = 0.05
+    _next_check = 0.0
+    _data_version = -1
+
+    def _reload_if_changed(self) -> None:
+        now = self._monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.recheck_interval
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        self._data_version = version
+        self._reload()
+
+    def _reload(self) -> None:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Re-read the store now if another process changed it."""
+        self._next_check = 0.0
+        self._reload_if_changed()

@@ -9,12 +9,13 @@ from typing import Callable, Iterable
 
 from zope.interface import implementer
 
+from hoodyproxy.directory._db import MirroredTables
 from hoodyproxy.directory._model import Container
 from hoodyproxy.interfaces import IContainerDirectory
 
 
 @implementer(IContainerDirectory)
-class SQLiteDirectory:
+class SQLiteDirectory(MirroredTables):
     """Containers in SQLite, mirrored in a dict.
 
     Lookups read the dict.  Writes commit first, then update the dict, so memory never
@@ -23,33 +24,18 @@ class SQLiteDirectory:
     reloaded before the next lookup.
     """
 
-    #: How stale a lookup may be about another process's writes, in seconds.  Writes made
-    #: through this object are seen at once.  Checking ``data_version`` costs a few
-    #: microseconds, too much to pay on every request.
-    recheck_interval = 0.05
-
     def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._conn = conn
         self._clock = clock
         self._monotonic = monotonic
-        self._next_check = 0.0
         self._subscribers: list[Callable[[str], None]] = []
         self._containers: dict[str, Container] = {}
-        self._data_version = -1
         self._reload_if_changed()
 
     # -- reads ------------------------------------------------------------------------
 
-    def _reload_if_changed(self) -> None:
-        now = self._monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.recheck_interval
-        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._data_version:
-            return
-        self._data_version = version
+    def _reload(self) -> None:
         fresh = {
             row[0]: Container(row[0], row[1], row[2], row[3], json.loads(row[4]))
             for row in self._conn.execute("SELECT id, project, address, state, ports FROM containers")
@@ -59,11 +45,6 @@ class SQLiteDirectory:
         self._containers = fresh
         for cid in sorted(changed):
             self._notify(cid)
-
-    def refresh(self) -> None:
-        """Re-read the store now if another process changed it."""
-        self._next_check = 0.0
-        self._reload_if_changed()
 
     def lookup(self, container_id: str) -> Container | None:
         self._reload_if_changed()
