@@ -120,6 +120,19 @@ class Settings:
     client_ip_mode: str = "auto"
     client_ip_mark: int = 0x4870
     client_ip_table: int = 4870
+    http2_enabled: bool = True
+    http2_max_concurrent_streams: int = 128
+    http2_max_header_list_size: int = 65536
+    http2_stream_window: int = 262144
+    http2_max_resets: int = 200
+    http3_enabled: bool = True
+    #: The UDP port clients are told about in Alt-Svc (0: the HTTPS port itself).
+    http3_advertised_port: int = 0
+    http3_max_concurrent_streams: int = 128
+    #: QUIC address validation: "auto" (Retry while handshakes in progress exceed
+    #: ``http3_retry_threshold``), "always" or "never".
+    http3_retry: str = "auto"
+    http3_retry_threshold: int = 64
 
     @property
     def suffix(self) -> str:
@@ -130,6 +143,14 @@ class Settings:
     def https_port(self) -> int:
         """The public HTTPS port (used in redirects)."""
         return self.https[0].port
+
+    @property
+    def alt_svc(self) -> bytes | None:
+        """The ``Alt-Svc`` value advertising HTTP/3, or None when HTTP/3 is off."""
+        if not self.http3_enabled:
+            return None
+        port = self.http3_advertised_port or self.https_port
+        return b'h3=":%d"; ma=86400' % port
 
     @property
     def audit_file(self) -> str:
@@ -239,6 +260,8 @@ _SCHEMA: dict[str, set[str]] = {
     "demo": {"enabled"},
     "acme": {"directory", "email", "challenge", "ca_bundle", "verify_cname"},
     "client_ip": {"mode", "mark", "table"},
+    "http2": {"enabled", "max_concurrent_streams", "max_header_list_size", "stream_window", "max_resets"},
+    "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
 }
 
 
@@ -353,6 +376,34 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         raise ConfigError("[client_ip] table", "must be 1 to 4294967295 and not 253, 254 or 255 "
                                                "(the kernel's default, main and local tables)")
     kw["client_ip_table"] = table_id
+    for section in ("http2", "http3"):
+        enabled = get(section, "enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"[{section}] enabled", "must be true or false")
+        kw[f"{section}_enabled"] = enabled
+    for section, name, low, high in (
+        ("http2", "max_concurrent_streams", 1, 10000),
+        ("http2", "max_header_list_size", 1024, 1 << 24),
+        ("http2", "stream_window", 65535, (1 << 31) - 1),
+        ("http2", "max_resets", 1, 1 << 20),
+        ("http3", "max_concurrent_streams", 1, 10000),
+        ("http3", "retry_threshold", 0, 1 << 20),
+    ):
+        key = f"[{section}] {name}"
+        value = _number(key, get(section, name, getattr(d, f"{section}_{name}")), integer=True,
+                        minimum=low, exclusive=False)
+        if value > high:
+            raise ConfigError(key, f"must be {low} to {high}")
+        kw[f"{section}_{name}"] = value
+    advertised = _number("[http3] advertised_port", get("http3", "advertised_port", d.http3_advertised_port),
+                         integer=True, minimum=0, exclusive=False)
+    if advertised > 65535:
+        raise ConfigError("[http3] advertised_port", "must be 0 (the HTTPS port) to 65535")
+    kw["http3_advertised_port"] = advertised
+    retry = get("http3", "retry", d.http3_retry)
+    if retry not in ("auto", "always", "never"):
+        raise ConfigError("[http3] retry", "must be auto, always or never")
+    kw["http3_retry"] = retry
     return Settings(**kw)
 
 
@@ -377,6 +428,12 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                  "challenge": s.acme_challenge, "ca_bundle": s.acme_ca_bundle or "",
                  "verify_cname": s.acme_verify_cname},
         "client_ip": {"mode": s.client_ip_mode, "mark": s.client_ip_mark, "table": s.client_ip_table},
+        "http2": {"enabled": s.http2_enabled, "max_concurrent_streams": s.http2_max_concurrent_streams,
+                  "max_header_list_size": s.http2_max_header_list_size,
+                  "stream_window": s.http2_stream_window, "max_resets": s.http2_max_resets},
+        "http3": {"enabled": s.http3_enabled, "advertised_port": s.http3_advertised_port,
+                  "max_concurrent_streams": s.http3_max_concurrent_streams, "retry": s.http3_retry,
+                  "retry_threshold": s.http3_retry_threshold},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}

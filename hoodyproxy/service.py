@@ -45,8 +45,14 @@ class Options(usage.Options):
         ["acme-email", None, None, "contact e-mail for the ACME account"],
         ["acme-challenge", None, None, "http-01 (default) or tls-alpn-01"],
         ["acme-ca-bundle", None, None, "CA bundle to trust a private ACME server (pebble)"],
+        ["http3-advertised-port", None, None, "UDP port advertised for HTTP/3 in Alt-Svc, for a node "
+                                              "behind NAT (default: the HTTPS port)", int],
     ]
-    optFlags = [["demo", None, "also start a built-in sample service and register it as a container"]]
+    optFlags = [
+        ["demo", None, "also start a built-in sample service and register it as a container"],
+        ["no-http3", None, "do not serve HTTP/3 (QUIC) nor advertise it"],
+        ["no-http2", None, "do not offer HTTP/2 (ALPN h2) on the TLS port"],
+    ]
 
     def overrides(self) -> dict:
         return {
@@ -66,6 +72,9 @@ class Options(usage.Options):
             "acme.email": self["acme-email"],
             "acme.challenge": self["acme-challenge"],
             "acme.ca_bundle": self["acme-ca-bundle"],
+            "http3.enabled": False if self["no-http3"] else None,
+            "http3.advertised_port": self["http3-advertised-port"],
+            "http2.enabled": False if self["no-http2"] else None,
         }
 
 

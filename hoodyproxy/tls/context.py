@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
@@ -58,6 +59,38 @@ class _Entry:
     def __init__(self, cert_path: str, key_path: str, context: SSL.Context, signature: tuple):
         self.cert_path, self.key_path = cert_path, key_path
         self.context, self.signature = context, signature
+        self._material = None
+
+    def material(self):
+        """(certificate, chain, private key) as cryptography objects (for QUIC), cached
+        until the files change."""
+        cached = self._material
+        if cached is None or cached[0] != self.signature:
+            with open(self.cert_path, "rb") as f:
+                certs = x509.load_pem_x509_certificates(f.read())
+            with open(self.key_path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+            cached = self._material = (self.signature, (certs[0], certs[1:], key, _dns_names(certs[0])))
+        return cached[1]
+
+
+def _dns_names(certificate) -> frozenset[str]:
+    """The DNS names (and ``*.`` patterns) a certificate is valid for, normalized."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(n for n in (normalize_hostname(d) for d in san.get_values_for_type(x509.DNSName)) if n)
+
+
+def name_covered(names: frozenset[str], hostname: str | None) -> bool:
+    """Whether a certificate valid for ``names`` covers ``hostname`` (one-label wildcards)."""
+    name = normalize_hostname(hostname)
+    if name is None:
+        return False
+    if name in names:
+        return True
+    return "." in name and "*." + name.split(".", 1)[1] in names
 
 
 class CertificateStore:
@@ -107,14 +140,30 @@ class CertificateStore:
 
     def select(self, server_name: bytes | str | None) -> SSL.Context:
         """The context for ``server_name``: exact match, else one-label wildcard, else default."""
+        return self.entry_for(server_name).context
+
+    def entry_for(self, server_name: bytes | str | None) -> _Entry:
+        """The certificate entry served for ``server_name`` (as :meth:`select` picks it)."""
         name = normalize_hostname(server_name)
         if name is not None:
             entry = self._names.get(name)
             if entry is None and "." in name:
                 entry = self._names.get("*." + name.split(".", 1)[1])
             if entry is not None:
-                return entry.context
-        return self._default.context
+                return entry
+        return self._default
+
+    def material(self, server_name: bytes | str | None):
+        """(certificate, chain, private key, DNS names) served for ``server_name``, as
+        cryptography objects: what a QUIC handshake needs."""
+        return self.entry_for(server_name).material()
+
+    def names_of_context(self, context: SSL.Context) -> frozenset[str]:
+        """The DNS names the certificate of ``context`` (one of ours) is valid for."""
+        for entry in (self._default, *self._names.values()):
+            if entry.context is context:
+                return entry.material()[3]
+        return frozenset()
 
     def reload_if_changed(self) -> bool:
         """Rebuild contexts whose files changed on disk; True if any was replaced. Never raises."""

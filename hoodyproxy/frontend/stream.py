@@ -1,0 +1,362 @@
+"""A request carried on one stream of a multiplexed connection (HTTP/2 or HTTP/3).
+
+The HTTP/2 and HTTP/3 frontends turn a stream's header block into a
+:class:`StreamRequest` and hand it to :meth:`hoodyproxy.gateway.Gateway.begin`, exactly as
+the HTTP/1.1 frontend hands over its :class:`~hoodyproxy.frontend.http1.GatewayRequest`:
+the same attributes (``method``, ``uri``, ``requestHeaders``, ``client``, ``body_length``
+...) and the same :class:`~hoodyproxy.upstream.exchange.FrontendRequest` API.  What
+differs per protocol is only how bytes reach the wire, which the connection object
+provides (:class:`StreamConnection`).
+
+An extended CONNECT for WebSocket (RFC 8441 over HTTP/2, RFC 9220 over HTTP/3) becomes,
+in the request model, the ``GET`` with ``Upgrade: websocket`` that the container will
+receive; the container's ``101`` becomes the stream's ``200`` and the stream itself is the
+tunnel's client side (:class:`StreamTunnelTransport`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.web import http
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from hoodyproxy import errors
+from hoodyproxy.frontend.http1 import SERVER, client_ip_of, http_date
+
+#: Response headers that are meaningless (and forbidden) on an HTTP/2 or HTTP/3 stream.
+CONNECTION_SPECIFIC = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te",
+})
+#: Headers of a container's 101 that the stream's 200 does not carry (RFC 8441 5).
+_UPGRADE_ONLY = frozenset({b"sec-websocket-accept"}) | CONNECTION_SPECIFIC
+#: Request body a client may still send after its answer, read and dropped before a reset.
+DISCARD_LIMIT = 1024 * 1024
+
+
+class StreamConnection(TypingProtocol):
+    """What a :class:`StreamRequest` needs from its connection (the protocol-specific part)."""
+
+    gateway: Any
+    alt_svc: bytes | None
+
+    def send_head(self, stream_id: int, status: int, headers: list[tuple[bytes, bytes]],
+                  end_stream: bool) -> None: ...
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None: ...
+    def reset_stream(self, stream_id: int, graceful: bool = False) -> None:
+        """End the stream abruptly: an error reset, or with ``graceful`` a NO_ERROR reset
+        of the request side after a complete answer (RFC 9113 8.1, RFC 9114 4.1)."""
+    def stream_closed(self, stream_id: int) -> None:
+        """The request is done with the stream; forget it."""
+    def pause_stream_input(self, stream_id: int) -> None: ...
+    def resume_stream_input(self, stream_id: int) -> None: ...
+
+
+def response_fields(status: int, headers: list[tuple[bytes, bytes]], *, alt_svc: bytes | None = None,
+                    drop: frozenset = CONNECTION_SPECIFIC) -> list[tuple[bytes, bytes]]:
+    """A response header list as HTTP/2 and HTTP/3 carry it: ``:status`` first, lower-case
+    names, no connection-specific fields, a ``date`` and a ``server``."""
+    out = [(b":status", b"%d" % status)]
+    has_date = has_server = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"date":
+            has_date = True
+        elif lname == b"server":
+            has_server = True
+        elif lname == b"alt-svc" and alt_svc is not None:
+            continue  # the gateway's own advertisement wins over a container's
+        out.append((lname, value))
+    if not has_date:
+        out.append((b"date", http_date()))
+    if not has_server:
+        out.append((b"server", SERVER))
+    if alt_svc is not None:
+        out.append((b"alt-svc", alt_svc))
+    return out
+
+
+class StreamRequest:
+    """One request on one stream; speaks the FrontendRequest API to the exchange."""
+
+    proto = b"https"
+    exchange = None
+    audit_record = None
+    code = 0
+    sentLength = 0
+    bytes_in = 0
+    body_complete = False
+    started = False
+    finished = False
+    closed = False
+    producer = None
+    tunnel = None
+    _discarded = 0
+    _answered_early = False
+    _input_paused = False
+
+    def __init__(self, connection: StreamConnection, stream_id: int, *, method: bytes, uri: bytes,
+                 authority: bytes | None, headers: list[tuple[bytes, bytes]], body_length: int | None,
+                 client, host, version: bytes, websocket: bool = False, covers=None) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.client = client
+        self.host = host
+        self.clientproto = version
+        self.websocket = websocket
+        #: Whether the connection's certificate covers a host name (None: no check).
+        self.certificate_covers = covers
+        request_headers = Headers()
+        cookies = []
+        has_host = False
+        for name, value in headers:
+            if name == b"cookie":
+                cookies.append(value)  # split crumbs are joined again (RFC 9113 8.2.3)
+                continue
+            if name == b"host":
+                if authority is not None:
+                    continue  # :authority wins (RFC 9113 8.3.1)
+                has_host = True
+            request_headers.addRawHeader(name, value)
+        if cookies:
+            request_headers.addRawHeader(b"cookie", b"; ".join(cookies))
+        if authority is not None:
+            request_headers.addRawHeader(b"host", authority)
+        elif not has_host:
+            pass  # no Host at all: routing answers 400 missing_host
+        if websocket:
+            # The container gets the HTTP/1.1 Upgrade it understands.
+            method = b"GET"
+            request_headers.setRawHeaders(b"connection", [b"Upgrade"])
+            request_headers.setRawHeaders(b"upgrade", [b"websocket"])
+            request_headers.setRawHeaders(b"sec-websocket-key", [base64.b64encode(os.urandom(16))])
+            body_length = None
+        self.requestHeaders = request_headers
+        self.method = method
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+        self.body_length = body_length
+        if body_length == 0:
+            self.body_complete = True
+
+    @property
+    def client_ip(self) -> str:
+        return client_ip_of(self.client)
+
+    def begin(self) -> None:
+        """Hand the request to the gateway (at end of the header block)."""
+        self.connection.gateway.begin(self)
+
+    # -- events from the connection ------------------------------------------------------
+
+    def body_chunk(self, data: bytes) -> None:
+        """Request body bytes (or, on a WebSocket stream after the 200, tunnel bytes)."""
+        self.bytes_in += len(data)
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
+        exchange = self.exchange
+        if exchange is not None and not self._answered_early:
+            exchange.body_data(data)
+            return
+        self._discarded += len(data)
+        if self._discarded > DISCARD_LIMIT:
+            self.abort()
+
+    def body_ended(self) -> None:
+        """The client ended its side of the stream."""
+        if self.body_complete and self.tunnel is None:
+            return
+        self.body_complete = True
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+        elif self._answered_early:
+            self._close()
+        elif self.exchange is not None:
+            self.exchange.body_end()
+
+    def stream_lost(self) -> None:
+        """The stream was reset by the client, or the connection is gone."""
+        if self.closed:
+            return
+        self._close()
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.client_lost()
+        elif self.exchange is not None:
+            self.exchange.client_gone()
+
+    def pause_output(self) -> None:
+        """The connection holds enough of this stream's response: stop its producer."""
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resume_output(self) -> None:
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    # -- the FrontendRequest API ----------------------------------------------------------
+
+    def pause_body(self) -> None:
+        if not self._input_paused and not self.closed:
+            self._input_paused = True
+            self.connection.pause_stream_input(self.stream_id)
+
+    def resume_body(self) -> None:
+        if self._input_paused and not self.closed:
+            self._input_paused = False
+            self.connection.resume_stream_input(self.stream_id)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.code = status
+        self._head = headers
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.started:
+            self._send_head(end_stream=False)
+        if data and not self._no_body:
+            self.sentLength += len(data)
+            self.connection.send_data(self.stream_id, data, False)
+
+    _no_body = False
+
+    def _send_head(self, end_stream: bool) -> None:
+        self.started = True
+        self._no_body = self.method == b"HEAD" or self.code in http.NO_BODY_CODES
+        fields = response_fields(self.code, self._head, alt_svc=self.connection.alt_svc)
+        self.connection.send_head(self.stream_id, self.code, fields, end_stream or self._no_body)
+        self._head = None
+        if self._no_body:
+            self.finished = True
+
+    def finish_response(self) -> None:
+        if self.closed or self.finished:
+            return
+        if not self.started:
+            self._send_head(end_stream=True)
+        else:
+            self.connection.send_data(self.stream_id, b"", True)
+        self.finished = True
+        self._end_input_if_needed()
+
+    def _end_input_if_needed(self) -> None:
+        """Our answer is complete: a body still coming is no longer wanted."""
+        if self.body_complete:
+            self._close()
+        else:
+            # RFC 9113 8.1: a server may answer before the request is complete and then
+            # reset the stream with NO_ERROR; the connection does that in reset_stream.
+            self._answered_early = True
+            self.resume_body()
+            self.connection.reset_stream(self.stream_id, graceful=True)
+            self._close()
+
+    def send_error(self, error: errors.GatewayError) -> None:
+        if self.closed or self.finished:
+            return
+        if self.started:
+            self.abort()
+            return
+        body = error.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   (b"cache-control", b"no-store")]
+        for name, value in error.headers.items():
+            for one in value if isinstance(value, list) else (value,):
+                headers.append((name.lower(), one))
+        self.code = error.status
+        self._head = headers
+        self._send_head(end_stream=self.method == b"HEAD")
+        if not self.finished:
+            self.sentLength += len(body)
+            self.connection.send_data(self.stream_id, body, True)
+            self.finished = True
+        self._end_input_if_needed()
+
+    def abort(self) -> None:
+        """Reset the stream (never a silently truncated response)."""
+        if self.closed:
+            return
+        self.connection.reset_stream(self.stream_id)
+        self.stream_lost()
+
+    def take_over(self, headers: list[tuple[bytes, bytes]]):
+        """The container switched to WebSocket: answer 200 and become the tunnel's client side."""
+        self.code = 200
+        self._head = [(n, v) for n, v in headers if n.lower() not in _UPGRADE_ONLY]
+        self.started = True
+        fields = response_fields(200, self._head, alt_svc=self.connection.alt_svc, drop=_UPGRADE_ONLY)
+        self.connection.send_head(self.stream_id, 200, fields, False)
+        self._head = None
+        self.exchange = None
+        return StreamTunnelTransport(self), b""
+
+    def attach_tunnel(self, tunnel) -> None:
+        self.tunnel = tunnel
+
+    def _close(self) -> None:
+        self.closed = True
+        self.producer = None
+        self.connection.stream_closed(self.stream_id)
+
+
+@implementer(IPushProducer)
+class StreamTunnelTransport:
+    """A WebSocket stream as the client "transport" of a :class:`~hoodyproxy.upstream.tunnel.Tunnel`."""
+
+    disconnecting = False
+
+    def __init__(self, request: StreamRequest) -> None:
+        self.request = request
+
+    def write(self, data: bytes) -> None:
+        request = self.request
+        if data and not request.closed:
+            request.sentLength += len(data)
+            request.connection.send_data(request.stream_id, data, False)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        request = self.request
+        if not request.closed:
+            request.connection.send_data(request.stream_id, b"", True)
+            request.finished = True
+            if request.body_complete:
+                request._close()
+            else:
+                request.connection.reset_stream(request.stream_id, graceful=True)
+                request._close()
+
+    def abortConnection(self) -> None:
+        self.request.abort()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.request.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.request.producer = None
+
+    # the tunnel pauses the client side when the container's socket is full
+    def pauseProducing(self) -> None:
+        self.request.pause_body()
+
+    def resumeProducing(self) -> None:
+        self.request.resume_body()
+
+    def stopProducing(self) -> None:
+        self.abortConnection()
