@@ -73,6 +73,12 @@ class IndexOutOfRange(NotFound):
     message = "the index is out of range for this program"
 
 
+class MisdirectedRequest(GatewayError):
+    status = 421
+    code = "misdirected_request"
+    message = "this connection cannot serve this host; open a new connection for it"
+
+
 class ContainerUnavailable(GatewayError):
     status = 503
     code = "container_unavailable"

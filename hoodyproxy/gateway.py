@@ -57,6 +57,8 @@ class Gateway:
 
     #: False when the host could set up transparent mode for IPv4 only (IPv6 disabled).
     transparent_ipv6 = True
+    #: The ``Alt-Svc`` value HTTP/1.1 and HTTP/2 responses carry (set when HTTP/3 listens).
+    alt_svc: bytes | None = None
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
                  clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None) -> None:
@@ -163,6 +165,7 @@ class Gateway:
             "route": None,
             "method": request.method.decode("latin-1"),
             "path": request.uri.decode("latin-1"),
+            "http": request.http_version,
         }
         request.audit_record = record
         try:
@@ -176,6 +179,9 @@ class Gateway:
             self.emit_record(record)
 
     def _begin(self, request, record: dict) -> None:
+        problem = getattr(request, "problem", None)
+        if problem is not None:
+            raise problem  # malformed in a way only its frontend could see
         headers = request.requestHeaders
         hosts = headers.getRawHeaders(b"host")
         if hosts is not None and len(hosts) > 1:
@@ -184,6 +190,11 @@ class Gateway:
             raise errors.BadRequest("the request method is malformed", reason="bad method")
         uri, host = _request_target(request.uri, hosts[0] if hosts else None)
         record["host"] = host.decode("latin-1") if host is not None else None
+        covers = getattr(request, "certificate_covers", None)
+        if covers is not None and not covers(split_host(host)):
+            # A coalesced HTTP/2 or HTTP/3 connection: every request is routed by its own
+            # authority, and one the connection's certificate does not cover goes elsewhere.
+            raise errors.MisdirectedRequest(reason="certificate does not cover the authority")
         target = self.route(host)
         record["route"] = {"project": target.project, "container": target.container,
                            "program": target.program, "index": target.index}

@@ -134,7 +134,8 @@ class GatewayStack:
         challenges_dir = os.path.join(s.data_dir, "acme", "challenges")
         self.http01 = HTTP01Responder(os.path.join(challenges_dir, "http-01"))
         self.tlsalpn01 = TLSALPN01Responder(os.path.join(challenges_dir, "tls-alpn-01"))
-        self.certificates = CertificateStore(cert, key, challenges=self.tlsalpn01)
+        alpn = (b"h2", b"http/1.1") if s.http2_enabled else (b"http/1.1",)
+        self.certificates = CertificateStore(cert, key, alpn=alpn, challenges=self.tlsalpn01)
         self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=reactor)
         self.pool = ConnectionPool(reactor, connect_timeout=s.connect_timeout,
                                    idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
@@ -148,15 +149,18 @@ class GatewayStack:
         self.aliases = AliasStore(self.directory._conn, node=s.node, zone=s.zone, programs=s.programs)
         self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy,
                                aliases=self.aliases)
+        self.gateway.alt_svc = s.alt_svc
 
     def https_factory(self):
-        """The TLS-wrapped HTTP/1.1 server factory for the HTTPS port."""
+        """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from hoodyproxy.frontend.http1 import GatewayHTTPFactory
+        from hoodyproxy.frontend.http2 import NegotiatingFactory
         from hoodyproxy.tls import SNIContextFactory
         factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
-        return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, factory)
+        negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
+        return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, negotiating)
 
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``."""
@@ -182,7 +186,7 @@ class NodeService(service.MultiService):
         self._has_net_admin = has_net_admin
         settings = self._resolve_client_ip(settings, has_net_admin)
         self.settings = settings
-        self.ports: dict[str, list] = {"https": [], "http": [], "admin": []}
+        self.ports: dict[str, list] = {"https": [], "http": [], "admin": [], "http3": []}
         self.demo_port = None
         self.workers = None
         self.stack = GatewayStack(settings, reactor)
@@ -254,6 +258,15 @@ class NodeService(service.MultiService):
         for addr in s.http:
             self.ports["http"].append(listen(addr, redirect))
         http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.http, self.ports["http"])]
+        if s.http3_enabled:
+            # QUIC on the HTTPS port numbers, over UDP (in this process only, with workers).
+            from hoodyproxy.frontend.http3 import listen_http3
+            for addr in https_bound:
+                self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
+                                                        certificates=self.stack.certificates, settings=s))
+            self.gateway.alt_svc = b'h3=":%d"; ma=86400' % (s.http3_advertised_port or https_bound[0].port)
+        else:
+            self.gateway.alt_svc = None
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
         issuer = None

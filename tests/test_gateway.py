@@ -168,7 +168,7 @@ class ForwardingTests(GatewayTestCase):
 
     async def test_curl_gets_the_page(self):
         """A real curl over TLS, trusting the node's CA, reaches the container."""
-        result = await curl(self.node, "-i", self.url("/headers"), host=host_for(index=self.backend.number))
+        result = await curl(self.node, "--http1.1", "-i", self.url("/headers"), host=host_for(index=self.backend.number))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn(b"HTTP/1.1 200", result.stdout)
 

@@ -72,6 +72,11 @@ class GatewayRequest(http.Request):
     _discarded = 0
     proto = b"https"
 
+    @property
+    def http_version(self) -> str:
+        """"1.1" or "1.0", as the audit trail records it."""
+        return self.clientproto[5:].decode("latin-1") if self.clientproto.startswith(b"HTTP/") else "1.1"
+
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
         self.content = None
@@ -146,15 +151,20 @@ class GatewayRequest(http.Request):
         version = self.clientproto
         parts = [version, b" %d " % code, self.code_message, b"\r\n"]
         has_length = has_date = False
+        alt_svc = self.channel.factory.gateway.alt_svc
         for name, value in self._head_headers:
             lname = name.lower()
             if lname == b"content-length":
                 has_length = True
             elif lname == b"date":
                 has_date = True
+            elif lname == b"alt-svc" and alt_svc is not None:
+                continue  # the gateway's own advertisement wins over a container's
             parts += (name, b": ", value, b"\r\n")
         if not has_date:
             parts += (b"Date: ", http_date(), b"\r\n")
+        if alt_svc is not None:
+            parts += (b"Alt-Svc: ", alt_svc, b"\r\n")
         no_body = self.method == b"HEAD" or code in http.NO_BODY_CODES
         if version == b"HTTP/1.1":
             if not has_length and not no_body:
@@ -188,6 +198,9 @@ class GatewayRequest(http.Request):
         headers.addRawHeader(b"Cache-Control", b"no-store")
         headers.addRawHeader(b"Date", http_date())
         headers.addRawHeader(b"Server", SERVER)
+        alt_svc = self.channel.factory.gateway.alt_svc
+        if alt_svc is not None:
+            headers.addRawHeader(b"Alt-Svc", alt_svc)
         for name, value in error.headers.items():
             for one in value if isinstance(value, list) else (value,):
                 headers.addRawHeader(name, one)

@@ -36,6 +36,8 @@ CONNECTION_SPECIFIC = frozenset({
 _UPGRADE_ONLY = frozenset({b"sec-websocket-accept"}) | CONNECTION_SPECIFIC
 #: Request body a client may still send after its answer, read and dropped before a reset.
 DISCARD_LIMIT = 1024 * 1024
+#: WebSocket bytes a client may send before the container accepted the upgrade.
+WEBSOCKET_EARLY_LIMIT = 64 * 1024
 
 
 class StreamConnection(TypingProtocol):
@@ -82,6 +84,65 @@ def response_fields(status: int, headers: list[tuple[bytes, bytes]], *, alt_svc:
     return out
 
 
+def _not_a_proxy() -> errors.GatewayError:
+    error = errors.GatewayError("the gateway is not a forward proxy", reason="plain CONNECT")
+    error.status, error.code = 405, "method_not_allowed"
+    return error
+
+
+def parse_request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> tuple[dict, errors.GatewayError | None]:
+    """The StreamRequest arguments of a request header block, and what is wrong with it
+    (the gateway answers that on its one path, with an audit line).
+
+    Shared by HTTP/2 and HTTP/3: h2 and aioquic have already checked names, duplicate
+    and misplaced pseudo-headers (or ended the connection).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    regular: list[tuple[bytes, bytes]] = []
+    lengths: set[bytes] = set()
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+            continue
+        if name == b"content-length":
+            lengths.add(value.strip())
+        regular.append((name, value))
+    method = pseudo.get(b":method", b"")
+    protocol = pseudo.get(b":protocol")
+    path = pseudo.get(b":path")
+    websocket = False
+    problem: errors.GatewayError | None = None
+    if method == b"CONNECT" and protocol is None:
+        problem = _not_a_proxy()
+    elif method == b"CONNECT" and protocol != b"websocket":
+        problem = errors.BadRequest("only the websocket protocol can be tunnelled",
+                                    reason="extended CONNECT: unknown :protocol")
+    elif protocol is not None and method != b"CONNECT":
+        problem = errors.BadRequest(":protocol is only allowed with CONNECT", reason="stray :protocol")
+    elif pseudo.get(b":scheme") != b"https":
+        problem = errors.BadRequest("the request must have :scheme https", reason="scheme not https")
+    elif not path:
+        problem = errors.BadRequest("the request has no :path", reason="no :path")
+    elif len(lengths) > 1:
+        problem = errors.BadRequest("conflicting content-length", reason="conflicting content-length")
+    else:
+        websocket = method == b"CONNECT"
+    if ended:
+        body_length: int | None = 0
+    elif len(lengths) == 1 and problem is None:
+        length = next(iter(lengths))
+        if length.isdigit():
+            body_length = int(length)
+        else:
+            body_length = None
+            problem = errors.BadRequest("the content-length is malformed", reason="bad content-length")
+    else:
+        body_length = None
+    fields = {"method": method, "uri": path or b"/", "authority": pseudo.get(b":authority"),
+              "headers": regular, "body_length": body_length, "websocket": websocket}
+    return fields, problem
+
+
 class StreamRequest:
     """One request on one stream; speaks the FrontendRequest API to the exchange."""
 
@@ -100,6 +161,8 @@ class StreamRequest:
     _discarded = 0
     _answered_early = False
     _input_paused = False
+    #: A GatewayError only the frontend could detect (the gateway answers it on the one path).
+    problem = None
 
     def __init__(self, connection: StreamConnection, stream_id: int, *, method: bytes, uri: bytes,
                  authority: bytes | None, headers: list[tuple[bytes, bytes]], body_length: int | None,
@@ -109,6 +172,7 @@ class StreamRequest:
         self.client = client
         self.host = host
         self.clientproto = version
+        self.http_version = version[5:].decode("ascii")
         self.websocket = websocket
         #: Whether the connection's certificate covers a host name (None: no check).
         self.certificate_covers = covers
@@ -136,13 +200,16 @@ class StreamRequest:
             request_headers.setRawHeaders(b"connection", [b"Upgrade"])
             request_headers.setRawHeaders(b"upgrade", [b"websocket"])
             request_headers.setRawHeaders(b"sec-websocket-key", [base64.b64encode(os.urandom(16))])
-            body_length = None
+            # The upgrade request itself has no body: the stream's bytes are tunnel bytes,
+            # held until the container has switched protocols.
+            body_length = 0
+            self._early: list[bytes] | None = []
         self.requestHeaders = request_headers
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
         self.body_length = body_length
-        if body_length == 0:
+        if body_length == 0 and not websocket:
             self.body_complete = True
 
     @property
@@ -161,6 +228,12 @@ class StreamRequest:
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return
+        if self.websocket:
+            # WebSocket bytes sent before the 200: for the tunnel, bounded.
+            self._early.append(data)
+            if self.bytes_in > WEBSOCKET_EARLY_LIMIT:
+                self.abort()
+            return
         exchange = self.exchange
         if exchange is not None and not self._answered_early:
             exchange.body_data(data)
@@ -171,6 +244,11 @@ class StreamRequest:
 
     def body_ended(self) -> None:
         """The client ended its side of the stream."""
+        if self.websocket and self.tunnel is None:
+            if self.exchange is not None:
+                self.exchange.client_gone()  # gave up before the tunnel opened
+            self._close()
+            return
         if self.body_complete and self.tunnel is None:
             return
         self.body_complete = True
@@ -220,6 +298,15 @@ class StreamRequest:
         self.producer = None
 
     def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.websocket and 200 <= status < 300:
+            # Any 2xx opens the tunnel for an extended CONNECT client: a container that
+            # answered without switching protocols must not look like one that did.
+            error = errors.BadGateway("the container did not accept the WebSocket",
+                                      reason="websocket: container answered %d" % status)
+            self.send_error(error)
+            if self.audit_record is not None:
+                self.audit_record.update(status=error.status, reason=error.reason)
+            return
         self.code = status
         self._head = headers
 
@@ -302,7 +389,8 @@ class StreamRequest:
         self.connection.send_head(self.stream_id, 200, fields, False)
         self._head = None
         self.exchange = None
-        return StreamTunnelTransport(self), b""
+        early, self._early = b"".join(self._early or ()), None
+        return StreamTunnelTransport(self), early
 
     def attach_tunnel(self, tunnel) -> None:
         self.tunnel = tunnel

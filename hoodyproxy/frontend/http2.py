@@ -1,0 +1,461 @@
+"""HTTP/2 frontend: a thin Twisted protocol over the h2 state machine.
+
+Twisted ships an HTTP/2 server (``twisted.web._http2``), but it hands a request over only
+when its body is complete, does not enable extended CONNECT (RFC 8441, WebSocket over
+HTTP/2) and sends one 16 KiB frame per reactor turn.  This protocol drives
+``h2.connection.H2Connection`` directly and turns each stream into a
+:class:`~hoodyproxy.frontend.stream.StreamRequest` at end of its header block, handed to
+the same :meth:`~hoodyproxy.gateway.Gateway.begin` as HTTP/1.1 requests.
+
+Flow control, both directions:
+
+- request bodies: received DATA is acknowledged (WINDOW_UPDATE) only while the exchange
+  wants more; a paused upload holds at most one stream window (``[http2] stream_window``);
+- responses: each stream's unsent bytes wait in a small queue that drains as the client's
+  windows and the TLS transport allow; past ``HIGH_WATER`` the container's connection is
+  paused, below ``LOW_WATER`` resumed.  A slow client never makes the gateway hold a whole
+  response.
+
+Guards: ``SETTINGS_MAX_CONCURRENT_STREAMS`` and ``SETTINGS_MAX_HEADER_LIST_SIZE`` from
+``[http2]``; h2 bounds CONTINUATION frames per header block (a CONTINUATION flood is a
+connection error); streams the client resets while the gateway still works on them are
+counted, and past ``[http2] max_resets`` in ``RESET_WINDOW`` seconds the connection ends
+with GOAWAY ENHANCE_YOUR_CALM (the rapid reset attack, CVE-2023-44487).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
+from hoodyproxy.tls.context import name_covered
+
+log = Logger()
+
+#: Unsent response bytes per stream above which the container's connection is paused.
+HIGH_WATER = 256 * 1024
+#: ... and below which it is resumed.
+LOW_WATER = 64 * 1024
+#: Seconds over which client-reset streams are counted against ``max_resets``.
+RESET_WINDOW = 10.0
+#: Connection-level receive window: per-stream windows are the real bound.
+CONNECTION_WINDOW = (1 << 31) - 1
+
+
+class _Stream:
+    """A stream's request and its unsent response bytes."""
+
+    __slots__ = ("request", "queue", "queued", "end", "sent_end", "reset_after", "unacked", "paused_input",
+                 "output_paused")
+
+    def __init__(self, request: StreamRequest) -> None:
+        self.request = request
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.end = False
+        self.sent_end = False
+        self.reset_after = False
+        self.unacked = 0
+        self.paused_input = False
+        self.output_paused = False
+
+
+@implementer(IPushProducer)
+class H2ServerProtocol(Protocol):
+    """One HTTP/2 connection from a client (after TLS negotiated ``h2``)."""
+
+    def __init__(self, gateway, settings, certificates=None, reactor=None) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.certificates = certificates
+        self.reactor = reactor
+        self.alt_svc = gateway.alt_svc
+        self.streams: dict[int, _Stream] = {}
+        self.transport_paused = False
+        self.closed = False
+        self._names = None
+        self._resets = 0
+        self._reset_window_start = 0.0
+        self._last_activity = 0.0
+        self._idle_timer = None
+        self._writing = False
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
+        self.conn = h2.connection.H2Connection(config=config)
+        codes = h2.settings.SettingCodes
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            codes.MAX_CONCURRENT_STREAMS: settings.http2_max_concurrent_streams,
+            codes.MAX_HEADER_LIST_SIZE: settings.http2_max_header_list_size,
+            codes.INITIAL_WINDOW_SIZE: settings.http2_stream_window,
+            codes.ENABLE_CONNECT_PROTOCOL: 1,
+        })
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = self.transport.getPeer()
+        self.local = self.transport.getHost()
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.transport.registerProducer(self, True)
+        self._flush_wire()
+        self._last_activity = self.reactor.seconds()
+        self._idle_timer = self.reactor.callLater(self.settings.client_idle_timeout, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._last_activity = self.reactor.seconds()
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            # Includes CONTINUATION floods, oversized header lists, too many streams.
+            self._goaway(getattr(e, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                self._data(event)
+            elif kind is h2.events.RequestReceived:
+                self._request(event)
+            elif kind is h2.events.StreamEnded:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.request.body_ended()
+            elif kind is h2.events.StreamReset:
+                self._reset(event.stream_id)
+            elif kind is h2.events.WindowUpdated:
+                if event.stream_id == 0:
+                    self._flush_all()
+                else:
+                    self._flush(event.stream_id)
+            elif kind is h2.events.RemoteSettingsChanged:
+                self._flush_all()
+            elif kind is h2.events.ConnectionTerminated:
+                self._flush_wire()
+                self._close_transport()
+                return
+            if self.closed:
+                return
+        self._flush_wire()
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.request.stream_lost()
+
+    def _goaway(self, code) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush_wire()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close after what is written (TLS waits for a registered producer to go first)."""
+        self.closed = True
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self.closed:
+            return
+        period = self.settings.client_idle_timeout
+        idle = self.reactor.seconds() - self._last_activity
+        if not self.streams and idle >= period:
+            self._goaway(h2.errors.ErrorCodes.NO_ERROR)
+            return
+        self._idle_timer = self.reactor.callLater(max(period - idle, 1.0), self._check_idle)
+
+    def _flush_wire(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.transport.disconnecting:
+            self.transport.write(data)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _covers(self, host: str) -> bool:
+        names = self._names
+        if names is None:
+            names = frozenset()
+            handle = getattr(self.transport, "getHandle", None)
+            if self.certificates is not None and handle is not None:
+                names = self.certificates.names_of_context(handle().get_context())
+            self._names = names
+        return name_covered(names, host)
+
+    def _request(self, event) -> None:
+        stream_id = event.stream_id
+        fields, problem = parse_request_head(event.headers, event.stream_ended is not None)
+        request = StreamRequest(self, stream_id, **fields, client=self.peer, host=self.local,
+                                version=b"HTTP/2", covers=self._covers)
+        request.problem = problem
+        self.streams[stream_id] = _Stream(request)
+        request.begin()
+
+    def _data(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        length = event.flow_controlled_length
+        if stream is None:
+            self._ack(length, event.stream_id)
+            return
+        if stream.paused_input:
+            stream.unacked += length
+        else:
+            self._ack(length, event.stream_id)
+        stream.request.body_chunk(event.data)
+
+    def _ack(self, length: int, stream_id: int) -> None:
+        if length:
+            try:
+                self.conn.acknowledge_received_data(length, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+
+    def _reset(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if not stream.request.finished:
+            now = self.reactor.seconds()
+            if now - self._reset_window_start > RESET_WINDOW:
+                self._reset_window_start, self._resets = now, 0
+            self._resets += 1
+            if self._resets > self.settings.http2_max_resets:
+                log.warn("HTTP/2 client {peer} reset {n} streams in {w:g} s: connection closed "
+                         "(rapid reset guard)", peer=self.peer.host, n=self._resets, w=RESET_WINDOW)
+                stream.request.stream_lost()
+                self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return
+        stream.request.stream_lost()
+
+    # -- the StreamConnection API (called by StreamRequest) ------------------------------
+
+    def send_head(self, stream_id: int, status: int, headers, end_stream: bool) -> None:
+        if self.closed or stream_id not in self.streams:
+            return
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError:
+            self._lost_stream(stream_id)
+            return
+        if not self._writing:
+            self._flush_wire()
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or self.closed:
+            return
+        if data:
+            stream.queue.append(data)
+            stream.queued += len(data)
+        if end_stream:
+            stream.end = True
+        self._flush(stream_id)
+        if stream.queued > HIGH_WATER and not stream.output_paused:
+            stream.output_paused = True
+            stream.request.pause_output()
+        self._flush_wire()
+
+    def reset_stream(self, stream_id: int, graceful: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or self.closed:
+            return
+        if graceful and not stream.sent_end:
+            # The answer must go out first; the reset follows when the queue is empty.
+            stream.reset_after = True
+            return
+        code = h2.errors.ErrorCodes.NO_ERROR if graceful else h2.errors.ErrorCodes.CANCEL
+        try:
+            self.conn.reset_stream(stream_id, error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.streams.pop(stream_id, None)
+        self._flush_wire()
+
+    def pause_stream_input(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.paused_input = True
+
+    def resume_stream_input(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.paused_input = False
+        unacked, stream.unacked = stream.unacked, 0
+        self._ack(unacked, stream_id)
+        self._flush_wire()
+
+    def stream_closed(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None and (stream.sent_end or not stream.end):
+            # Done, or never answered (a reset); otherwise it goes when its queue is sent.
+            del self.streams[stream_id]
+
+    def _lost_stream(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.request.stream_lost()
+
+    # -- sending, as the windows allow ----------------------------------------------------
+
+    def _flush_all(self) -> None:
+        for stream_id in list(self.streams):
+            self._flush(stream_id)
+
+    def _flush(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or self.transport_paused or self.closed:
+            return
+        conn = self.conn
+        queue = stream.queue
+        try:
+            while queue:
+                window = conn.local_flow_control_window(stream_id)
+                if window <= 0:
+                    break
+                chunk = queue[0]
+                size = min(window, conn.max_outbound_frame_size)
+                if len(chunk) > size:
+                    queue[0] = chunk[size:]
+                    chunk = chunk[:size]
+                else:
+                    queue.popleft()
+                stream.queued -= len(chunk)
+                last = stream.end and not queue
+                conn.send_data(stream_id, chunk, end_stream=last)
+                stream.sent_end = last
+            if not queue and stream.end and not stream.sent_end:
+                conn.end_stream(stream_id)
+                stream.sent_end = True
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._lost_stream(stream_id)
+            return
+        if stream.sent_end:
+            self._stream_sent(stream_id, stream)
+        elif stream.output_paused and stream.queued < LOW_WATER:
+            stream.output_paused = False
+            stream.request.resume_output()
+
+    def _stream_sent(self, stream_id: int, stream: _Stream) -> None:
+        """Every byte of the response is out."""
+        if stream.reset_after:
+            # The answer came before the whole request body: tell the client to stop
+            # sending it (RFC 9113 8.1), now that the answer is complete.
+            stream.reset_after = False
+            try:
+                self.conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        if stream.request.closed:
+            self.streams.pop(stream_id, None)
+
+    # -- IPushProducer: the TLS transport's buffer ---------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.transport_paused = True
+
+    def resumeProducing(self) -> None:
+        self.transport_paused = False
+        self._flush_all()
+        self._flush_wire()
+
+    def stopProducing(self) -> None:
+        self.transport_paused = True
+
+
+@implementer(IHandshakeListener)
+class _Negotiator(Protocol):
+    """Chooses HTTP/2 or HTTP/1.1 by the protocol ALPN settled on, then steps aside.
+
+    It replaces itself as the TLS wrapper's protocol at the end of the handshake, so no
+    request ever goes through it.
+    """
+
+    def __init__(self, factory: "NegotiatingFactory", addr) -> None:
+        self.factory = factory
+        self.addr = addr
+        self._timer = None
+        self.chosen = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        self.connected = True
+        # A client that never completes the handshake does not hold the socket forever.
+        self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout, transport.abortConnection)
+
+    def handshakeCompleted(self) -> None:
+        self._choose()
+
+    def _choose(self):
+        if self.chosen is not None:
+            return self.chosen
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        transport = self.transport
+        if getattr(transport, "negotiatedProtocol", None) == b"h2" and self.factory.h2_enabled:
+            protocol = self.factory.build_h2(self.addr)
+        else:
+            protocol = self.factory.h1.buildProtocol(self.addr)
+        self.chosen = protocol
+        transport.wrappedProtocol = protocol
+        protocol.makeConnection(transport)
+        return protocol
+
+    def dataReceived(self, data: bytes) -> None:
+        self._choose().dataReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.chosen is not None:
+            self.chosen.connectionLost(reason)
+
+
+class NegotiatingFactory(Factory):
+    """The protocol factory inside TLS on the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
+
+    def __init__(self, h1_factory, gateway, settings, certificates, reactor) -> None:
+        self.h1 = h1_factory
+        self.gateway = gateway
+        self.settings = settings
+        self.certificates = certificates
+        self.reactor = reactor
+        self.h2_enabled = settings.http2_enabled
+        self.handshake_timeout = settings.client_idle_timeout
+
+    def buildProtocol(self, addr):
+        return _Negotiator(self, addr)
+
+    def build_h2(self, addr) -> H2ServerProtocol:
+        return H2ServerProtocol(self.gateway, self.settings, self.certificates, self.reactor)
+
+    # The HTTP/1.1 factory's lifecycle follows this one's.
+    def doStart(self) -> None:
+        self.h1.doStart()
+
+    def doStop(self) -> None:
+        self.h1.doStop()
