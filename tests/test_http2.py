@@ -168,6 +168,7 @@ class NoHttp2Tests(Http2Case):
         head = result.stdout.decode()
         self.assertTrue(head.endswith("1.1"), head)
         self.assertNotIn("alt-svc", head.lower())
+        self.assertEqual(self.node.ports["http3"], [])
 
 
 class StreamTests(Http2Case):
@@ -405,3 +406,51 @@ class GuardTests(Http2Case):
         result = await curl(self.node, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
                             self.url("/headers"), host=self.host)
         self.assertEqual(result.stdout, b"200")
+
+
+class IdleTests(Http2Case):
+    config = {"client": {"idle_timeout": 0.5}}
+
+    async def test_idle_connection_gets_goaway_and_is_closed(self):
+        client = await h2_connect(self, self.node, self.host)
+        stream = client.request(b"GET", b"/headers", self.host.encode())
+        await stream.done
+        self.assertEqual(stream.status, 200)
+        await client.closed
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.NO_ERROR)
+
+
+class AdvertisedPortTests(Http2Case):
+    config = {"http3": {"advertised_port": 4433}}
+
+    async def test_alt_svc_names_the_advertised_port(self):
+        """Behind NAT the public UDP port differs: Alt-Svc names the configured one."""
+        client = await h2_connect(self, self.node, self.host)
+        stream = client.request(b"GET", b"/headers", self.host.encode())
+        await stream.done
+        self.assertEqual(stream.header(b"alt-svc"), b'h3=":4433"; ma=86400')
+        self.assertEqual(len(self.node.ports["http3"]), 1)
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    def test_command_line_overrides(self):
+        from hoodyproxy.config import settings_from_mapping
+        from hoodyproxy.service import Options
+        options = Options()
+        options.parseOptions(["--no-http3", "--no-http2", "--http3-advertised-port", "4433"])
+        settings = settings_from_mapping({}, options.overrides())
+        self.assertEqual((settings.http3_enabled, settings.http2_enabled, settings.http3_advertised_port),
+                         (False, False, 4433))
+        self.assertIsNone(settings.alt_svc)
+        self.assertEqual(settings_from_mapping({}).alt_svc, b'h3=":8443"; ma=86400')
+
+    def test_bad_values_name_their_key(self):
+        from hoodyproxy.config import ConfigError, settings_from_mapping
+        for doc, key in (({"http3": {"retry": "sometimes"}}, "[http3] retry"),
+                         ({"http3": {"advertised_port": 70000}}, "[http3] advertised_port"),
+                         ({"http2": {"max_concurrent_streams": 0}}, "[http2] max_concurrent_streams"),
+                         ({"http2": {"enabled": "yes"}}, "[http2] enabled"),
+                         ({"http2": {"stream_window": 100}}, "[http2] stream_window")):
+            with self.assertRaises(ConfigError) as caught:
+                settings_from_mapping(doc)
+            self.assertEqual(caught.exception.key, key)

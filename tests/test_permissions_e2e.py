@@ -1020,6 +1020,43 @@ class ReadOnlyWebSocketTests(PermissionsE2ETestCase):
         await until(lambda: pongs == [b"are you there"])
         self.assertEqual(self.ws_factory.received, [])
 
+    async def test_view_level_websocket_over_http2_is_read_only(self):
+        """The same over HTTP/2 (RFC 8441): the greeting arrives, the client's data frame
+        closes the stream with 1008 and never reaches the container; no token, no tunnel."""
+        from wsproto.frame_protocol import FrameProtocol, Opcode
+
+        from tests.h2client import h2_connect
+        host = host_for(program="display", index=1)
+        client = await h2_connect(self, self.node, host)
+        fields = [(b"sec-websocket-version", b"13")]
+        denied = client.request(b"CONNECT", b"/ws", host.encode(), protocol=b"websocket", headers=fields,
+                                end_stream=False)
+        await denied.done
+        self.assertEqual(denied.status, 401)
+        stream = client.request(b"CONNECT", b"/ws", host.encode(), protocol=b"websocket", end_stream=False,
+                                headers=fields + [(b"authorization", b"Bearer " + TOKEN.encode())])
+        await stream.head
+        self.assertEqual(stream.status, 200)
+        frames = FrameProtocol(client=True, extensions=[])
+        got = []
+
+        def on_data(data):
+            frames.receive_bytes(data)
+            got.extend(frames.received_frames())
+        stream.on_data = on_data
+        on_data(stream.body)
+        await until(lambda: any(f.opcode == Opcode.TEXT for f in got))
+        self.assertEqual([f.payload for f in got if f.opcode == Opcode.TEXT], ["greeting from the container"])
+        client.send(stream.id, frames.send_data("let me type", fin=True))
+        await until(lambda: any(f.opcode == Opcode.CLOSE for f in got))
+        close = [f for f in got if f.opcode == Opcode.CLOSE][0]
+        self.assertEqual(close.payload[0], 1008)
+        await stream.done
+        self.assertEqual(self.ws_factory.received, [])
+        await until(lambda: any(line.get("status") == 101 for line in audit_lines(self.node)))
+        line = [line for line in audit_lines(self.node) if line.get("status") == 101][-1]
+        self.assertEqual((line["http"], line["decision"]["read_only"]), ("2", True))
+
     async def test_binary_frame_also_closes(self):
         """A binary data frame is a violation too."""
         proto, factory = await ws_connect(self, self.node, "/ws", headers=bearer(TOKEN))
