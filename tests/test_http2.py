@@ -454,3 +454,28 @@ class OptionsTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 settings_from_mapping(doc)
             self.assertEqual(caught.exception.key, key)
+
+
+class StreamBookkeepingTests(Http2Case):
+    async def test_finished_streams_are_forgotten(self):
+        """Many requests on one connection (GET, HEAD, errors, early answers) leave no stream
+        state behind in the gateway."""
+        client = await h2_connect(self, self.node, self.host)
+        streams = []
+        for i in range(30):
+            streams.append(client.request(b"GET", b"/headers", self.host.encode()))
+            streams.append(client.request(b"HEAD", b"/big?size=100", self.host.encode()))
+            streams.append(client.request(b"GET", b"/", b"nothing-%d.example.com" % i))
+        for stream in streams:
+            await stream.done
+        self.assertEqual({s.status for s in streams}, {200, 421})
+        protocols = _h2_protocols()
+        self.assertEqual(len(protocols), 1)
+        await until(lambda: not protocols[0].streams)
+
+
+def _h2_protocols():
+    import gc
+
+    from hoodyproxy.frontend.http2 import H2ServerProtocol
+    return [o for o in gc.get_objects() if isinstance(o, H2ServerProtocol) and not o.closed]

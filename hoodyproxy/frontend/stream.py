@@ -331,13 +331,14 @@ class StreamRequest:
             self.finished = True
 
     def finish_response(self) -> None:
-        if self.closed or self.finished:
+        if self.closed:
             return
-        if not self.started:
-            self._send_head(end_stream=True)
-        else:
-            self.connection.send_data(self.stream_id, b"", True)
-        self.finished = True
+        if not self.finished:  # (a HEAD or no-body answer finished with its head)
+            if not self.started:
+                self._send_head(end_stream=True)
+            else:
+                self.connection.send_data(self.stream_id, b"", True)
+            self.finished = True
         self._end_input_if_needed()
 
     def _end_input_if_needed(self) -> None:
