@@ -89,7 +89,11 @@ class H2ServerProtocol(Protocol):
         self._reset_window_start = 0.0
         self._last_activity = 0.0
         self._idle_timer = None
-        self._writing = False
+        #: Streams with something to send, flushed together once the current event is
+        #: handled: a response's last bytes and its END_STREAM go in one DATA frame, and a
+        #: response's head, body and end in one TLS write.
+        self._dirty: dict[int, None] = {}
+        self._flush_call = None
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
@@ -153,6 +157,9 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
@@ -259,8 +266,7 @@ class H2ServerProtocol(Protocol):
         except h2.exceptions.ProtocolError:
             self._lost_stream(stream_id)
             return
-        if not self._writing:
-            self._flush_wire()
+        self._schedule(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         stream = self.streams.get(stream_id)
@@ -271,10 +277,23 @@ class H2ServerProtocol(Protocol):
             stream.queued += len(data)
         if end_stream:
             stream.end = True
-        self._flush(stream_id)
         if stream.queued > HIGH_WATER and not stream.output_paused:
-            stream.output_paused = True
-            stream.request.pause_output()
+            self._flush(stream_id)
+            if stream.queued > HIGH_WATER and not stream.output_paused:
+                stream.output_paused = True
+                stream.request.pause_output()
+        self._schedule(stream_id)
+
+    def _schedule(self, stream_id: int) -> None:
+        self._dirty[stream_id] = None
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, {}
+        for stream_id in dirty:
+            self._flush(stream_id)
         self._flush_wire()
 
     def reset_stream(self, stream_id: int, graceful: bool = False) -> None:
