@@ -47,6 +47,7 @@ class Scenario:
     metric: str = "rps"       # rps | mbps | added | mps | rtt | idle | stream
     notes: str = ""
     systems: list[str] = field(default_factory=lambda: list(SYSTEM_ORDER))
+    streams: int = 1          # h2load: concurrent streams per connection (-m)
 
 
 def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Scenario]:
@@ -65,8 +66,16 @@ def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Sc
                  notes=f"wrk -t1 -c8 -d{d:g}s /1m."),
         Scenario("tls-c1", "Added latency at one connection over TLS", "wrk", "tls", "/", 1, dl, "added",
                  notes=f"wrk -t1 -c1 -d{dl:g}s; added p50 = p50 minus direct's (TLS) p50 in the same round."),
-        Scenario("h2", "HTTP/2 over TLS (h2load)", "h2load", "tls", "/", 10, d,
-                 notes=f"h2load -t1 -c10 -m10 -D{d:g} --npn-list=h2; n/a where the system does not negotiate h2."),
+        Scenario("h2-mux", "HTTP/2 over TLS, 4 connections x 10 streams, small responses", "h2load", "tls", "/", 4,
+                 d, streams=10,
+                 notes=f"h2load -t1 -c4 -m10 -D{d:g} --npn-list=h2, 12-byte body; only a run whose ALPN settled on "
+                       "h2 counts (n/a otherwise). Upstream: HTTP/1.1 to the same backend (direct: the backend's "
+                       "own h2 TLS port). Twisted's rows are ReverseProxyResource served by Twisted's own HTTP/2 "
+                       "server (twisted.web._http2.H2Connection, chosen by ALPN)."),
+        Scenario("h2-c1", "HTTP/2 over TLS, one connection, one stream: added latency", "h2load", "tls", "/", 1, dl,
+                 "added", streams=1,
+                 notes=f"h2load -t1 -c1 -m1 -D{dl:g} --npn-list=h2; p50/p99 from h2load's per-request log; "
+                       "added p50 = the system's p50 minus direct's (h2) p50 in the same round."),
         Scenario("ws-echo", "WebSocket echo over TLS, 16 connections", "ws", "ws", "/echo", 16, d, "mps",
                  notes=f"bench/ws_client.py: 16 connections, one 32-byte binary message in flight on each, "
                        f"{d:g}s; backend: the demo's autobahn echo (direct: its own TLS port)."),
@@ -92,7 +101,7 @@ def select(all_scenarios: list[Scenario], only: str | None) -> list[Scenario]:
     unknown = [w for w in words if not any(s.key == w or s.key.startswith(w + "-") for s in all_scenarios)]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; known: "
-                         + ", ".join(s.key for s in all_scenarios) + " (or a prefix: plain, tls, ws)")
+                         + ", ".join(s.key for s in all_scenarios) + " (or a prefix: plain, tls, h2, ws)")
     return chosen
 
 
@@ -263,7 +272,7 @@ class Harness:
             scheme = "http" if sc.transport == "plain" else "https"
             return loadgen.wrk(f"{scheme}://127.0.0.1:{ep.port}{sc.path}", ep.host, sc.conns, sc.duration)
         if sc.kind == "h2load":
-            return loadgen.h2load(f"https://127.0.0.1:{ep.port}{sc.path}", ep.host, sc.conns, 10, sc.duration)
+            return loadgen.h2load(f"https://127.0.0.1:{ep.port}{sc.path}", ep.host, sc.conns, sc.streams, sc.duration)
         return loadgen.ws_echo(ep.port, ep.host or "localhost", sc.conns, sc.duration, tls=True)
 
     # 10,000 idle WebSockets --------------------------------------------------------------

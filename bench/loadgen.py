@@ -6,6 +6,7 @@ subprocess timeout), so its CPU is never counted as the proxy's.  Only 127.0.0.1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -129,31 +130,54 @@ class NoH2(LoadError):
 
 
 def h2load(url: str, host: str | None, clients: int, streams: int, duration: float) -> dict:
-    """``h2load -t1 -cC -mM -D S`` over TLS offering only h2; returns req/s."""
-    args = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", f"-D{max(1, round(duration))}", "--npn-list=h2"]
+    """``h2load -t1 -cC -mM -D S`` over TLS offering only h2 (ALPN); req/s and latencies (us).
+
+    Only a run in which ALPN settled on h2 counts: anything else raises :class:`NoH2`.
+    Latency percentiles come from h2load's per-request log (``--log-file``).
+    """
+    import tempfile
+    fd, log_path = tempfile.mkstemp(prefix="bench-h2load-", suffix=".log")
+    os.close(fd)
+    args = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", f"-D{max(1, round(duration))}", "--npn-list=h2",
+            f"--log-file={log_path}"]
     if host:
         args += ["-H", f":authority: {host}"]
     args.append(url)
     try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
-    except subprocess.TimeoutExpired:
-        raise LoadError("h2load did not finish in time")
-    text = out.stdout + out.stderr
-    proto = re.search(r"Application protocol: (\S+)", text)
-    negotiated = proto.group(1) if proto else None
-    if negotiated not in (None, "h2") or (negotiated is None and "No protocol negotiated" in text):
-        raise NoH2("does not speak h2 (ALPN)")
-    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
-    req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
-    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
-    if not fin or not req:
-        raise LoadError(f"h2load failed ({out.returncode}): {text.strip()[-200:]}")
-    succeeded, failed = int(req.group(4)), int(req.group(5))
-    bad = int(codes.group(3)) + int(codes.group(4)) if codes else 0
-    if succeeded == 0 or failed + bad > 0.01 * succeeded:
-        raise LoadError(f"h2load: {succeeded} succeeded, {failed} failed, {bad} 4xx/5xx")
-    seconds = float(fin.group(1))
-    return {"ops": succeeded, "seconds": seconds, "rps": succeeded / seconds}
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            raise LoadError("h2load did not finish in time")
+        text = out.stdout + out.stderr
+        proto = re.search(r"Application protocol: (\S+)", text)
+        if proto is None or proto.group(1) != "h2":
+            raise NoH2("does not speak h2 (ALPN: " + (proto.group(1) if proto else "none") + ")")
+        fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+        req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed", text)
+        codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+        if not fin or not req:
+            raise LoadError(f"h2load failed ({out.returncode}): {text.strip()[-200:]}")
+        succeeded, failed = int(req.group(4)), int(req.group(5))
+        bad = int(codes.group(3)) + int(codes.group(4)) if codes else 0
+        if succeeded == 0 or failed + bad > 0.01 * succeeded:
+            raise LoadError(f"h2load: {succeeded} succeeded, {failed} failed, {bad} 4xx/5xx")
+        seconds = float(fin.group(1))
+        result = {"ops": succeeded, "seconds": seconds, "rps": succeeded / seconds, "protocol": "h2",
+                  "errors": failed + bad}
+        latencies = []
+        with open(log_path) as f:
+            for line in f:
+                cols = line.split("\t")
+                if len(cols) >= 3 and cols[1].startswith("2"):
+                    latencies.append(int(cols[2]))
+        if latencies:
+            latencies.sort()
+            pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+            result.update(p50_us=pick(0.5), p90_us=pick(0.9), p99_us=pick(0.99))
+        return result
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(log_path)
 
 
 # -- WebSocket -------------------------------------------------------------------------

@@ -78,11 +78,13 @@ def start_backend() -> tuple[Process, int]:
 class Gateway(Process):
     """``twistd -n hoodyproxy`` on loopback ports with a fresh data directory."""
 
-    def __init__(self, extra: list[str] | None = None) -> None:
+    def __init__(self, extra: list[str] | None = None, wrapper: list[str] | None = None) -> None:
+        """``wrapper``: a command line that replaces ``twistd`` (and is given twistd's arguments),
+        e.g. ``[python, "bench/profiled_twistd.py", OUT]``."""
         self.data_dir = tempfile.mkdtemp(prefix="hoodyproxy-bench-")
         self.https_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        super().__init__([twistd, "-n", "--pidfile=", "hoodyproxy", "--data-dir", self.data_dir,
+        twistd = wrapper or [os.path.join(os.path.dirname(sys.executable), "twistd")]
+        super().__init__([*twistd, "-n", "--pidfile=", "hoodyproxy", "--data-dir", self.data_dir,
                           "--https", f"127.0.0.1:{self.https_port}", "--http", f"127.0.0.1:{self.http_port}",
                           "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.devnull,
                           # Loopback only: the forwarding headers carry the client address, and

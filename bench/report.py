@@ -71,7 +71,7 @@ def short(sc, res: dict) -> str:
     if sc.metric == "mbps":
         return f"{res['mbps']:.0f}MB/s{cpu}"
     if sc.metric == "added":
-        return f"p50={res['p50_us']}us{cpu}"
+        return f"p50={res.get('p50_us', '?')}us{cpu}"
     if sc.metric == "mps":
         return f"{res['mps']:.0f}msg/s{cpu}"
     if sc.metric == "rtt":
@@ -355,6 +355,14 @@ def markdown(meta: dict, results: dict) -> str:
                                  stream_rows(table)))
         else:
             out.append(_md_table(HEADERS[sc["metric"]], scenario_rows(sc, table)))
+    h2_headers, h2_rows, h2_text = http2_summary(meta, results)
+    if h2_rows:
+        out += ["", "## HTTP/2 by system", "",
+                "Medians from the HTTP/2 scenarios above; HTTP/1.1 TLS CPU/req from the TLS keep-alive run of this "
+                f"file where measured; *x Twisted H2* is req/s over {LABELS[H2_PEER]} served by Twisted's own "
+                "HTTP/2 server.", "", _md_table(h2_headers, h2_rows)]
+        if h2_text:
+            out += ["", h2_text]
     return "\n".join(out) + "\n"
 
 
@@ -374,11 +382,16 @@ def _rst(text: str) -> str:
     return text.replace("*", "\\*").replace("`", "'").replace("|", "\\|")
 
 
+def _h2_key(results: dict) -> str:
+    """The multiplexed HTTP/2 scenario: ``h2-mux`` (c4 m10), or ``h2`` (c10 m10) in runs before it."""
+    return "h2-mux" if "h2-mux" in results else "h2"
+
+
 def summary_rows(meta: dict, results: dict) -> tuple[list[str], list[list[str]]]:
     sc = {s["key"]: s for s in meta["scenarios"]}
     cols = [("tls-small", "value", "TLS req/s", _num), ("tls-small", "cpu_us_per_op", "TLS CPU/req", _us),
             ("tls-c1", "added", "TLS added p50, c=1", _signed_us), ("tls-1m", "value", "TLS 1 MiB MB/s", _num),
-            ("h2", "value", "h2 req/s", _num), ("ws-echo", "value", "WS messages/s", _num),
+            (_h2_key(results), "value", "h2 req/s", _num), ("ws-echo", "value", "WS messages/s", _num),
             ("plain-small", "value", "plain req/s", _num), ("tls-small", "rss_kib", "RSS", _mib)]
     cols = [c for c in cols if c[0] in results and c[0] in sc]
     headers = ["system"] + [c[2] for c in cols]
@@ -398,6 +411,59 @@ def summary_rows(meta: dict, results: dict) -> tuple[list[str], list[list[str]]]
         if any_value:
             rows.append([LABELS[key]] + cells)
     return headers, rows
+
+
+H2_PEER = "twisted-rpr-ka"   # Twisted's own HTTP/2 server in front of ReverseProxyResource
+
+
+def http2_summary(meta: dict, results: dict) -> tuple[list[str], list[list[str]], str]:
+    """The HTTP/2 table (one row per system that was measured over h2) and a sentence
+    comparing the gateway (1 worker) with Twisted's own HTTP/2 server."""
+    sc = {s["key"]: s for s in meta["scenarios"]}
+    mux = _h2_key(results)
+    if mux not in results or mux not in sc:
+        return [], [], ""
+
+    def st(scenario: str, key: str) -> dict | None:
+        if scenario not in results or scenario not in sc or key not in results[scenario]:
+            return None
+        return system_stats(sc[scenario], results[scenario], key)
+
+    m = sc[mux]
+    cols = [(mux, "value", f"h2 req/s (c{m['conns']} m{m.get('streams', 10)})", _num),
+            (mux, "cpu_us_per_op", "h2 CPU/req", _us),
+            ("tls-small", "cpu_us_per_op", "HTTP/1.1 TLS CPU/req", _us),
+            ("h2-c1", "added", "h2 added p50, c=1 m=1", _signed_us)]
+    cols = [c for c in cols if c[0] in results and c[0] in sc]
+    peer = st(mux, H2_PEER)
+    peer_rps = peer and peer.get("value")
+    headers = ["system"] + [c[2] for c in cols] + ["x Twisted H2 (req/s)"]
+    rows = []
+    for key in SYSTEM_ORDER:
+        cells, any_value = [], False
+        for scen, fld, _, fmt in cols:
+            s = st(scen, key)
+            val = s.get(fld) if s else None
+            if key == "direct" and fld == "cpu_us_per_op":
+                val = None
+            any_value = any_value or (val is not None and scen != "tls-small")
+            na = ((results.get(scen) or {}).get(key) or {}).get("na")
+            cells.append(fmt(val) if val is not None else ("n/a" if na else "-"))
+        if not any_value and not (results[mux].get(key) or {}).get("na"):
+            continue
+        mine = st(mux, key)
+        cells.append(_ratio(mine and mine.get("value"), peer_rps))
+        rows.append([LABELS[key]] + cells)
+    gw = st(mux, "gateway-1")
+    text = ""
+    if gw and peer and gw.get("value") and peer_rps:
+        text = (f"{LABELS['gateway-1']} over HTTP/2: {gw['value'] / peer_rps:.2f}x the requests per second of "
+                f"Twisted's own HTTP/2 server ({gw['value']:,.0f} vs {peer_rps:,.0f})")
+        if gw.get("cpu_us_per_op") and peer.get("cpu_us_per_op"):
+            text += (f", at {gw['cpu_us_per_op']:,.0f} us of CPU per request against "
+                     f"{peer['cpu_us_per_op']:,.0f} us ({gw['cpu_us_per_op'] / peer['cpu_us_per_op']:.2f}x)")
+        text += "."
+    return headers, rows, text
 
 
 def doc_block(meta: dict, results: dict, results_path: str) -> str:
@@ -426,6 +492,16 @@ def doc_block(meta: dict, results: dict, results_path: str) -> str:
                   "CPU/req and RSS are the proxy's (all its processes) in the TLS small-response run; "
                   "*added p50* is the system's median latency at one connection minus the backend's own.", ""]
         lines += _rst_list_table(headers, rows)
+    h2_headers, h2_rows, h2_text = http2_summary(meta, results)
+    if h2_rows:
+        lines += ["", "HTTP/2 in this run", "~~~~~~~~~~~~~~~~~~", "",
+                  "h2load over TLS with ALPN h2 only, 12-byte responses, the same backend over HTTP/1.1 behind "
+                  "every proxy. Twisted's rows: ReverseProxyResource served by Twisted's own HTTP/2 server "
+                  "(``H2Connection``). CPU/req is the proxy's, from the multiplexed run; the HTTP/1.1 column "
+                  "is the TLS keep-alive run (``wrk -c50``) of the same run, where measured.", ""]
+        lines += _rst_list_table(h2_headers, h2_rows)
+        if h2_text:
+            lines += ["", h2_text]
     idle = _ok_rounds((results.get("ws-idle") or {}).get("gateway-1"))
     stream = _ok_rounds((results.get("stream") or {}).get("gateway-1"))
     extra = []
