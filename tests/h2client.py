@@ -15,7 +15,10 @@ import h2.events
 import h2.settings
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
+from OpenSSL import SSL
+from zope.interface import implementer
 
 
 class StreamResult:
@@ -174,11 +177,31 @@ class H2Client(Protocol):
         self.flush()
 
 
-async def h2_connect(case, node, sni: str, **kw) -> H2Client:
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """TLS with SNI and ALPN h2 but no certificate check (``curl -k``)."""
+
+    def __init__(self, sni: str) -> None:
+        self.sni = sni
+
+    def clientConnectionForTLS(self, tls_protocol):
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_alpn_protos([b"h2"])
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tls_protocol)
+        connection.set_tlsext_host_name(self.sni.encode())
+        connection.set_connect_state()
+        return connection
+
+
+async def h2_connect(case, node, sni: str, *, verify: bool = True, **kw) -> H2Client:
     """An HTTP/2 connection to the node over TLS with SNI ``sni``, closed at cleanup."""
     with open(node.ca_path, "rb") as f:
         ca = ssl.Certificate.loadPEM(f.read())
-    options = ssl.optionsForClientTLS(sni, trustRoot=ca, acceptableProtocols=[b"h2"])
+    if verify:
+        options = ssl.optionsForClientTLS(sni, trustRoot=ca, acceptableProtocols=[b"h2"])
+    else:
+        options = _Unverified(sni)
     endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", node.https_port))
     client = await connectProtocol(endpoint, H2Client(**kw))
 

@@ -207,6 +207,18 @@ class StreamTests(Http2Case):
         await ok.done
         self.assertEqual(ok.status, 200)
 
+    async def test_the_sni_name_itself_is_not_misdirected(self):
+        """A client that asked for a name in its handshake and took the certificate it got
+        (no certificate of its own yet, verification off) is routed as over HTTP/1.1; only
+        other names on that connection are misdirected."""
+        client = await h2_connect(self, self.node, "shop.example.com", verify=False)
+        same = client.request(b"GET", b"/", b"shop.example.com")
+        other = client.request(b"GET", b"/", b"other.example.com")
+        await same.done
+        await other.done
+        self.assertEqual(json.loads(same.body)["error"], "unknown_host")
+        self.assertEqual(other.status, 421)
+
     async def test_permissions_apply_to_http2(self):
         """A bearer-token permission set guards HTTP/2 streams exactly as HTTP/1.1 requests."""
         pool = HTTPConnectionPool(reactor, persistent=False)

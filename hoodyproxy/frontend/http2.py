@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
-from hoodyproxy.tls.context import name_covered
+from hoodyproxy.tls.context import name_covered, server_name
 
 log = Logger()
 
@@ -202,14 +202,16 @@ class H2ServerProtocol(Protocol):
     # -- requests ------------------------------------------------------------------------
 
     def _covers(self, host: str) -> bool:
-        names = self._names
-        if names is None:
-            names = frozenset()
+        """Whether this connection's certificate (or SNI name) covers ``host`` (else 421)."""
+        if self._names is None:
+            names, sni = frozenset(), None
             handle = getattr(self.transport, "getHandle", None)
             if self.certificates is not None and handle is not None:
-                names = self.certificates.names_of_context(handle().get_context())
-            self._names = names
-        return name_covered(names, host)
+                connection = handle()
+                names = self.certificates.names_of_context(connection.get_context())
+                sni = server_name(connection)
+            self._names, self._sni = names, sni
+        return name_covered(self._names, host, self._sni)
 
     def _request(self, event) -> None:
         stream_id = event.stream_id

@@ -78,6 +78,8 @@ class GatewayQuicConnection(QuicConnection):
 
     #: The DNS names of the certificate served on this connection (for the 421 check).
     dns_names: frozenset[str] = frozenset()
+    #: The name the client asked for in its ClientHello (SNI), if any.
+    sni: str | None = None
     #: ``may_extend(stream_id)``: whether the stream's credit may grow now.
     may_extend: Callable[[int], bool] | None = None
 
@@ -115,6 +117,7 @@ class GatewayQuicConnection(QuicConnection):
         self.tls.certificate_chain = list(chain)
         self.tls.certificate_private_key = key
         self.dns_names = names
+        self.sni = server_name
 
     def _write_stream_limits(self, builder, space, stream) -> None:
         """MAX_STREAM_DATA for a request stream: the highest offset received plus one
@@ -280,9 +283,9 @@ class H3Session:
 
     def _new_request(self, stream_id: int, headers, ended: bool) -> None:
         local = self.listener.port.getHost()
-        dns_names = self.quic.dns_names
+        dns_names, sni = self.quic.dns_names, self.quic.sni
         common = {"client": self.peer, "host": _address(local.host, local.port), "version": b"HTTP/3",
-                  "covers": lambda host: name_covered(dns_names, _bare_host(host))}
+                  "covers": lambda host: name_covered(dns_names, _bare_host(host), sni)}
         fields, problem = parse_request_head(headers, ended)
         request = StreamRequest(self, stream_id, **fields, **common)
         request.problem = problem

@@ -83,12 +83,18 @@ def _dns_names(certificate) -> frozenset[str]:
     return frozenset(n for n in (normalize_hostname(d) for d in san.get_values_for_type(x509.DNSName)) if n)
 
 
-def name_covered(names: frozenset[str], hostname: str | None) -> bool:
-    """Whether a certificate valid for ``names`` covers ``hostname`` (one-label wildcards)."""
+def name_covered(names: frozenset[str], hostname: str | None, sni: str | None = None) -> bool:
+    """Whether a connection whose certificate is valid for ``names`` (and whose client
+    asked for ``sni`` in its handshake) may carry requests for ``hostname``.
+
+    One-label wildcards count.  So does the SNI name itself: a client that accepted the
+    certificate for the very name it asked for (a domain not yet issued its own
+    certificate, with verification off) is not coalescing, and gets what HTTP/1.1 gives.
+    """
     name = normalize_hostname(hostname)
     if name is None:
         return False
-    if name in names:
+    if name in names or (sni is not None and name == normalize_hostname(sni)):
         return True
     return "." in name and "*." + name.split(".", 1)[1] in names
 
