@@ -715,7 +715,8 @@ class MalformedHeadTests(UpstreamClientTestCase):
 
 
 class TimeoutTests(UpstreamClientTestCase):
-    """The response timeout covers the wait for the response head only."""
+    """The response timeout covers the wait for the response head only, counted from the
+    end of the request body; while the body goes up, from its last progress."""
 
     def test_noHeadInTimeFails(self):
         """No head within ``timeout`` fails with ("timeout", False) and aborts."""
@@ -759,6 +760,33 @@ class TimeoutTests(UpstreamClientTestCase):
         h.send()
         h.lose()
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_slowUploadIsNotLate(self):
+        """While the body keeps moving the response is not due: a slow upload longer than
+        ``timeout`` succeeds, and the wait for the head counts from the end of the body."""
+        h = Harness()
+        h.send(has_body=True, timeout=5)
+        for _ in range(10):  # 40 s of upload, a piece every 4 s
+            h.clock.advance(4)
+            h.conn.write_body(b"x" * 100)
+        self.assertEqual(h.listener.failures(), [])
+        h.conn.end_body()
+        h.clock.advance(4.5)
+        self.assertEqual(h.listener.failures(), [])
+        h.clock.advance(1)
+        self.assertEqual(h.listener.failures(), [("failed", "timeout", False)])
+
+    def test_stalledUploadTimesOut(self):
+        """A body that stops moving (the container reads nothing) times out after ``timeout``."""
+        h = Harness()
+        h.send(has_body=True, timeout=5)
+        h.clock.advance(3)
+        h.conn.write_body(b"x" * 100)
+        h.clock.advance(4.5)
+        self.assertEqual(h.listener.failures(), [])
+        h.clock.advance(1)
+        self.assertEqual(h.listener.failures(), [("failed", "timeout", False)])
+        self.assertTrue(h.aborted)
 
     def test_timeoutIsPerExchange(self):
         """A reused connection gets a fresh timeout, and only one timer at a time."""

@@ -120,6 +120,10 @@ class UpstreamConnection(Protocol):
         self._request_done = not has_body
         self._head_request = head_request
         self._upgrade = upgrade
+        # The response timeout counts from the end of the request; while a body is still
+        # going up, it is the longest time without progress (a slow upload is not late).
+        self._timeout_period = timeout
+        self._progress = self.clock.seconds()
         self._timeout = self.clock.callLater(timeout, self._response_timed_out)
         self.transport.write(head)
 
@@ -127,6 +131,7 @@ class UpstreamConnection(Protocol):
         """Forward a piece of the request body."""
         if self.state in (CLOSED, UPGRADED) or self._request_done or not data:
             return
+        self._progress = self.clock.seconds()
         if self._chunked_body:
             self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
@@ -137,6 +142,7 @@ class UpstreamConnection(Protocol):
         if self._request_done:
             return
         self._request_done = True
+        self._progress = self.clock.seconds()
         if self.state not in (CLOSED, UPGRADED) and self._chunked_body:
             self.transport.write(b"0\r\n\r\n")
         if self.state == IDLE:
@@ -383,6 +389,11 @@ class UpstreamConnection(Protocol):
 
     def _response_timed_out(self) -> None:
         self._timeout = None
+        waited = self.clock.seconds() - self._progress
+        if waited < self._timeout_period:
+            # The request body moved (or ended) since: wait the rest from then.
+            self._timeout = self.clock.callLater(self._timeout_period - waited, self._response_timed_out)
+            return
         self._fail("timeout")
 
     def _fail(self, why: str) -> None:
