@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from tests import backends
