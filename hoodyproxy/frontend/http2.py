@@ -110,9 +110,9 @@ class H2ServerProtocol(Protocol):
         self._reset_window_start = 0.0
         self._last_activity = 0.0
         self._idle_timer = None
-        #: Streams with something to send, flushed together once the current event is
-        #: handled: a response's last bytes and its END_STREAM go in one DATA frame, and a
-        #: response's head, body and end in one TLS write.
+        #: Streams with something to send, flushed together on the next reactor turn
+        #: unless their response ends first (then at once): a response's last bytes and
+        #: END_STREAM go in one DATA frame, its head, body and end in one TLS write.
         self._dirty: dict[int, None] = {}
         self._flush_call = None
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
@@ -289,7 +289,10 @@ class H2ServerProtocol(Protocol):
         except h2.exceptions.ProtocolError:
             self._lost_stream(stream_id)
             return
-        self._schedule(stream_id)
+        if end_stream:
+            self._flush_now(stream_id)
+        else:
+            self._schedule(stream_id)
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         stream = self.streams.get(stream_id)
@@ -300,12 +303,27 @@ class H2ServerProtocol(Protocol):
             stream.queued += len(data)
         if end_stream:
             stream.end = True
+        if end_stream:
+            self._flush_now(stream_id)
+            return
         if stream.queued > HIGH_WATER and not stream.output_paused:
             self._flush(stream_id)
             if stream.queued > HIGH_WATER and not stream.output_paused:
                 stream.output_paused = True
                 stream.request.pause_output()
         self._schedule(stream_id)
+
+    def _flush_now(self, stream_id: int) -> None:
+        """The response is complete: send it now (its last bytes carry END_STREAM), and
+        drop the deferred flush if nothing else waits for it."""
+        self._dirty.pop(stream_id, None)
+        self._flush(stream_id)
+        self._flush_wire()
+        call = self._flush_call
+        if call is not None and not self._dirty:
+            self._flush_call = None
+            if call.active():
+                call.cancel()
 
     def _schedule(self, stream_id: int) -> None:
         self._dirty[stream_id] = None
