@@ -144,13 +144,12 @@ class Settings:
         """The public HTTPS port (used in redirects)."""
         return self.https[0].port
 
-    @property
-    def alt_svc(self) -> bytes | None:
-        """The ``Alt-Svc`` value advertising HTTP/3, or None when HTTP/3 is off."""
+    def alt_svc_for(self, https_port: int) -> bytes | None:
+        """The ``Alt-Svc`` value advertising HTTP/3 beside ``https_port`` (the port actually
+        bound), or None when HTTP/3 is off."""
         if not self.http3_enabled:
             return None
-        port = self.http3_advertised_port or self.https_port
-        return b'h3=":%d"; ma=86400' % port
+        return b'h3=":%d"; ma=86400' % (self.http3_advertised_port or https_port)
 
     @property
     def audit_file(self) -> str:

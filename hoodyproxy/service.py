@@ -149,7 +149,7 @@ class GatewayStack:
         self.aliases = AliasStore(self.directory._conn, node=s.node, zone=s.zone, programs=s.programs)
         self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy,
                                aliases=self.aliases)
-        self.gateway.alt_svc = s.alt_svc
+        self.gateway.alt_svc = s.alt_svc_for(s.https_port)
 
     def https_factory(self):
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
@@ -264,9 +264,7 @@ class NodeService(service.MultiService):
             for addr in https_bound:
                 self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
                                                         certificates=self.stack.certificates, settings=s))
-            self.gateway.alt_svc = b'h3=":%d"; ma=86400' % (s.http3_advertised_port or https_bound[0].port)
-        else:
-            self.gateway.alt_svc = None
+        self.gateway.alt_svc = s.alt_svc_for(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
         issuer = None

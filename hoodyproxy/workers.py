@@ -176,9 +176,8 @@ def worker_main(argv: list[str]) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     settings = settings_from_mapping(spec["settings"])
     stack = GatewayStack(settings, reactor, generate_certificates=False)
-    if settings.http3_enabled:
-        # Worker 0 serves HTTP/3 on the HTTPS port number actually bound; say so here too.
-        stack.gateway.alt_svc = b'h3=":%d"; ma=86400' % (settings.http3_advertised_port or spec["https"][0][1])
+    # Worker 0 serves HTTP/3 on the HTTPS port number actually bound; say so here too.
+    stack.gateway.alt_svc = settings.alt_svc_for(spec["https"][0][1])
     ports = []
     for interface, port in spec["https"]:
         ports.append(listen_reuseport(reactor, ListenAddress(interface, port), stack.https_factory()))

@@ -453,8 +453,8 @@ class OptionsTests(unittest.SynchronousTestCase):
         settings = settings_from_mapping({}, options.overrides())
         self.assertEqual((settings.http3_enabled, settings.http2_enabled, settings.http3_advertised_port),
                          (False, False, 4433))
-        self.assertIsNone(settings.alt_svc)
-        self.assertEqual(settings_from_mapping({}).alt_svc, b'h3=":8443"; ma=86400')
+        self.assertIsNone(settings.alt_svc_for(8443))
+        self.assertEqual(settings_from_mapping({}).alt_svc_for(8443), b'h3=":8443"; ma=86400')
 
     def test_bad_values_name_their_key(self):
         from hoodyproxy.config import ConfigError, settings_from_mapping

@@ -298,7 +298,7 @@ class H3Session:
         local = self.listener.port.getHost()
         dns_names, sni = self.quic.dns_names, self.quic.sni
         common = {"client": self.peer, "host": _address(local.host, local.port), "version": b"HTTP/3",
-                  "covers": lambda host: name_covered(dns_names, _bare_host(host), sni)}
+                  "covers": lambda host: name_covered(dns_names, host, sni)}
         fields, problem = parse_request_head(headers, ended)
         request = StreamRequest(self, stream_id, **fields, **common)
         request.problem = problem
@@ -467,15 +467,6 @@ class H3Session:
         self._timer = self._soon = None
         self._lose_all()
         self.listener.connection_terminated(self)
-
-
-def _bare_host(host: bytes | str | None) -> str | None:
-    """A Host/:authority value without its port (for the certificate check)."""
-    if isinstance(host, bytes):
-        host = host.decode("ascii", "replace")
-    if not host or host.startswith("["):
-        return None
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class HTTP3Listener(DatagramProtocol):

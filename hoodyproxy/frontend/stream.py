@@ -161,6 +161,7 @@ class StreamRequest:
     _discarded = 0
     _answered_early = False
     _input_paused = False
+    _no_body = False  # a HEAD or a no-body status: the head ends the stream
     #: A GatewayError only the frontend could detect (the gateway answers it on the one path).
     problem = None
 
@@ -318,8 +319,6 @@ class StreamRequest:
         if data and not self._no_body:
             self.sentLength += len(data)
             self.connection.send_data(self.stream_id, data, False)
-
-    _no_body = False
 
     def _send_head(self, end_stream: bool) -> None:
         self.started = True
