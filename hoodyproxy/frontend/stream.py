@@ -420,15 +420,9 @@ class StreamTunnelTransport:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        request = self.request
-        if not request.closed:
-            request.connection.send_data(request.stream_id, b"", True)
-            request.finished = True
-            if request.body_complete:
-                request._close()
-            else:
-                request.connection.reset_stream(request.stream_id, graceful=True)
-                request._close()
+        # Ending the tunnel is ending the response: END_STREAM, and the client's side
+        # reset gracefully if it is still open.
+        self.request.finish_response()
 
     def abortConnection(self) -> None:
         self.request.abort()
