@@ -22,6 +22,16 @@ INDEX_KINDS = ("instance", "port")
 SERVICE_KINDS = ("terminal", "display", "sqlite", "files", "http", "generic")
 #: How a container learns the client's address (see docs/real-client-ip.rst).
 CLIENT_IP_MODES = ("auto", "transparent", "proxy-protocol", "headers")
+#: The method and path sets each built-in service kind lets a program set, and whether
+#: each holds paths or methods (see docs/permissions.rst).
+KIND_OPTIONS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "terminal": MappingProxyType({"exec_paths": "paths"}),
+    "files": MappingProxyType({"read_methods": "methods"}),
+    "display": MappingProxyType({"view_methods": "methods"}),
+    "sqlite": MappingProxyType({"query_methods": "methods", "query_paths": "paths"}),
+})
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
+_OPTION_PATH = re.compile(r"^/[!$&'()*+,=:@A-Za-z0-9._~/-]{0,255}$")
 #: Routing tables the kernel reserves (unspec, default, main, local): never ours.
 RESERVED_TABLES = frozenset({0, 253, 254, 255})
 
@@ -63,6 +73,10 @@ class Program:
     max_instance: int = 999
     #: This program's client IP mode, overriding the node's (``[client_ip] mode``); None: the node's.
     client_ip: str | None = None
+    #: The kind's method and path sets as this program sets them (``exec_paths``,
+    #: ``read_methods``...; see :data:`KIND_OPTIONS`), as sorted (key, values) pairs;
+    #: empty: the kind's defaults.
+    kind_options: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 DEFAULT_PROGRAMS = {
@@ -109,6 +123,9 @@ class Settings:
     client_idle_timeout: float = 75.0
     websocket_handshake_timeout: float = 10.0
     websocket_idle_timeout: float = 3600.0
+    #: Seconds from the first byte of a request (or of a TLS handshake, or of an HTTP/2
+    #: or HTTP/3 header block) to the end of its head: past it, 408 and close.
+    request_head_timeout: float = 30.0
     programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
     workers: int = 1
@@ -218,13 +235,17 @@ def _program(name: str, table: Any) -> Program:
     if not isinstance(table, dict):
         raise ConfigError(key, "must be a table")
     base = DEFAULT_PROGRAMS.get(name, Program(name))
-    unknown = set(table) - {"index", "port", "kind", "max_instance", "client_ip"}
+    kind = table.get("kind", base.kind)
+    allowed_options = KIND_OPTIONS.get(kind, {}) if isinstance(kind, str) else {}
+    unknown = set(table) - {"index", "port", "kind", "max_instance", "client_ip"} - set(allowed_options)
     if unknown:
-        raise ConfigError(f"{key} {sorted(unknown)[0]}", "unknown key")
+        first = sorted(unknown)[0]
+        owners = [k for k, opts in KIND_OPTIONS.items() if first in opts]
+        raise ConfigError(f"{key} {first}",
+                          f"only a program of kind {' or '.join(owners)} has it" if owners else "unknown key")
     index = table.get("index", base.index)
     if index not in INDEX_KINDS:
         raise ConfigError(f"{key} index", f"must be one of {', '.join(INDEX_KINDS)}")
-    kind = table.get("kind", base.kind)
     if kind not in SERVICE_KINDS:
         raise ConfigError(f"{key} kind", f"must be one of {', '.join(SERVICE_KINDS)}")
     port = table.get("port", base.port if index == "instance" else None)
@@ -243,7 +264,25 @@ def _program(name: str, table: Any) -> Program:
     client_ip = table.get("client_ip", base.client_ip)
     if client_ip is not None and client_ip not in CLIENT_IP_MODES:
         raise ConfigError(f"{key} client_ip", f"must be one of {', '.join(CLIENT_IP_MODES)}")
-    return Program(name, index, port, kind, max_instance, client_ip)
+    options = []
+    for option, what in sorted(allowed_options.items()):
+        if option in table:
+            options.append((option, _option_values(f"{key} {option}", table[option], what)))
+    return Program(name, index, port, kind, max_instance, client_ip, tuple(options))
+
+
+def _option_values(key: str, value: Any, what: str) -> tuple[str, ...]:
+    """A kind's method or path set from the config: a list of upper-case method names, or of
+    absolute paths (matched as prefixes at segment boundaries)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"must be a list of {what}")
+    pattern, example = (_METHOD, "GET") if what == "methods" else (_OPTION_PATH, "/exec")
+    for item in value:
+        if not pattern.match(item):
+            raise ConfigError(key, f"{item!r} is not a {what[:-1]} (like {example!r})")
+        if what == "paths" and ("//" in item or any(seg in (".", "..") for seg in item.split("/"))):
+            raise ConfigError(key, f"{item!r} is not a plain path (no empty, '.' or '..' segments)")
+    return tuple(dict.fromkeys(value))
 
 
 _SCHEMA: dict[str, set[str]] = {
@@ -255,6 +294,7 @@ _SCHEMA: dict[str, set[str]] = {
     "upstream": {"connect_timeout", "response_timeout", "pool_idle_timeout", "pool_max_idle"},
     "client": {"idle_timeout"},
     "websocket": {"handshake_timeout", "idle_timeout"},
+    "limits": {"request_head_timeout"},
     "programs": set(),
     "demo": {"enabled"},
     "acme": {"directory", "email", "challenge", "ca_bundle", "verify_cname"},
@@ -328,6 +368,7 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         ("client", "idle_timeout", "client_idle_timeout", False),
         ("websocket", "handshake_timeout", "websocket_handshake_timeout", False),
         ("websocket", "idle_timeout", "websocket_idle_timeout", False),
+        ("limits", "request_head_timeout", "request_head_timeout", False),
     ):
         kw[attr] = _number(f"[{section}] {name}", get(section, name, getattr(d, attr)), integer=integer)
     programs = dict(DEFAULT_PROGRAMS)
@@ -418,9 +459,11 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
         "client": {"idle_timeout": s.client_idle_timeout},
         "websocket": {"handshake_timeout": s.websocket_handshake_timeout,
                       "idle_timeout": s.websocket_idle_timeout},
+        "limits": {"request_head_timeout": s.request_head_timeout},
         "programs": {name: {"index": p.index, "kind": p.kind, "max_instance": p.max_instance,
                             **({"port": p.port} if p.port is not None else {}),
-                            **({"client_ip": p.client_ip} if p.client_ip is not None else {})}
+                            **({"client_ip": p.client_ip} if p.client_ip is not None else {}),
+                            **{option: list(values) for option, values in p.kind_options}}
                      for name, p in s.programs.items()},
         "demo": {"enabled": s.demo},
         "acme": {"directory": s.acme_directory or "", "email": s.acme_email or "",
