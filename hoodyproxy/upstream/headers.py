@@ -4,7 +4,10 @@ RFC 9110 section 7.6.1: ``Connection`` and every header it names, ``Keep-Alive``
 ``Proxy-Connection``, ``TE``, ``Transfer-Encoding`` and ``Upgrade`` belong to one hop and
 are never forwarded (an Upgrade the gateway relays is re-added by the gateway).  The
 forwarding headers are always the gateway's own: whatever the client sent in their place
-is dropped, so a client cannot claim another address.
+is dropped, so a client cannot claim another address -- in any spelling: names are
+compared with ``_`` and ``-`` alike (CGI and WSGI servers merge ``X_Forwarded_For`` with
+``X-Forwarded-For``), and every header some framework reads a client address from
+(``True-Client-IP``, ``CF-Connecting-IP``...) is dropped too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,27 @@ GATEWAY_OWNED = frozenset({
     b"forwarded", b"x-real-ip", b"x-hoody-instance", b"content-length", b"expect", b"host",
 })
 
+#: Request headers some server or framework reads the client's address from: a client's
+#: are dropped (the gateway's own forwarding headers are the only truth).
+CLIENT_ADDRESS_HEADERS = frozenset({
+    b"true-client-ip", b"x-client-ip", b"x-cluster-client-ip", b"cf-connecting-ip",
+    b"fastly-client-ip", b"x-original-forwarded-for", b"x-forwarded", b"forwarded-for",
+    b"x-originating-ip", b"x-remote-ip", b"x-remote-addr", b"client-ip", b"x-proxyuser-ip",
+    b"x-envoy-external-address", b"x-true-client-ip", b"x-original-client-ip", b"x-real-client-ip",
+    b"x-appengine-user-ip", b"x-azure-clientip", b"x-azure-socketip", b"akamai-client-ip",
+    b"x-proxy-client-ip", b"wl-proxy-client-ip", b"x-forwarded-server", b"x-client-address",
+})
+
+#: Every request header name the gateway never forwards as the client sent it.
+_DROPPED = HOP_BY_HOP | GATEWAY_OWNED | CLIENT_ADDRESS_HEADERS
+
 INSTANCE_HEADER = b"X-Hoody-Instance"
+
+
+def header_key(name: bytes) -> bytes:
+    """A header name as servers that read ``_`` as ``-`` compare it: lower case, ``-``."""
+    name = name.lower()
+    return name.replace(b"_", b"-") if b"_" in name else name
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -30,7 +53,7 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            tokens.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
     return tokens
 
 
@@ -64,8 +87,8 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
     named = connection_tokens(headers)
     out = [method, b" ", uri, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in GATEWAY_OWNED or lname in named or lname in drop:
+        key = header_key(name)
+        if key in _DROPPED or key in named or key in drop:
             continue
         out += (name, b": ", value, b"\r\n")
     ip = client_ip.encode()
