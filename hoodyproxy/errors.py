@@ -82,7 +82,8 @@ class MisdirectedRequest(GatewayError):
 class ContainerUnavailable(GatewayError):
     status = 503
     code = "container_unavailable"
-    message = "the container is not running"
+    #: The same for an absent, a stopped and another project's container (no oracle).
+    message = "the service is not available"
 
     def __init__(self, message: str | None = None, *, reason: str | None = None,
                  retry_after: int = 5) -> None:

@@ -16,8 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from hoodyproxy import errors
+from hoodyproxy.access.ambiguity import BODYLESS_METHODS
+from hoodyproxy.access.capabilities import configured_kind
 from hoodyproxy.access.model import challenge_kinds
-from hoodyproxy.access.policy import read_credentials
+from hoodyproxy.access.policy import read_credentials, strip_query_token
 from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.routing import Router, Target, split_host
@@ -72,6 +74,10 @@ class Gateway:
         self.clock = clock
         self.now = now
         self._routes: dict[bytes, Target] = {}
+        #: Each program's service kind with the program's method and path sets applied.
+        kinds = policy.kinds if policy is not None else {}
+        self.kinds = {name: configured_kind(p.kind, p.kind_options, kinds) if kinds else p.kind
+                      for name, p in settings.programs.items()}
         self.configure_client_ip(settings)
 
     def configure_client_ip(self, settings: Settings) -> None:
@@ -149,7 +155,7 @@ class Gateway:
         container_id, program, index = found
         container = self.directory.lookup(container_id)
         if container is None:
-            raise errors.ContainerUnavailable("the container is not available", reason="alias: container absent")
+            raise errors.ContainerUnavailable(reason="alias: container absent")
         # The project comes from the live map, so permissions apply as on the container's own URL.
         return Target(container.project, container_id, program, index, name)
 
@@ -158,13 +164,18 @@ class Gateway:
     def begin(self, request) -> None:
         """Start serving ``request`` (called at end of its headers)."""
         started = self.now()
+        uri = request.uri
+        if b"?" in uri:
+            # A token in the query string is a secret: out of the audit line on every path,
+            # refusals included.
+            uri = strip_query_token(uri, any_case=True)[0]
         record = {
             "time": started,
             "client": request.client_ip,
             "host": None,
             "route": None,
             "method": request.method.decode("latin-1"),
-            "path": request.uri.decode("latin-1"),
+            "path": uri.decode("latin-1"),
             "http": request.http_version,
         }
         request.audit_record = record
@@ -199,12 +210,13 @@ class Gateway:
         record["route"] = {"project": target.project, "container": target.container,
                            "program": target.program, "index": target.index}
 
-        # 2. locate
+        # 2. locate (absent, stopped or another project's: one answer, so that an outsider
+        # holding an id cannot tell them apart; the audit line keeps the real reason)
         container = self.directory.lookup(target.container)
         if container is None:
-            raise errors.ContainerUnavailable("the container is not available", reason="container absent")
+            raise errors.ContainerUnavailable(reason="container absent")
         if container.project != target.project:
-            raise errors.NotFound(reason="container belongs to another project")
+            raise errors.ContainerUnavailable(reason="container belongs to another project")
         if not container.running:
             raise errors.ContainerUnavailable(reason="container stopped")
         program = self.settings.programs[target.program]
@@ -213,18 +225,24 @@ class Gateway:
             port = program.port if program.index == "instance" else target.index
 
         raw = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-        upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
-                   and wants_websocket(raw))
+        websocket = getattr(request, "websocket", None)
+        if websocket is None:  # HTTP/1.1: an Upgrade in the headers
+            upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
+                       and wants_websocket(raw))
+        else:  # HTTP/2 and HTTP/3: only an extended CONNECT is a WebSocket
+            upgrade = bool(websocket)
+        has_body = request.body_length != 0
+        if upgrade and has_body:
+            # RFC 6455 handshakes carry none; a container would read the body as frames
+            # sent before the filter that enforces read-only WebSockets sees any.
+            raise errors.BadRequest("a WebSocket handshake carries no body", reason="upgrade with a body")
 
         # 3. authorize (the URL alone is the credential when no permission set applies)
         pset = self.policy.effective(target.project, target.container) if self.policy else None
         decision = None
         if pset is not None:
             credentials, consumed = read_credentials(request.client_ip, uri, headers)
-            if consumed.uri is not uri:
-                uri = consumed.uri
-                # A token in the query string is a secret: it stays out of the audit line too.
-                record["path"] = uri.decode("latin-1")
+            uri = consumed.uri  # (the audit line's path was stripped in begin)
             # Credentials meant for the gateway do not travel on to the container.
             if consumed.drop_authorization and challenge_kinds(pset, self.policy.registry):
                 raw = [(n, v) for n, v in raw if n.lower() != b"authorization"]
@@ -232,8 +250,9 @@ class Gateway:
                 raw = [(n, v) for n, v in raw if n.lower() != b"cookie"]
                 if consumed.cookie:
                     raw.append((b"Cookie", consumed.cookie))
-            decision = self.policy.authorize(pset, credentials, program.kind, request.method,
-                                             uri.split(b"?", 1)[0], upgrade)
+            decision = self.policy.authorize(pset, credentials, self.kinds[target.program], request.method,
+                                             uri.split(b"?", 1)[0], upgrade, target=uri, has_body=has_body,
+                                             header_names=[name for name, _ in raw])
 
         # 4. forward
         head = build_request_head(
@@ -249,7 +268,10 @@ class Gateway:
             head_request=request.method == b"HEAD", upgrade=upgrade,
             timeout=settings.websocket_handshake_timeout if upgrade else settings.response_timeout,
             record=record, done=self.emit_record, clock=self.clock,
-            tunnel_idle_timeout=settings.websocket_idle_timeout, source=source)
+            tunnel_idle_timeout=settings.websocket_idle_timeout, source=source,
+            # A body small servers do not read is the next request on the connection: such
+            # a connection is never given to another request, this client's or another's.
+            reusable=not (has_body and request.method in BODYLESS_METHODS))
         request.exchange = exchange
         if decision is None:
             exchange.start()

@@ -238,10 +238,11 @@ class RoutingErrorTests(GatewayTestCase):
         response = await treq.get(self.url("/"), agent=self.agent)
         await self.assertError(response, 503, "container_unavailable")
 
-    async def test_container_of_another_project_is_404(self):
-        """The right container id under the wrong project does not reveal the container."""
+    async def test_container_of_another_project_is_503_like_an_absent_one(self):
+        """The right container id under the wrong project does not reveal the container: the
+        same 503 as a container the live map does not know."""
         response = await treq.get(self.url("/", project=OTHER_PROJECT), agent=self.agent)
-        await self.assertError(response, 404, "not_found")
+        await self.assertError(response, 503, "container_unavailable")
 
     async def test_change_in_live_map_applies_to_next_request(self):
         """Stopping and starting a container takes effect on the very next request."""

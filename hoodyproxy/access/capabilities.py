@@ -3,7 +3,8 @@
 Each program has a service kind (``Program.kind`` in the config).  The kind classifies a
 request into a capability and, for capabilities that have them, a level::
 
-    terminal   the interactive session: ("terminal", None); a non-GET under /exec: ("exec", None)
+    terminal   the interactive session: ("terminal", None); a non-GET under /exec or the
+               platform's execute API /api/v1/terminal/execute: ("exec", None)
     files      GET, HEAD, OPTIONS, PROPFIND and WebSockets: ("files", "read"); else "write"
     display    GET, HEAD, OPTIONS and WebSockets: ("display", "view"); else "control"
     sqlite     GET, HEAD, OPTIONS and POST /query: ("sqlite", "query"); else "modify"
@@ -11,12 +12,20 @@ request into a capability and, for capabilities that have them, a level::
 
 Levels are ordered; a grant of a level allows that level and every level below it.
 The built-in kinds are small frozen dataclasses whose method and path sets can be
-changed (``FilesKind(read_methods=...)``); third parties add kinds as plugins (see
-:func:`service_kinds`).
+changed (``FilesKind(read_methods=...)``, per program in the config: see
+:func:`configured_kind`); third parties add kinds as plugins (see :func:`service_kinds`).
+
+A kind that decides by method or path also says what the gateway needs to refuse
+requests it cannot classify safely (see :mod:`hoodyproxy.access.ambiguity`):
+``strictest``, the classification of a request whose real meaning the gateway cannot
+see; ``low_methods``, the methods it classifies low by method alone; ``decisive_paths``,
+the paths whose classification differs from the rest.  A plugin kind without
+``strictest`` is taken to decide by neither.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar, Iterable, Mapping, Protocol, cast, runtime_checkable
@@ -87,13 +96,24 @@ def _under(path: bytes, prefixes: Iterable[bytes]) -> bool:
     return any(path == p or path.startswith(p.rstrip(b"/") + b"/") for p in prefixes)
 
 
+#: The platform's terminal paths that run commands (``POST /api/v1/terminal/execute``).
+EXEC_PREFIXES: tuple[bytes, ...] = (b"/exec", b"/api/v1/terminal/execute")
+
+
 @dataclass(frozen=True)
 class TerminalKind:
-    """``terminal``: the interactive session, and command execution under ``/exec``."""
+    """``terminal``: the interactive session, and command execution: any method but GET
+    under ``/exec`` or the platform's ``/api/v1/terminal/execute``."""
 
     name: str = "terminal"
-    exec_prefixes: tuple[bytes, ...] = (b"/exec",)
+    exec_prefixes: tuple[bytes, ...] = EXEC_PREFIXES
     levels: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({})
+    strictest: ClassVar[Classification] = ("exec", None)
+    low_methods: ClassVar[frozenset[bytes]] = frozenset((b"GET",))
+
+    @property
+    def decisive_paths(self) -> tuple[bytes, ...]:
+        return self.exec_prefixes
 
     def classify(self, method: bytes, path: bytes, websocket: bool) -> Classification:
         if method != b"GET" and _under(normalize_path(path), self.exec_prefixes):
@@ -108,6 +128,12 @@ class FilesKind:
     name: str = "files"
     read_methods: frozenset[bytes] = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PROPFIND"))
     levels: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({"files": LEVELS["files"]})
+    strictest: ClassVar[Classification] = ("files", "write")
+    decisive_paths: ClassVar[tuple[bytes, ...]] = ()
+
+    @property
+    def low_methods(self) -> frozenset[bytes]:
+        return self.read_methods
 
     def classify(self, method: bytes, path: bytes, websocket: bool) -> Classification:
         if websocket or method in self.read_methods:
@@ -122,6 +148,12 @@ class DisplayKind:
     name: str = "display"
     view_methods: frozenset[bytes] = frozenset((b"GET", b"HEAD", b"OPTIONS"))
     levels: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({"display": LEVELS["display"]})
+    strictest: ClassVar[Classification] = ("display", "control")
+    decisive_paths: ClassVar[tuple[bytes, ...]] = ()
+
+    @property
+    def low_methods(self) -> frozenset[bytes]:
+        return self.view_methods
 
     def classify(self, method: bytes, path: bytes, websocket: bool) -> Classification:
         if websocket or method in self.view_methods:
@@ -137,6 +169,15 @@ class SQLiteKind:
     query_methods: frozenset[bytes] = frozenset((b"GET", b"HEAD", b"OPTIONS"))
     query_paths: tuple[bytes, ...] = (b"/query",)
     levels: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({"sqlite": LEVELS["sqlite"]})
+    strictest: ClassVar[Classification] = ("sqlite", "modify")
+
+    @property
+    def low_methods(self) -> frozenset[bytes]:
+        return self.query_methods
+
+    @property
+    def decisive_paths(self) -> tuple[bytes, ...]:
+        return self.query_paths
 
     def classify(self, method: bytes, path: bytes, websocket: bool) -> Classification:
         if method in self.query_methods:
@@ -164,15 +205,17 @@ BUILTIN_KINDS: Mapping[str, ServiceKind] = MappingProxyType({
 })
 
 
-def classify(kind: str, method: bytes, path: bytes, websocket: bool,
+def classify(kind: "str | ServiceKind", method: bytes, path: bytes, websocket: bool,
              kinds: Mapping[str, ServiceKind] = BUILTIN_KINDS) -> Classification:
     """The (capability, level or None) a request to a program of ``kind`` needs.
 
-    An unknown kind is classified as ``generic``.  A kind whose ``classify`` raises, or
+    ``kind`` is a kind's name or a provider (one :func:`configured_kind` made).  An
+    unknown kind is classified as ``generic``.  A kind whose ``classify`` raises, or
     answers something that is not a (str, str or None) pair, needs :data:`UNCLASSIFIED`
     capability, which no permission set can grant (fail closed).
     """
-    provider = kinds.get(kind) or kinds.get("generic") or BUILTIN_KINDS["generic"]
+    provider = kind if not isinstance(kind, str) else (
+        kinds.get(kind) or kinds.get("generic") or BUILTIN_KINDS["generic"])
     try:
         capability, level = provider.classify(method, path, websocket)
     except Exception:
@@ -180,6 +223,31 @@ def classify(kind: str, method: bytes, path: bytes, websocket: bool,
     if not isinstance(capability, str) or not (level is None or isinstance(level, str)):
         return (UNCLASSIFIED, None)
     return (capability, level)
+
+
+#: Which dataclass field each config option of a program sets (see hoodyproxy.config.KIND_OPTIONS).
+_OPTION_FIELDS = {"exec_paths": "exec_prefixes", "read_methods": "read_methods",
+                  "view_methods": "view_methods", "query_methods": "query_methods",
+                  "query_paths": "query_paths"}
+
+
+def configured_kind(kind: str, options: Iterable[tuple[str, Iterable[str]]],
+                    kinds: Mapping[str, ServiceKind] = BUILTIN_KINDS) -> ServiceKind:
+    """The provider of ``kind`` with a program's method and path sets applied.
+
+    ``options`` are ``(option, values)`` pairs as ``Program.kind_options`` holds them
+    (validated by the config): paths become a tuple, methods a frozenset.  An option the
+    provider has no field for is ignored (the config refuses those for built-in kinds).
+    """
+    provider = kinds.get(kind) or kinds.get("generic") or BUILTIN_KINDS["generic"]
+    changes: dict[str, object] = {}
+    for option, values in options:
+        field_name = _OPTION_FIELDS.get(option)
+        if field_name is None or field_name not in getattr(provider, "__dataclass_fields__", {}):
+            continue
+        encoded = [v.encode("ascii") for v in values]
+        changes[field_name] = tuple(encoded) if option.endswith("_paths") else frozenset(encoded)
+    return dataclasses.replace(provider, **changes) if changes else provider  # type: ignore[type-var]
 
 
 def level_orders(kinds: Mapping[str, ServiceKind] = BUILTIN_KINDS) -> Mapping[str, tuple[str, ...]]:

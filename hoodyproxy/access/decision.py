@@ -32,6 +32,8 @@ from hoodyproxy.access.model import PermissionSet
 _CHALLENGE_SCHEMES = (("basic", "Basic"), ("bearer", "Bearer"))
 
 _BODIES = {
+    400: {"error": "ambiguous_request",
+          "message": "the request could mean more than this credential allows; send it plainly"},
     401: {"error": "unauthorized", "message": "credentials are required"},
     403: {"error": "forbidden", "message": "access denied"},
 }
@@ -135,3 +137,9 @@ def decide(pset: PermissionSet | None, matched_groups: AbstractSet[str], capabil
     if challenges:
         return Decision(False, 401, None, False, challenges, reason + "; credentials required")
     return Decision(False, 403, None, False, (), reason)
+
+
+def refused(reason: str) -> Decision:
+    """A request allowed only at a lower level than it might mean: 400 (see
+    :mod:`hoodyproxy.access.ambiguity`); ``reason`` says what made it ambiguous."""
+    return Decision(False, 400, None, False, (), "ambiguous request refused: " + reason)

@@ -19,9 +19,10 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from hoodyproxy.access.ambiguity import refusal, strictest_of
 from hoodyproxy.access.capabilities import classify, level_orders
 from hoodyproxy.access.credentials import Credentials
-from hoodyproxy.access.decision import NO_SET, Decision, decide
+from hoodyproxy.access.decision import NO_SET, Decision, decide, refused
 from hoodyproxy.access.model import PermissionSet, challenge_kinds
 
 log = Logger()
@@ -37,15 +38,20 @@ class Consumed:
     cookie: bytes | None         # the Cookie header without hoody_token (None: unchanged)
 
 
-def _strip_query_token(uri: bytes) -> tuple[bytes, bytes | None]:
-    """(uri without any hoody_token parameter, the first token's value or None)."""
+def strip_query_token(uri: bytes, *, any_case: bool = False) -> tuple[bytes, bytes | None]:
+    """(uri without any hoody_token parameter, the first token's value or None).
+
+    ``any_case`` also removes the parameter spelled in another case (``Hoody_Token``),
+    which the gateway does not take as a credential but the audit line does not keep.
+    """
     path, sep, query = uri.partition(b"?")
     if not sep:
         return uri, None
     kept, token = [], None
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
-        if unquote_to_bytes(name.replace(b"+", b" ")) == TOKEN_NAME:
+        decoded = unquote_to_bytes(name.replace(b"+", b" "))
+        if decoded == TOKEN_NAME or (any_case and decoded.lower() == TOKEN_NAME):
             if token is None:
                 token = unquote_to_bytes(value.replace(b"+", b" "))
             continue
@@ -99,7 +105,7 @@ def read_credentials(client_ip: str, uri: bytes, headers) -> tuple[Credentials, 
                 if user_text is not None and password_text is not None:
                     basic = (user_text, password_text)
     cookie_value, cookie_token = _strip_cookie_token(headers.getRawHeaders(b"cookie") or [])
-    new_uri, query_token = _strip_query_token(uri)
+    new_uri, query_token = strip_query_token(uri)
     if bearer is None:
         bearer = _text(cookie_token) if cookie_token else _text(query_token) if query_token else None
     return (Credentials(client_ip, bearer or None, basic),
@@ -119,11 +125,20 @@ class Policy:
     def effective(self, project: str, container: str) -> PermissionSet | None:
         return self.store.effective(project, container)
 
-    def authorize(self, pset: PermissionSet, credentials: Credentials, kind: str, method: bytes, path: bytes,
-                  websocket: bool) -> Decision | defer.Deferred:
-        """The decision for a request under ``pset`` (a Deferred when a group check is asynchronous)."""
+    def authorize(self, pset: PermissionSet, credentials: Credentials, kind: Any, method: bytes, path: bytes,
+                  websocket: bool, *, target: bytes | None = None, has_body: bool = False,
+                  header_names: Any = ()) -> Decision | defer.Deferred:
+        """The decision for a request under ``pset`` (a Deferred when a group check is asynchronous).
+
+        ``kind`` is a kind's name or provider; ``target`` the path and query as the
+        container receives them (default ``path``); ``has_body`` and ``header_names`` let a
+        grant below the kind's strictest refuse an ambiguous request (400, see
+        :mod:`hoodyproxy.access.ambiguity`).
+        """
         if pset is None:
             return NO_SET
+        if isinstance(kind, str):
+            kind = self.kinds.get(kind) or kind
         capability, level = classify(kind, method, path, websocket, self.kinds)
         matched: set[str] = set()
         pending: list[defer.Deferred] = []
@@ -147,10 +162,20 @@ class Policy:
                 matched.add(name)
 
         def finish(_=None) -> Decision:
-            return decide(pset, matched, capability, level, websocket=websocket,
-                          credentials_offered=credentials.offered,
-                          challenge_kinds=challenge_kinds(pset, self.registry), realm=self.realm,
-                          levels=self.levels)
+            def decide_for(needs: tuple[str, str | None]) -> Decision:
+                return decide(pset, matched, needs[0], needs[1], websocket=websocket,
+                              credentials_offered=credentials.offered,
+                              challenge_kinds=challenge_kinds(pset, self.registry), realm=self.realm,
+                              levels=self.levels)
+            decision = decide_for((capability, level))
+            strictest = strictest_of(kind)
+            if not decision.allowed or strictest is None or (capability, level) == strictest:
+                return decision
+            if decide_for(strictest).allowed:
+                return decision  # the grant covers whatever the request might mean
+            why = refusal(kind, method, path if target is None else target, websocket, has_body,
+                          header_names, (capability, level))
+            return decision if why is None else refused(why)
         if pending:
             return defer.DeferredList(pending, consumeErrors=True).addCallback(finish)
         return finish()

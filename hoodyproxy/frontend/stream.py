@@ -38,6 +38,8 @@ _UPGRADE_ONLY = frozenset({b"sec-websocket-accept"}) | CONNECTION_SPECIFIC
 DISCARD_LIMIT = 1024 * 1024
 #: WebSocket bytes a client may send before the container accepted the upgrade.
 WEBSOCKET_EARLY_LIMIT = 64 * 1024
+#: Methods forwarded as bodiless when the stream declares no length (see StreamRequest).
+_BODYLESS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
 class StreamConnection(TypingProtocol):
@@ -125,6 +127,10 @@ def parse_request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> tuple
         problem = errors.BadRequest("the request has no :path", reason="no :path")
     elif len(lengths) > 1:
         problem = errors.BadRequest("conflicting content-length", reason="conflicting content-length")
+    elif method == b"CONNECT" and lengths:
+        # The stream's DATA are WebSocket bytes, read-only filtered once the container
+        # accepts; a declared body would reach it before the filter (RFC 6455: none).
+        problem = errors.BadRequest("a WebSocket handshake carries no body", reason="upgrade with a body")
     else:
         websocket = method == b"CONNECT"
     if ended:
@@ -162,6 +168,7 @@ class StreamRequest:
     _answered_early = False
     _input_paused = False
     _no_body = False  # a HEAD or a no-body status: the head ends the stream
+    _body_forbidden = False  # a GET, HEAD, OPTIONS or TRACE that declared no length
     #: A GatewayError only the frontend could detect (the gateway answers it on the one path).
     problem = None
 
@@ -209,8 +216,14 @@ class StreamRequest:
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
+        if body_length is None and method in _BODYLESS and not websocket:
+            # A GET whose HEADERS did not end the stream almost always ends it with an
+            # empty DATA frame: forward it as bodiless, and reset the stream if a body
+            # comes after all (a body small servers do not read is a smuggled request).
+            body_length = 0
+            self._body_forbidden = True
         self.body_length = body_length
-        if body_length == 0 and not websocket:
+        if body_length == 0 and not websocket and not self._body_forbidden:
             self.body_complete = True
 
     @property
@@ -226,6 +239,14 @@ class StreamRequest:
     def body_chunk(self, data: bytes) -> None:
         """Request body bytes (or, on a WebSocket stream after the 200, tunnel bytes)."""
         self.bytes_in += len(data)
+        if self._body_forbidden and data:
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.refuse(errors.BadRequest("a body needs a content-length on this method",
+                                                  reason="body on a bodiless request without length"))
+            elif not self.finished:
+                self.abort()
+            return
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return

@@ -75,7 +75,7 @@ class Exchange:
     def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
                  head_request: bool, upgrade: bool, timeout: float, record: dict,
                  done: Callable[[dict], None], clock, tunnel_idle_timeout: float = 3600.0,
-                 source=None) -> None:
+                 source=None, reusable: bool = True) -> None:
         self.request = request
         self.pool = pool
         self.address = address
@@ -104,6 +104,9 @@ class Exchange:
         self.discarded = 0
         self.over = False
         self.read_only = False
+        self.tunnel = None
+        #: False: the upstream connection is closed after this exchange, never pooled.
+        self.reusable = reusable
 
     # -- connecting -------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Exchange:
         request = self.request
         conn.send_head(self.head, self, chunked_body=request.body_length is None,
                        has_body=request.body_length != 0, head_request=self.head_request,
-                       upgrade=self.upgrade, timeout=self.timeout)
+                       upgrade=self.upgrade, timeout=self.timeout, reusable=self.reusable)
         for chunk in self.pending:
             conn.write_body(chunk)
         self.pending = []
@@ -265,15 +268,32 @@ class Exchange:
         tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed,
                         read_only=self.read_only)
         request.attach_tunnel(tunnel)
+        self.tunnel = tunnel
         self.switch_headers = None
         tunnel.start(client_leftover, leftover)
 
     def _tunnel_closed(self, bytes_up: int, bytes_down: int, reason: str | None) -> None:
         self.record["bytes_in"] = bytes_up
         self.record["bytes_out"] = bytes_down
+        if self.tunnel is not None and self.tunnel.closed_by is not None:
+            self.record["closed_by"] = self.tunnel.closed_by
         self._end(101, reason)
 
     # -- the end ------------------------------------------------------------------------
+
+    def refuse(self, error: errors.GatewayError) -> None:
+        """Refuse the request part-way: nothing more reaches the container (its connection
+        is dropped, never pooled) and the client gets ``error`` (or a reset, if the
+        response has begun)."""
+        if self.over:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self.pending = []
+        self._fail(error)
 
     def deny(self, error: errors.GatewayError) -> None:
         """Refuse the request before anything was sent to the container."""

@@ -107,15 +107,20 @@ class UpstreamConnection(Protocol):
     # -- sending ----------------------------------------------------------------------
 
     def send_head(self, head: bytes, listener: ResponseListener, *, chunked_body: bool,
-                  has_body: bool, head_request: bool, upgrade: bool, timeout: float) -> None:
-        """Start an exchange: write the request head and wait for the response."""
+                  has_body: bool, head_request: bool, upgrade: bool, timeout: float,
+                  reusable: bool = True) -> None:
+        """Start an exchange: write the request head and wait for the response.
+
+        ``reusable`` False closes the connection after this exchange whatever the
+        container says (a body it may not have read as one, for instance).
+        """
         assert self.state == IDLE
         self.state = WAITING
         self.listener = listener
         self.requests += 1
         self._buf = b""
         self._got_response = False
-        self._reusable = True
+        self._reusable = reusable
         self._chunked_body = chunked_body
         self._request_done = not has_body
         self._head_request = head_request

@@ -2,7 +2,9 @@
 
 No framing: bytes flow both ways as they come, each side registered as the other's
 producer (the pattern of ``twisted.protocols.portforward``), until either side closes or
-nothing has moved for ``idle_timeout`` seconds.
+nothing has moved for ``idle_timeout`` seconds.  A close by either side is the normal
+end of a WebSocket (``closed_by`` says whose); only an idle timeout, a failure or a
+read-only violation is a ``reason``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Tunnel:
         self.bytes_down = 0
         self.last_activity = clock.seconds()
         self.closed = False
+        #: "client" or "container" when that side ended the tunnel normally.
+        self.closed_by: str | None = None
         self._idle_call = None
         self.read_only = None
         if read_only:
@@ -64,7 +68,9 @@ class Tunnel:
             self.upstream.transport.loseConnection()
 
     def client_lost(self, reason=None) -> None:
-        self._close("client closed" if not self.closed else None)
+        if not self.closed:
+            self.closed_by = "client"
+        self._close(None)
         if self.upstream.transport is not None:
             self.upstream.transport.loseConnection()
 
@@ -75,7 +81,9 @@ class Tunnel:
         self.client.write(data)
 
     def upstream_end(self) -> None:
-        self._close("container closed")
+        if not self.closed:
+            self.closed_by = "container"
+        self._close(None)
         self.client.loseConnection()
 
     def upstream_failed(self, why: str, got_response: bool) -> None:
