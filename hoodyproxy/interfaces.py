@@ -34,12 +34,23 @@ class IContainerDirectory(Interface):
 
 
 class IServiceKind(Interface):
-    """How a program name maps to a port, and (later) how its requests are classified."""
+    """A service kind: how a program's requests are classified into capabilities and levels.
 
-    name = Attribute("the program name as it appears in host labels")
+    The access layer uses ``name``, ``classify(method, path, websocket)`` and, if present,
+    ``levels`` (see :mod:`hoodyproxy.access.capabilities`).  A kind that decides by method
+    or path should also say so, so that the gateway can refuse requests a container might
+    read as more than they were classified (see :mod:`hoodyproxy.access.ambiguity`):
+    ``strictest`` (the (capability, level) a request of unknown meaning needs),
+    ``low_methods`` (methods it classifies low by method alone) and ``decisive_paths``
+    (paths whose classification differs from the rest).
+    """
+
+    name = Attribute("the kind's name, as a program's ``kind`` says it")
 
     def port_for(index):
-        """The container port for this index, or raise IndexOutOfRange."""
+        """The container port for this index, or raise IndexOutOfRange (kept for plugins
+        written against the first version of this interface; the access layer does not
+        call it)."""
 
 
 class IAuditSink(Interface):
