@@ -366,6 +366,6 @@ class ShippedGroupTypesTests(PermissionsAPITestCase):
     async def test_shipped_type_error_names_field(self):
         """A shipped group type's validation error is a 422 naming a field under the group."""
         answer = await self.assertInvalid("PUT", PROJECT_URL,
-                                          {"groups": {"team": {"type": "token", "value": "short"}}},
+                                          {"groups": {"team": {"type": "token", "value": ""}}},
                                           "groups.team.value")
-        self.assertIn("at least", answer["message"])
+        self.assertIn("must not be empty", answer["message"])

@@ -330,8 +330,17 @@ class TokenGroupTests(ParseErrorMixin, unittest.TestCase):
         self.assertEqual(len(calls), 1)
 
     def test_short_token(self):
-        """A token under 16 characters is refused."""
-        self.assertInvalid({"type": "token", "value": "short-token"}, "groups.office.value")
+        """A token under 16 characters is stored (as its digest), with advice naming its field."""
+        spec = {"type": "token", "value": "short-token"}
+        self.assertEqual(self.group.parse(spec, "groups.office"),
+                         {"type": "token", "value_sha256": _secrets.sha256_hex("short-token")})
+        [(field, message)] = self.group.advise(spec, "groups.office")
+        self.assertEqual(field, "groups.office.value")
+        self.assertNotIn("short-token", message)
+
+    def test_empty_token(self):
+        """An empty token is refused, naming its field."""
+        self.assertInvalid({"type": "token", "value": ""}, "groups.office.value")
 
     def test_token_with_spaces(self):
         """A token that cannot travel in a header (spaces, quotes) is refused."""

@@ -19,9 +19,13 @@ import json
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+from twisted.logger import Logger
 
 from hoodyproxy.access.capabilities import LEVELS
+
+log = Logger()
 
 ID = re.compile(r"[0-9a-f]{24}\Z")
 GROUP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -260,6 +264,47 @@ def parse_permission_set(body: Any, scope: str, url_id: str, registry: Mapping[s
             raise InvalidPermissions("default", "must be 'allow' or 'deny'")
 
     return PermissionSet(scope, project, container, groups, permissions, default)
+
+
+# -- advice ------------------------------------------------------------------------------
+
+
+class Advice(NamedTuple):
+    """Something stored as asked but probably not as meant (a guessable token...).
+
+    ``field`` is the dotted path, as in :class:`InvalidPermissions`; ``message`` says what
+    and how to do better, and never repeats a secret.
+    """
+
+    field: str
+    message: str
+
+
+def advise(body: Any, registry: Mapping[str, Any]) -> list[Advice]:
+    """Advice on the groups ``body`` gives (a body :func:`parse_permission_set` accepted).
+
+    Each group type may have an ``advise(spec, field)`` answering ``(field, message)``
+    pairs; only groups the body names with a value are looked at (stored groups a PATCH
+    keeps were advised on when they were written).  Advice never refuses a set: a type
+    whose ``advise`` raises or answers nonsense is logged and gives none.
+    """
+    groups = body.get("groups") if isinstance(body, dict) else None
+    if not isinstance(groups, dict):
+        return []
+    found: list[Advice] = []
+    for name in sorted(groups, key=str):
+        spec = groups[name]
+        provider = registry.get(spec.get("type")) if isinstance(spec, dict) else None
+        method = getattr(provider, "advise", None)
+        if not callable(method):
+            continue
+        try:
+            pairs = list(method(spec, f"groups.{name}"))
+            found.extend(Advice(field, message) for field, message in pairs
+                         if isinstance(field, str) and isinstance(message, str))
+        except Exception:
+            log.failure("group type {type!r} advise() failed; no advice", type=spec.get("type"))
+    return found
 
 
 # -- JSON forms ---------------------------------------------------------------------------

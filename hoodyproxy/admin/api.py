@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from hoodyproxy.access.model import InvalidPermissions, parse_permission_set, to_json
+from hoodyproxy.access.model import InvalidPermissions, advise, parse_permission_set, to_json
 from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
                                 check_target)
 from hoodyproxy.directory import InvalidContainer, container_from_json
@@ -42,6 +42,15 @@ def _json_body(request) -> Any:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+
+
+def _with_warnings(answer: dict[str, Any], advice: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``answer`` with ``"warnings": [{"field", "message"}, ...]`` if there is advice: what was
+    stored as asked but is probably not what was meant (no key at all otherwise)."""
+    warnings = [{"field": field, "message": message} for field, message in advice]
+    if warnings:
+        answer["warnings"] = warnings
+    return answer
 
 
 def _default_registry() -> dict:
@@ -201,12 +210,18 @@ class AdminAPI(Resource):
 
         if request.method == b"PUT":
             pset = parse()
-            replaced = store.put(pset)
-            return (200 if replaced else 201), to_json(pset, registry)
-        pset = store.update(scope, set_id, parse)
-        if pset is None:
-            raise ApiError(404, "not_found", f"no permission set for this {scope} (PUT one first)")
-        return 200, to_json(pset, registry)
+            created = not store.put(pset)
+        else:
+            pset = store.update(scope, set_id, parse)
+            if pset is None:
+                raise ApiError(404, "not_found", f"no permission set for this {scope} (PUT one first)")
+            created = False
+        advice = advise(body, registry)
+        for field, message in advice:
+            # The field and the advice only: a message never holds the secret itself.
+            log.warn("admin API: permission set of {scope} {id}: {field}: {advice}",
+                     scope=scope, id=set_id, field=field, advice=message)
+        return (201 if created else 200), _with_warnings(to_json(pset, registry), advice)
 
     # -- aliases and custom domains ---------------------------------------------------
 

@@ -17,10 +17,11 @@ The API is ``--admin-url``, else ``$HOODYPROXY_ADMIN_URL``, else the local node'
 ``admin-token`` file of the default data directory
 (:func:`hoodyproxy.config.default_data_dir`).
 
-The answer's JSON is printed on stdout, indented.  Exit status: 0 on a 2xx; 1 when the
-API answers an error (its message on stderr, one line: ``hoodyproxy: 422
-groups.office.range: ...``); 2 on a usage error or when the API cannot be reached.
-No reactor is involved: one blocking request per run.
+The answer's JSON is printed on stdout, indented; its ``warnings`` (a weak token, an
+alias index that is probably not a port...) also on stderr, one line each.  Exit status:
+0 on a 2xx; 1 when the API answers an error (its message on stderr, one line:
+``hoodyproxy: 422 groups.office.range: ...``); 2 on a usage error or when the API cannot
+be reached.  No reactor is involved: one blocking request per run.
 """
 
 from __future__ import annotations
@@ -473,6 +474,21 @@ def _find_token(args) -> str:
     return token
 
 
+def _print_warnings(body: Any) -> None:
+    """The answer's ``warnings`` (stored, but probably not as meant), one line each on stderr."""
+    warnings = body.get("warnings") if isinstance(body, dict) else None
+    if not isinstance(warnings, list):
+        return
+    for item in warnings:
+        if isinstance(item, dict):
+            field, message = item.get("field"), item.get("message")
+            text = f"{field}: {message}" if field else str(message)
+        else:
+            text = str(item)
+        sys.stderr.write(f"{PROG}: warning: {_one_line(text)}\n")
+    sys.stderr.flush()
+
+
 def _print_json(value: Any) -> None:
     if value is None:
         return
@@ -525,6 +541,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: {failure.message}\n")
         return failure.status
     _print_json(body)
+    _print_warnings(body)
     return EXIT_OK
 
 

@@ -1,0 +1,151 @@
+"""The container platform's documented calls, verbatim, against a real node.
+
+The platform talks to a node's admin API with fixed calls: it PATCHes whole permission
+sets whether or not one is stored, uses short example tokens, and creates aliases with a
+program and an *index* (``"program": "http", "index": 1``: its first HTTP service).  Each
+test makes the exact call through the admin API of a node started by
+:func:`tests.support.start_node` (and through the ``hoodyproxy`` command where the
+platform's docs show it), then checks what the node stored or routed, never the answer
+alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from hoodyproxy.access import PermissionStore
+from hoodyproxy.directory import Container, open_database
+from tests import backends
+from tests.support import Backend, host_for, https_agent, start_node
+
+PROJECT = "67e89abc123def456789abcd"
+CONTAINER = "890abcdef12345678901cdef"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: The platform's example token: 15 characters.
+CI_TOKEN = "ci-secret-token"
+#: The platform's documented body for a container's permission set, as it sends it.
+PLATFORM_BODY = {"project": PROJECT, "container": CONTAINER,
+                 "groups": {"ci": {"type": "token", "value": CI_TOKEN}},
+                 "permissions": {"ci": {"terminal": True, "exec": True}},
+                 "default": "deny"}
+CONTAINER_PERMISSIONS = f"/api/v1/containers/{CONTAINER}/proxy/permissions"
+PROJECT_PERMISSIONS = f"/api/v1/projects/{PROJECT}/proxy/permissions"
+
+
+class PlatformCallTestCase(unittest.TestCase):
+    """A started node, and helpers to call its admin API and run the ``hoodyproxy`` command."""
+
+    def setUp(self) -> None:
+        self.node = start_node(self)
+        self.admin = f"http://127.0.0.1:{self.node.admin_port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=pool)
+
+    async def api(self, method: str, path: str, body=None) -> tuple[int, object]:
+        """One admin API call with the node's token: (status, parsed body or None)."""
+        response = await treq.request(
+            method, self.admin + path, agent=self.agent,
+            headers={b"Authorization": [b"Bearer " + self.node.token.encode()]},
+            data=json.dumps(body).encode() if body is not None else None)
+        content = await response.content()
+        return response.code, (json.loads(content) if content else None)
+
+    async def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """The ``hoodyproxy`` command against this node (``--admin-url`` and ``--token`` given)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOODYPROXY_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+        argv = [sys.executable, "-m", "hoodyproxy.admin.cli", "--admin-url", self.admin,
+                "--token", self.node.token, *args]
+        return await deferToThread(subprocess.run, argv, capture_output=True, text=True, env=env, timeout=60)
+
+    def stored_on_disk(self, scope: str, set_id: str):
+        """The set as a fresh connection to the node's database reads it (what survives a crash)."""
+        conn = open_database(os.path.join(self.node.settings.data_dir, "hoodyproxy.db"))
+        self.addCleanup(conn.close)
+        return PermissionStore(conn).get(scope, set_id)
+
+    def register(self, ports: dict | None = None) -> Backend:
+        """The orchestrator's part: a real HTTP service on loopback, registered as the container."""
+        backend = Backend(self, backends.Headers())
+        port_map = ports(backend.number) if callable(ports) else (ports or {})
+        self.node.directory.put(Container(CONTAINER, PROJECT, "127.0.0.1", "running", port_map))
+        return backend
+
+    async def through_gateway(self, host: str, headers: dict | None = None):
+        """GET / on ``host`` through the node's HTTPS port; (status, body bytes)."""
+        response = await treq.get(f"https://{host}:{self.node.https_port}/", headers=headers or {},
+                                  agent=https_agent(self, self.node, persistent=False))
+        return response.code, await response.content()
+
+
+class WeakTokenTests(PlatformCallTestCase):
+    """A short or low-variety token is stored, with a warning naming its field."""
+
+    def capture_log(self) -> list[dict]:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    async def test_platform_example_token_is_stored_with_a_warning(self):
+        """The platform's 15-character token: 201, and ``warnings`` names ``groups.ci.value``."""
+        status, answer = await self.api("PUT", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        self.assertEqual(status, 201, answer)
+        [warning] = answer["warnings"]
+        self.assertEqual(warning["field"], "groups.ci.value")
+        self.assertIn("15 characters", warning["message"])
+        self.assertNotIn(CI_TOKEN, json.dumps(answer))
+        self.assertEqual(sorted(self.stored_on_disk("container", CONTAINER).groups), ["ci"])
+
+    async def test_warning_is_logged_once_without_the_token(self):
+        """The node's log says it once, as a warning naming the field, and never holds the token."""
+        events = self.capture_log()
+        await self.api("PUT", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        said = [e for e in events if e.get("field") == "groups.ci.value"]
+        self.assertEqual(len(said), 1, [formatEvent(e) for e in said])
+        self.assertEqual(said[0]["log_level"].name, "warn")
+        self.assertFalse([e for e in events if CI_TOKEN in (formatEvent(e) or "")])
+
+    async def test_low_variety_token_warns(self):
+        """A long token of few distinct characters is stored with a warning too."""
+        body = dict(PLATFORM_BODY, groups={"ci": {"type": "token", "value": "ab" * 20}})
+        status, answer = await self.api("PUT", CONTAINER_PERMISSIONS, body)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual([w["field"] for w in answer["warnings"]], ["groups.ci.value"])
+        self.assertIn("distinct", answer["warnings"][0]["message"])
+
+    async def test_random_token_has_no_warnings(self):
+        """A long random token: no ``warnings`` key at all."""
+        body = dict(PLATFORM_BODY, groups={"ci": {"type": "token", "value": "Zq3-x8Lw_e9Rt2Yu7Io4Pa1Sd6Fg0Hj5K"}})
+        status, answer = await self.api("PUT", CONTAINER_PERMISSIONS, body)
+        self.assertEqual(status, 201, answer)
+        self.assertNotIn("warnings", answer)
+
+    async def test_empty_token_is_refused(self):
+        """An empty token is still a 422 naming ``groups.ci.value``; nothing is stored."""
+        body = dict(PLATFORM_BODY, groups={"ci": {"type": "token", "value": ""}})
+        status, answer = await self.api("PUT", CONTAINER_PERMISSIONS, body)
+        self.assertEqual((status, answer["field"]), (422, "groups.ci.value"))
+        self.assertIsNone(self.stored_on_disk("container", CONTAINER))
+
+    async def test_cli_prints_the_warning_on_stderr(self):
+        """The command stores the set (exit 0) and prints the warning, one line, on stderr."""
+        done = await self.cli("containers", "proxy", "permissions", "replace", "--container", CONTAINER,
+                              "--project", PROJECT, "--groups", 'ci={"type":"token","value":"ci-secret-token"}',
+                              "--permissions", 'ci={"terminal":true,"exec":true}')
+        self.assertEqual(done.returncode, 0, done)
+        [line] = done.stderr.splitlines()
+        self.assertTrue(line.startswith("hoodyproxy: warning: groups.ci.value: "), line)
+        self.assertNotIn(CI_TOKEN, done.stderr + done.stdout)
