@@ -497,10 +497,20 @@ class PatchTests(ModelCase):
         self.patch({"groups": {"office": None}, "permissions": {"office": None}, "default": "allow"})
         self.assertEqual(to_stored_json(self.stored), before)
 
-    def test_patch_without_previous_is_a_programming_error(self) -> None:
-        """``patch=True`` without ``previous`` is a ValueError, not a client error."""
-        e = self.assertRaises(ValueError, self.parse, {}, patch=True)
-        self.assertNotIsInstance(e, InvalidPermissions)
+    def test_patch_without_previous_merges_into_empty(self) -> None:
+        """``patch=True`` without ``previous`` (no set stored yet) reads the body as a whole set;
+        a name given as ``null`` is nothing to delete."""
+        result = self.parse({"groups": {"office": OFFICE, "gone": None},
+                             "permissions": {"office": {"files": "read"}, "gone": None},
+                             "default": "allow"}, patch=True)
+        self.assertEqual((sorted(result.groups), dict(result.permissions["office"]), result.default),
+                         (["office"], {"files": "read"}, "allow"))
+
+    def test_patch_without_previous_needs_the_project_at_container_level(self) -> None:
+        """A container-level patch with nothing stored must name the project, as a PUT must."""
+        e = self.assertRaises(InvalidPermissions, self.parse, {"default": "deny"}, "container", CONTAINER,
+                              patch=True)
+        self.assertEqual(e.field, "project")
 
 
 class JSONFormTests(ModelCase):

@@ -240,10 +240,10 @@ class GetDeleteTests(PermissionsAPITestCase):
 
 class PatchTests(PermissionsAPITestCase):
     async def test_patch_missing(self):
-        """PATCH before any PUT: 404 (nothing to merge into), nothing stored."""
+        """PATCH before any PUT creates the set (merged into empty): 201, stored."""
         response, answer = await self.request("PATCH", PROJECT_URL, {"default": "allow"})
-        self.assertEqual((response.code, answer["error"]), (404, "not_found"))
-        self.assertIsNone(self.store.get("project", PROJECT))
+        self.assertEqual((response.code, answer["default"], answer["groups"]), (201, "allow", {}))
+        self.assertEqual(self.store.get("project", PROJECT).default, "allow")
 
     async def test_patch_merges(self):
         """PATCH adds groups and permissions by name and keeps the rest; answers 200 redacted."""

@@ -196,11 +196,11 @@ class ProjectPermissionTests(CLITestCase):
         self.assertEqual(sorted(self.store.get("project", PROJECT).groups), ["office"])
 
     async def test_patch_without_a_set(self):
-        """patch needs a stored set: exit 1 with the API's 404 message."""
-        done = await self.invoke("projects", "proxy", "permissions", "patch", "--project", PROJECT,
-                              "--default", "allow")
-        self.assertFailed(done, 1, "hoodyproxy: 404 no permission set for this project (PUT one first)")
-        self.assertIsNone(self.store.get("project", PROJECT))
+        """patch with no stored set creates one from what it gives (the API's 201): exit 0."""
+        answer = await self.ok("projects", "proxy", "permissions", "patch", "--project", PROJECT,
+                               "--default", "allow")
+        self.assertEqual((answer["groups"], answer["default"]), ({}, "allow"))
+        self.assertEqual(self.store.get("project", PROJECT).default, "allow")
 
     async def test_patch_with_nothing_to_change(self):
         """A patch that changes nothing is a usage error (exit 2); nothing is sent."""

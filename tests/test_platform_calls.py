@@ -90,6 +90,68 @@ class PlatformCallTestCase(unittest.TestCase):
         return response.code, await response.content()
 
 
+class PatchCreatesTests(PlatformCallTestCase):
+    """``PATCH .../proxy/permissions`` with a full body creates the set when there is none."""
+
+    async def test_container_patch_creates_the_set(self):
+        """The platform's exact container PATCH on a container with no set: 201, stored on disk."""
+        status, answer = await self.api("PATCH", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual((answer["project"], answer["container"], answer["default"]),
+                         (PROJECT, CONTAINER, "deny"))
+        self.assertEqual(answer["permissions"], {"ci": {"terminal": True, "exec": True}})
+        self.assertEqual([w["field"] for w in answer["warnings"]], ["groups.ci.value"])  # 15 characters
+        stored = self.stored_on_disk("container", CONTAINER)
+        self.assertEqual((stored.project, sorted(stored.groups), stored.default), (PROJECT, ["ci"], "deny"))
+
+    async def test_second_patch_merges(self):
+        """The same PATCH again, and one adding a group, merge into the stored set: 200."""
+        await self.api("PATCH", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        status, _ = await self.api("PATCH", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        self.assertEqual(status, 200)
+        status, answer = await self.api("PATCH", CONTAINER_PERMISSIONS, {
+            "groups": {"office": {"type": "ip", "range": "203.0.113.0/24"}},
+            "permissions": {"office": {"http": True}}})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(sorted(self.stored_on_disk("container", CONTAINER).groups), ["ci", "office"])
+
+    async def test_project_patch_creates_the_set(self):
+        """The project endpoint does the same: 201 on a project with no set, 200 after."""
+        body = {key: value for key, value in PLATFORM_BODY.items() if key != "container"}
+        status, answer = await self.api("PATCH", PROJECT_PERMISSIONS, body)
+        self.assertEqual(status, 201, answer)
+        self.assertEqual(sorted(self.stored_on_disk("project", PROJECT).groups), ["ci"])
+        status, _ = await self.api("PATCH", PROJECT_PERMISSIONS, {"default": "allow"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.stored_on_disk("project", PROJECT).default, "allow")
+
+    async def test_invalid_patch_creates_nothing(self):
+        """A PATCH that is invalid as a whole set (no project at container level) is a 422, stores nothing."""
+        body = {key: value for key, value in PLATFORM_BODY.items() if key != "project"}
+        status, answer = await self.api("PATCH", CONTAINER_PERMISSIONS, body)
+        self.assertEqual((status, answer["field"]), (422, "project"))
+        self.assertIsNone(self.stored_on_disk("container", CONTAINER))
+
+    async def test_created_set_governs_the_next_request(self):
+        """After the 201, the container's terminal takes the platform's token and refuses others."""
+        self.register(lambda port: {"terminal": port})
+        await self.api("PATCH", CONTAINER_PERMISSIONS, PLATFORM_BODY)
+        host = host_for("terminal", 1)
+        status, _ = await self.through_gateway(host, {"Authorization": f"Bearer {CI_TOKEN}"})
+        self.assertEqual(status, 200)
+        self.assertEqual((await self.through_gateway(host))[0], 401)
+        self.assertEqual((await self.through_gateway(host, {"Authorization": "Bearer not-the-token"}))[0], 403)
+
+    async def test_cli_patch_creates_the_set(self):
+        """``hoodyproxy containers proxy permissions patch`` with no set yet creates it: exit 0."""
+        done = await self.cli("containers", "proxy", "permissions", "patch", "--container", CONTAINER,
+                              "--project", PROJECT, "--groups", 'ci={"type":"token","value":"ci-secret-token"}',
+                              "--permissions", 'ci={"terminal":true,"exec":true}', "--default", "deny")
+        self.assertEqual(done.returncode, 0, done)
+        self.assertEqual(json.loads(done.stdout)["permissions"], {"ci": {"terminal": True, "exec": True}})
+        self.assertEqual(sorted(self.stored_on_disk("container", CONTAINER).groups), ["ci"])
+
+
 class WeakTokenTests(PlatformCallTestCase):
     """A short or low-variety token is stored, with a warning naming its field."""
 

@@ -185,17 +185,18 @@ def _object(field: str, body: Mapping[str, Any], default: Any) -> Any:
     return value
 
 
-def _merged(section: str, body: Mapping[str, Any], stored: Mapping[str, Any] | None,
+def _merged(section: str, body: Mapping[str, Any], stored: Mapping[str, Any] | None, patch: bool,
             convert: Callable[[str, Any], Any]) -> dict[str, Any]:
-    """``body[section]`` by name, each value through ``convert``; merged into ``stored`` if
-    given (a patch), where ``null`` deletes a name and names not given are kept as stored."""
+    """``body[section]`` by name, each value through ``convert``; with ``patch``, merged into
+    ``stored`` (None: nothing stored yet), where ``null`` deletes a name and names not given
+    are kept as stored."""
     given = _object(section, body, {})
     if len(given) > MAX_GROUPS:
         raise InvalidPermissions(section, f"at most {MAX_GROUPS} groups")
     merged: dict[str, Any] = _thawed_json(stored) if stored is not None else {}
     for name in sorted(given, key=str):
         _group_name(section, name)
-        if stored is not None and given[name] is None:
+        if patch and given[name] is None:
             merged.pop(name, None)
         else:
             merged[name] = convert(name, given[name])
@@ -213,14 +214,14 @@ def parse_permission_set(body: Any, scope: str, url_id: str, registry: Mapping[s
     ``body`` is merged into ``previous``: ``groups`` and ``permissions`` by name (a
     ``null`` value deletes that name; stored groups not named are kept exactly as stored,
     never parsed or hashed again), ``project`` and ``default`` replaced if given; the
-    result is validated as a whole.  ``container_project``, when the container is in the
-    live map, is the project the set's ``project`` must name.  ``levels`` gives the
-    ordered levels of every leveled capability.
+    result is validated as a whole.  A patch with no ``previous`` merges into an empty
+    set: the platform sends a whole set as a PATCH whether or not one is stored, so the
+    body then reads like a PUT's (with ``null`` names ignored).  ``container_project``,
+    when the container is in the live map, is the project the set's ``project`` must
+    name.  ``levels`` gives the ordered levels of every leveled capability.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
-    if patch and previous is None:
-        raise ValueError("a patch needs the previous set")
     base = previous if patch else None
     _check_id("id", url_id)
     if not isinstance(body, dict):
@@ -250,9 +251,9 @@ def parse_permission_set(body: Any, scope: str, url_id: str, registry: Mapping[s
         if container_project is not None and project != container_project:
             raise InvalidPermissions("project", "is not the container's project")
 
-    groups = _merged("groups", body, base.groups if base is not None else None,
+    groups = _merged("groups", body, base.groups if base is not None else None, patch,
                      lambda name, spec: _group(name, spec, registry))
-    permissions = _merged("permissions", body, base.permissions if base is not None else None,
+    permissions = _merged("permissions", body, base.permissions if base is not None else None, patch,
                           lambda name, grants: grants)
     permissions = _validate_whole(groups, permissions, levels)
 

@@ -120,21 +120,39 @@ class PermissionStore(MirroredTables):
 
     def update(self, scope: str, set_id: str,
                change: Callable[[PermissionSet], PermissionSet]) -> PermissionSet | None:
-        """Replace a set with ``change(stored set)`` in one transaction (a PATCH).
+        """Replace a set with ``change(stored set)`` in one transaction.
 
         Returns the new set, or None (writing nothing) if no set is stored.  If
         ``change`` raises, nothing is written and the exception propagates.  Reading and
         writing in one ``BEGIN IMMEDIATE`` means a concurrent writer in another process
         cannot be overwritten unseen.
         """
+        new, _ = self._change(scope, set_id, change, create=False)
+        return new
+
+    def merge(self, scope: str, set_id: str,
+              change: Callable[[PermissionSet | None], PermissionSet]) -> tuple[PermissionSet, bool]:
+        """Write ``change(stored set, or None if there is none)`` in one transaction (a PATCH).
+
+        Returns (the new set, True if it was created).  Like :meth:`update`, but a set
+        that does not exist yet is created from ``change(None)``: the platform PATCHes a
+        whole set whether or not one is stored.  Deciding "exists?" inside the
+        transaction means two PATCHes racing on a new set both merge, neither loses.
+        """
+        new, created = self._change(scope, set_id, change, create=True)
+        assert new is not None
+        return new, created
+
+    def _change(self, scope: str, set_id: str, change: Callable[[Any], PermissionSet],
+                create: bool) -> tuple[PermissionSet | None, bool]:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             row = self._conn.execute("SELECT body FROM permission_sets WHERE scope = ? AND id = ?",
                                      (scope, set_id)).fetchone()
-            if row is None:
+            if row is None and not create:
                 self._conn.execute("ROLLBACK")
-                return None
-            new = change(self._load(scope, set_id, row[0]))
+                return None, False
+            new = change(self._load(scope, set_id, row[0]) if row is not None else None)
             if (new.scope, new.id) != (scope, set_id):
                 raise ValueError("an update may not move a set to another scope or id")
             self._write(new)
@@ -144,7 +162,7 @@ class PermissionStore(MirroredTables):
                 self._conn.execute("ROLLBACK")
             raise
         self._committed((scope, set_id), new)
-        return new
+        return new, row is None
 
     def delete(self, scope: str, set_id: str) -> bool:
         """Remove a set; durable when it returns.  True if one was stored."""

@@ -200,10 +200,11 @@ class AdminAPI(Resource):
         container = self.directory.lookup(set_id) if scope == "container" else None
         known_project = container.project if container is not None else None
         registry = self.registry
+        patch = request.method == b"PATCH"
 
         def parse(previous=None):
             try:
-                return parse_permission_set(body, scope, set_id, registry, previous, previous is not None,
+                return parse_permission_set(body, scope, set_id, registry, previous, patch,
                                             container_project=known_project)
             except InvalidPermissions as e:
                 raise ApiError(422, "invalid", str(e), field=e.field) from None
@@ -212,10 +213,9 @@ class AdminAPI(Resource):
             pset = parse()
             created = not store.put(pset)
         else:
-            pset = store.update(scope, set_id, parse)
-            if pset is None:
-                raise ApiError(404, "not_found", f"no permission set for this {scope} (PUT one first)")
-            created = False
+            # A PATCH with no set yet creates one (merged into empty): the platform sends
+            # its whole set as a PATCH whether or not the node has one.
+            pset, created = store.merge(scope, set_id, parse)
         advice = advise(body, registry)
         for field, message in advice:
             # The field and the advice only: a message never holds the secret itself.
