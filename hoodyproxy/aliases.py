@@ -19,12 +19,15 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from twisted.logger import Logger
 
 from hoodyproxy.config import DEFAULT_PROGRAMS, Program
 from hoodyproxy.directory._db import MirroredTables
+
+if TYPE_CHECKING:
+    from hoodyproxy.directory import Container
 
 log = Logger()
 
@@ -140,6 +143,28 @@ def check_target(container_id: Any, program: Any, index: Any,
     elif not 1 <= index <= spec.max_instance:
         raise InvalidAlias("index", f"must be an instance from 1 to {spec.max_instance}")
     return container_id, program, index
+
+
+def target_advice(container: Container | None, program: Program, index: int) -> list[tuple[str, str]]:
+    """Why an alias's target may not be the service meant, and how to map it: ``[(field, message)]``.
+
+    Only port-indexed programs (``http``) can go wrong this way: there the index *is* the
+    port, so the platform's ``"program": "http", "index": 1`` (meaning "the first HTTP
+    service") routes to port 1 unless the container's ``ports`` map ``http-1`` (or
+    ``http``) to the real port.  Advice when the index is below 1024 and not mapped, or
+    when ``container`` is None (not in the live map, so its ports cannot be checked).
+    Advice never refuses: the alias is stored as asked.
+    """
+    if program.index != "port":
+        return []
+    key = f"{program.name}-{index}"
+    how = f'register the container with "ports": {{"{key}": <port>}}'
+    if container is None:
+        return [("container_id", f"the container is not in the live map, so where {key} goes cannot be "
+                                 f"checked: {key} means port {index} unless you {how}")]
+    if container.port_override(program.name, index) is not None or index >= 1024:
+        return []
+    return [("index", f"{key} means port {index}: {how} if its service listens on another port")]
 
 
 # -- the store ---------------------------------------------------------------------------

@@ -557,9 +557,9 @@ class ProxyCommandTests(CLITestCase):
                                  "--alias", "x", "--program", "http", "--index", "80")
         self.assertFailed(done, 1, "hoodyproxy: 422 container_id: no such container in the live map")
         await self.ok("proxy", "create", "--container-id", CONTAINER, "--alias", "x", "--program", "http",
-                      "--index", "80")
+                      "--index", "8080")
         done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "x",
-                                 "--program", "http", "--index", "81")
+                                 "--program", "http", "--index", "8081")
         self.assertFailed(done, 1, "hoodyproxy: 409 alias: already exists on this node")
         done = await self.invoke("proxy", "create", "--container-id", CONTAINER, "--alias", "y",
                                  "--program", "http", "--index", "eighty")

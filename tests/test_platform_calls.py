@@ -24,9 +24,11 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from hoodyproxy.access import PermissionStore
+from hoodyproxy.aliases import target_advice
+from hoodyproxy.config import DEFAULT_PROGRAMS
 from hoodyproxy.directory import Container, open_database
 from tests import backends
-from tests.support import Backend, host_for, https_agent, start_node
+from tests.support import Backend, audit_lines, host_for, https_agent, start_node
 
 PROJECT = "67e89abc123def456789abcd"
 CONTAINER = "890abcdef12345678901cdef"
@@ -41,6 +43,9 @@ PLATFORM_BODY = {"project": PROJECT, "container": CONTAINER,
                  "default": "deny"}
 CONTAINER_PERMISSIONS = f"/api/v1/containers/{CONTAINER}/proxy/permissions"
 PROJECT_PERMISSIONS = f"/api/v1/projects/{PROJECT}/proxy/permissions"
+ALIASES = "/api/v1/proxy/aliases"
+#: The platform's alias call: "the container's HTTP service".
+PLATFORM_ALIAS = {"container_id": CONTAINER, "alias": "my-api", "program": "http", "index": 1}
 
 
 class PlatformCallTestCase(unittest.TestCase):
@@ -211,3 +216,82 @@ class WeakTokenTests(PlatformCallTestCase):
         [line] = done.stderr.splitlines()
         self.assertTrue(line.startswith("hoodyproxy: warning: groups.ci.value: "), line)
         self.assertNotIn(CI_TOKEN, done.stderr + done.stdout)
+
+
+class AliasIndexTests(PlatformCallTestCase):
+    """``{"program": "http", "index": 1}``: the index of a port-indexed program is the port."""
+
+    async def test_mapped_index_reaches_the_service(self):
+        """With ``"ports": {"http-1": <port>}`` registered, the platform's alias reaches that port."""
+        backend = Backend(self, backends.Headers())
+        status, _ = await self.api("PUT", f"/api/v1/containers/{CONTAINER}", {
+            "project": PROJECT, "address": "127.0.0.1", "state": "running",
+            "ports": {"http-1": backend.number}})
+        self.assertEqual(status, 201)
+        status, answer = await self.api("POST", ALIASES, PLATFORM_ALIAS)
+        self.assertEqual(status, 201, answer)
+        self.assertNotIn("warnings", answer)
+        status, body = await self.through_gateway("my-api.node-local.containers.localhost")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["uri"], "/")
+        self.assertEqual(audit_lines(self.node)[-1]["route"]["index"], 1)  # the route, not the port
+        status, _ = await self.through_gateway(host_for("http", 1))  # the long form maps alike
+        self.assertEqual(status, 200)
+
+    async def test_unmapped_index_warns_and_answers_502(self):
+        """Without a mapping the alias is stored (201) with a warning saying how to map it,
+        and a request goes to port 1, where nothing listens: 502."""
+        self.register()
+        status, answer = await self.api("POST", ALIASES, PLATFORM_ALIAS)
+        self.assertEqual(status, 201, answer)
+        [warning] = answer["warnings"]
+        self.assertEqual(warning["field"], "index")
+        self.assertIn('http-1 means port 1: register the container with "ports": {"http-1": <port>}',
+                      warning["message"])
+        status, _ = await self.through_gateway("my-api.node-local.containers.localhost")
+        self.assertEqual(status, 502)
+
+    async def test_program_level_mapping_counts(self):
+        """``"ports": {"http": <port>}`` maps every http index: no warning."""
+        self.register(lambda port: {"http": port})
+        status, answer = await self.api("POST", ALIASES, PLATFORM_ALIAS)
+        self.assertEqual(status, 201, answer)
+        self.assertNotIn("warnings", answer)
+
+    async def test_plausible_port_has_no_warning(self):
+        """An index of 1024 or more is taken as the port it names: no warning."""
+        self.register()
+        status, answer = await self.api("POST", ALIASES, dict(PLATFORM_ALIAS, index=3000))
+        self.assertEqual(status, 201, answer)
+        self.assertNotIn("warnings", answer)
+
+    async def test_instance_program_has_no_warning(self):
+        """``terminal`` + 1 is instance 1 of the terminal program, not a port: no warning."""
+        self.register()
+        status, answer = await self.api("POST", ALIASES, dict(PLATFORM_ALIAS, program="terminal"))
+        self.assertEqual(status, 201, answer)
+        self.assertNotIn("warnings", answer)
+
+    async def test_cli_prints_the_alias_warning(self):
+        """``hoodyproxy proxy create ... --index 1`` stores the alias (exit 0), the warning on stderr."""
+        self.register()
+        done = await self.cli("proxy", "create", "--container-id", CONTAINER, "--alias", "my-api",
+                              "--program", "http", "--index", "1")
+        self.assertEqual(done.returncode, 0, done)
+        [line] = done.stderr.splitlines()
+        self.assertTrue(line.startswith("hoodyproxy: warning: index: http-1 means port 1"), line)
+        self.assertEqual(self.node.stack.aliases.resolve_alias("my-api"), (CONTAINER, "http", 1))
+
+
+class TargetAdviceTests(unittest.SynchronousTestCase):
+    """:func:`hoodyproxy.aliases.target_advice`, the pure rule behind the alias warnings."""
+
+    def test_container_not_in_the_live_map(self):
+        """With no container to look at, a port-indexed target is advised on ``container_id``."""
+        [(field, message)] = target_advice(None, DEFAULT_PROGRAMS["http"], 3000)
+        self.assertEqual(field, "container_id")
+        self.assertIn('"ports": {"http-3000": <port>}', message)
+
+    def test_instance_programs_never(self):
+        """Instance-indexed programs get no advice, known container or not."""
+        self.assertEqual(target_advice(None, DEFAULT_PROGRAMS["terminal"], 1), [])

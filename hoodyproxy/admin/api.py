@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 
 from hoodyproxy.access.model import InvalidPermissions, advise, parse_permission_set, to_json
 from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
-                                check_target)
+                                check_target, target_advice)
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 
@@ -313,14 +313,16 @@ class AdminAPI(Resource):
         # An alias is created for a container the node knows (its project comes from the
         # live map at each request; a container removed later leaves the alias, which then
         # answers 503 like the container's own URL).
-        if self.directory.lookup(container_id) is None:
+        container = self.directory.lookup(container_id)
+        if container is None:
             raise ApiError(422, "invalid", "container_id: no such container in the live map",
                            field="container_id")
         try:
             created = self.aliases.create(alias, container_id, program, index)
         except AliasExists:
             raise ApiError(409, "conflict", "alias: already exists on this node", field="alias") from None
-        return 201, self._alias_json(created)
+        advice = target_advice(container, self.aliases.programs[program], index)
+        return 201, _with_warnings(self._alias_json(created), advice)
 
     def _domain_attach(self, request, alias: str) -> tuple[int, Any]:
         body = _json_body(request)
