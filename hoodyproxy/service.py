@@ -325,6 +325,8 @@ class NodeService(service.MultiService):
         self._log_client_ip()
         log.info("hoodyproxy admin token file: {path}",
                  path="(from config)" if s.admin_token else os.path.join(s.data_dir, "admin-token"))
+        from hoodyproxy.admin.discovery import publish_admin_api
+        publish_admin_api(self)  # <data-dir>/admin.json, for the hoodyproxy command
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
 
     def _check_capability_kept(self) -> None:

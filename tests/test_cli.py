@@ -293,10 +293,13 @@ class ConnectionTests(CLITestCase):
         self.assertEqual(done.returncode, 0, done)
 
     async def test_wrong_token_flag(self):
-        """A wrong --token (the right one in the environment) is the API's 401: exit 1."""
+        """A wrong --token (the right one in the environment) is the API's 401: exit 1, naming --token."""
         done = await self.cli("--admin-url", self.url, "--token", "wrong-token-wrong-token", "containers", "list",
                               env={"HOODYPROXY_ADMIN_TOKEN": self.node.token})
-        self.assertFailed(done, 1, "hoodyproxy: 401 a valid admin bearer token is required")
+        last = self.assertFailed(done, 1)
+        self.assertEqual(len(done.stderr.splitlines()), 1)
+        self.assertTrue(last.startswith("hoodyproxy: 401 a valid admin bearer token is required "
+                                        "(the token sent: --token;"), last)
 
     async def test_token_from_data_dir(self):
         """--data-dir reads <dir>/admin-token (and wins over $HOODYPROXY_ADMIN_TOKEN)."""

@@ -11,11 +11,10 @@
     hoodyproxy proxy create --container-id C --alias my-api --program http --index 3000
     hoodyproxy proxy domains add --alias my-api --domain api.yourcompany.com
 
-The API is ``--admin-url``, else ``$HOODYPROXY_ADMIN_URL``, else the local node's
-(``http://127.0.0.1:8081``).  The token is ``--token``, else the ``admin-token`` file of
-``--data-dir`` if that is given, else ``$HOODYPROXY_ADMIN_TOKEN``, else the
-``admin-token`` file of the default data directory
-(:func:`hoodyproxy.config.default_data_dir`).
+Where it connects (:func:`connect`): ``--admin-url``, ``--token``, ``--data-dir``, the
+environment, and the ``admin.json`` a running node writes into its data directory, in
+the order :mod:`hoodyproxy.admin.discovery` gives.  A 401 says which token was sent and
+how to point elsewhere; an unreachable URL read from an ``admin.json`` names that file.
 
 The answer's JSON is printed on stdout, indented; its ``warnings`` (a weak token, an
 alias index that is probably not a port...) also on stderr, one line each.  Exit status:
@@ -27,6 +26,7 @@ be reached.  No reactor is involved: one blocking request per run.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import math
@@ -39,11 +39,10 @@ import urllib.parse
 import urllib.request
 from typing import Any, NoReturn, Sequence
 
+from hoodyproxy.admin.discovery import (ADMIN_FILE, DATA_DIR_ENV, DEFAULT_ADMIN_URL, LOCAL_DATA_DIR, TOKEN_ENV,
+                                        TOKEN_FILE, URL_ENV, NoAdminAccess, find_data_dir, find_token, find_url)
+
 PROG = "hoodyproxy"
-DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
-URL_ENV = "HOODYPROXY_ADMIN_URL"
-TOKEN_ENV = "HOODYPROXY_ADMIN_TOKEN"
-TOKEN_FILE = "admin-token"
 ID = re.compile(r"[0-9a-f]{24}\Z")
 
 EXIT_OK, EXIT_API_ERROR, EXIT_USAGE = 0, 1, 2
@@ -107,14 +106,16 @@ def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     default = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("admin API")
     group.add_argument("--admin-url", metavar="URL", default=default,
-                       help=f"the admin API (default: ${URL_ENV}, else {DEFAULT_ADMIN_URL})")
+                       help=f"the admin API (default: the url of --data-dir's {ADMIN_FILE}, else ${URL_ENV}, "
+                            f"else the data directory's {ADMIN_FILE}, else {DEFAULT_ADMIN_URL})")
     group.add_argument("--token", metavar="TOKEN", default=default,
-                       help=f"the admin token (default: the {TOKEN_FILE} file of --data-dir if given, "
-                            f"else ${TOKEN_ENV}, else the {TOKEN_FILE} file of the default data directory)")
+                       help=f"the admin token (default: --data-dir's token file if given, else ${TOKEN_ENV}, "
+                            f"else the data directory's token file)")
     group.add_argument("--data-dir", metavar="DIR", default=default,
-                       help=f"the node's data directory, to read <DIR>/{TOKEN_FILE} from "
-                            f"(default: $HOODYPROXY_DATA_DIR, else /var/lib/hoodyproxy as root, "
-                            f"else ~/.local/share/hoodyproxy)")
+                       help=f"the node's data directory (its --data-dir), where a running node's "
+                            f"{ADMIN_FILE} and {TOKEN_FILE} are (default: ${DATA_DIR_ENV}, else "
+                            f"./{LOCAL_DATA_DIR} if it has an {ADMIN_FILE}, else /var/lib/hoodyproxy "
+                            f"as root, else ~/.local/share/hoodyproxy)")
     group.add_argument("--timeout", metavar="SECONDS", type=float, default=argparse.SUPPRESS if suppress else 30.0,
                        help="give up on the API after this many seconds (default 30)")
 
@@ -374,12 +375,21 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class Client:
-    """One admin API, one token; :meth:`request` answers (status, parsed body or None)."""
+    """One admin API, one token; :meth:`request` answers (status, parsed body or None).
 
-    def __init__(self, base_url: str, token: str, timeout: float) -> None:
+    ``url_source`` and ``token_source`` say where the URL and the token came from (e.g.
+    ``--token``, ``/srv/data/admin-token, from ./data/admin.json``): a 401 or an
+    unreachable API names them, so a token read from the wrong data directory is a
+    one-line fix.
+    """
+
+    def __init__(self, base_url: str, token: str, timeout: float, *,
+                 url_source: str | None = None, token_source: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.url_source = url_source
+        self.token_source = token_source
         # No proxies from the environment (the token goes to the node, not through a
         # proxy) and no redirects.
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
@@ -396,7 +406,11 @@ class Client:
         except urllib.error.HTTPError as error:
             with error:
                 raw = error.read()
-            raise Failed(EXIT_API_ERROR, f"{error.code} {self._message(raw, error.reason)}") from None
+            message = f"{error.code} {self._message(raw, error.reason)}"
+            if error.code == 401 and self.token_source:
+                message += (f" (the token sent: {self.token_source}; for another node give --data-dir DIR "
+                            f"(its --data-dir), set ${DATA_DIR_ENV}, or give --token)")
+            raise Failed(EXIT_API_ERROR, message) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             if isinstance(reason, (socket.timeout, TimeoutError)):
@@ -405,7 +419,9 @@ class Client:
                 why = reason.strerror
             else:
                 why = str(reason) or type(reason).__name__
-            raise Failed(EXIT_USAGE, f"cannot reach the admin API at {self.base_url}: {_one_line(why)}") from None
+            where = f" ({self.url_source})" if self.url_source else ""
+            raise Failed(EXIT_USAGE,
+                         f"cannot reach the admin API at {self.base_url}{where}: {_one_line(why)}") from None
 
     @staticmethod
     def _parse(raw: bytes) -> Any:
@@ -427,8 +443,7 @@ class Client:
         return _one_line(str(reason or "error"))
 
 
-def admin_url(args) -> str:
-    url = args.admin_url or os.environ.get(URL_ENV) or DEFAULT_ADMIN_URL
+def _check_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     parts = urllib.parse.urlsplit(url)
@@ -443,35 +458,27 @@ def admin_url(args) -> str:
     return url
 
 
-def admin_token(args) -> str:
-    token = _find_token(args)
+def _check_token(token: str) -> str:
     if not (token.isascii() and token.isprintable()) or " " in token:
         raise Failed(EXIT_USAGE, "the admin token has characters a header cannot carry "
                                  "(spaces, control or non-ASCII characters)")
     return token
 
 
-def _find_token(args) -> str:
-    if args.token:
-        return args.token
-    if args.data_dir is None and os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip()
-    if args.data_dir is not None:
-        data_dir = args.data_dir
-    else:
-        from hoodyproxy.config import default_data_dir
-        data_dir = default_data_dir()
-    path = os.path.join(data_dir, TOKEN_FILE)
+def connect(args) -> Client:
+    """The client for this run: the URL and token :mod:`hoodyproxy.admin.discovery` finds.
+
+    The data directory is looked for (and its ``admin.json`` read) only if the options
+    and the environment leave something open, so they never trip on a broken file.
+    """
+    data_dir = functools.cache(functools.partial(find_data_dir, args.data_dir))
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "not readable"
-        raise Failed(EXIT_USAGE, f"no admin token: cannot read {path} ({why}); "
-                                 f"give --token, ${TOKEN_ENV} or --data-dir") from None
-    if not token:
-        raise Failed(EXIT_USAGE, f"no admin token: {path} is empty; give --token, ${TOKEN_ENV} or --data-dir")
-    return token
+        url, url_source = find_url(args.admin_url, args.data_dir is not None, data_dir)
+        token, token_source = find_token(args.token, args.data_dir is not None, data_dir)
+    except NoAdminAccess as e:
+        raise Failed(EXIT_USAGE, str(e)) from None
+    return Client(_check_url(url), _check_token(token), args.timeout,
+                  url_source=url_source, token_source=token_source)
 
 
 def _print_warnings(body: Any) -> None:
@@ -535,7 +542,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if not (math.isfinite(args.timeout) and args.timeout > 0):
             leaf.error("argument --timeout: must be a number of seconds more than 0")
-        client = Client(admin_url(args), admin_token(args), args.timeout)
+        client = connect(args)
         _, body = args.handler(client, leaf, args)
     except Failed as failure:
         sys.stderr.write(f"{PROG}: {failure.message}\n")
