@@ -109,8 +109,8 @@ class Settings:
     node: str = "node-local"
     zone: str = "containers.localhost"
     data_dir: str = field(default_factory=default_data_dir)
-    https: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8443),)
-    http: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 8080),)
+    https: tuple[ListenAddress, ...] = (ListenAddress("::", 8443),)
+    http: tuple[ListenAddress, ...] = (ListenAddress("::", 8080),)
     admin: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 8081),)
     tls_certificate: str | None = None
     tls_key: str | None = None
@@ -336,8 +336,8 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if kw["workers"] > 64:
         raise ConfigError("[node] workers", "must be at most 64")
     kw["data_dir"] = os.path.abspath(os.path.expanduser(_string("[node] data_dir", get("node", "data_dir", d.data_dir))))
-    kw["https"] = _listen("[listen] https", get("listen", "https", [str(a) for a in d.https]), "0.0.0.0")
-    kw["http"] = _listen("[listen] http", get("listen", "http", [str(a) for a in d.http]), "0.0.0.0")
+    kw["https"] = _listen("[listen] https", get("listen", "https", [str(a) for a in d.https]), "::")
+    kw["http"] = _listen("[listen] http", get("listen", "http", [str(a) for a in d.http]), "::")
     kw["admin"] = _listen("[listen] admin", get("listen", "admin", [str(a) for a in d.admin]), "127.0.0.1")
     cert = get("tls", "certificate", None) or None
     key = get("tls", "key", None) or None

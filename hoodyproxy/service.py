@@ -12,7 +12,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from hoodyproxy.config import ConfigError, Settings, client_ip_modes, load_settings, resolve_client_ip
+from hoodyproxy.config import (ConfigError, ListenAddress, Settings, client_ip_modes, load_settings,
+                               resolve_client_ip)
 from hoodyproxy.tls.devca import write_atomic
 
 log = Logger()
@@ -32,8 +33,8 @@ class Options(usage.Options):
                                 "else ~/.local/share/hoodyproxy; or $HOODYPROXY_DATA_DIR)"],
         ["node", None, None, "node name (default node-local)"],
         ["zone", None, None, "zone (default containers.localhost)"],
-        ["https", None, None, "HTTPS listen address, [address:]port (default 0.0.0.0:8443)"],
-        ["http", None, None, "plain HTTP listen address (redirects to HTTPS; default 0.0.0.0:8080)"],
+        ["https", None, None, "HTTPS listen address, [address:]port (default [::]:8443, which takes IPv4 too)"],
+        ["http", None, None, "plain HTTP listen address (redirects to HTTPS; default [::]:8080)"],
         ["admin", None, None, "admin API listen address (default 127.0.0.1:8081)"],
         ["tls-cert", None, None, "PEM certificate chain for *.<node>.<zone>"],
         ["tls-key", None, None, "PEM private key for --tls-cert"],
@@ -235,35 +236,48 @@ class NodeService(service.MultiService):
         self.client_ip_warning = (f"{why}, so containers see the gateway's address as the peer and the "
                                   f"client's in forwarding headers only")
 
+    def _listen_addresses(self) -> tuple[tuple[ListenAddress, ...], tuple[ListenAddress, ...]]:
+        """The HTTPS and HTTP addresses to bind: as configured, except that ``[::]`` (the
+        default, which takes IPv4 too) is ``0.0.0.0`` on a host whose kernel has no IPv6."""
+        from hoodyproxy import listening
+        s = self.settings
+        if all(a.interface != listening.ANY_V6 for a in (*s.https, *s.http)) or listening.ipv6_available():
+            return s.https, s.http
+        log.warn("hoodyproxy: this host has no IPv6, so the [::] listeners listen on 0.0.0.0 (IPv4 only)")
+        return listening.without_ipv6(s.https), listening.without_ipv6(s.http)
+
     def privilegedStartService(self) -> None:
-        from hoodyproxy import eagertcp
+        from hoodyproxy import listening
         from hoodyproxy.admin.api import AdminAPI
-        from hoodyproxy.config import ListenAddress
-        from hoodyproxy.workers import WorkerPool, listen_reuseport
+        from hoodyproxy.workers import WorkerPool
 
         s = self.settings
         r = self.reactor
         https_factory = self.stack.https_factory()
-        if s.workers > 1:
-            def listen(addr, factory):
-                return listen_reuseport(r, addr, factory)
-        else:
-            def listen(addr, factory):
-                return eagertcp.listen_tcp(r, addr.port, factory, backlog=1024, interface=addr.interface)
-        for addr in s.https:
+        https_addresses, http_addresses = self._listen_addresses()
+        tcp_addresses = (*https_addresses, *http_addresses)
+
+        def listen(addr: ListenAddress, factory):
+            # [::] takes IPv4 too, whatever net.ipv6.bindv6only says; with workers, the
+            # port is shared (SO_REUSEPORT).
+            return listening.listen_tcp(r, addr, factory, v6only=listening.v6only_for(addr, tcp_addresses),
+                                        reuse_port=s.workers > 1)
+        for addr in https_addresses:
             self.ports["https"].append(listen(addr, https_factory))
         # Redirect to the port actually bound (it differs from the config when that says 0).
-        https_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.https, self.ports["https"])]
+        https_bound = [ListenAddress(a.interface, p.getHost().port)
+                       for a, p in zip(https_addresses, self.ports["https"])]
         redirect = self.stack.redirect_factory(https_bound[0].port)
-        for addr in s.http:
+        for addr in http_addresses:
             self.ports["http"].append(listen(addr, redirect))
-        http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(s.http, self.ports["http"])]
+        http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(http_addresses, self.ports["http"])]
         if s.http3_enabled:
             # QUIC on the HTTPS port numbers, over UDP (in this process only, with workers).
             from hoodyproxy.frontend.http3 import listen_http3
             for addr in https_bound:
                 self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
-                                                        certificates=self.stack.certificates, settings=s))
+                                                        certificates=self.stack.certificates, settings=s,
+                                                        v6only=listening.v6only_for(addr, https_bound)))
         self.gateway.alt_svc = s.alt_svc_for(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
@@ -316,10 +330,12 @@ class NodeService(service.MultiService):
         self._cert_check.start(self.certificate_check_interval, now=False)
         if s.demo:
             self._start_demo()
+        from hoodyproxy.listening import display
         for kind, ports in self.ports.items():
             for port in ports:
                 host = port.getHost()
-                log.info("hoodyproxy {kind} listening on {host}:{port}", kind=kind, host=host.host, port=host.port)
+                log.info("hoodyproxy {kind} listening on {address}", kind=kind, address=display(host.host, host.port),
+                         host=host.host, port=host.port)
         if self.ca_path:
             log.info("hoodyproxy development CA (trust it to browse without warnings): {ca}", ca=self.ca_path)
         self._log_client_ip()
@@ -418,7 +434,8 @@ class _ExitOnListenError(service.MultiService):
         except NetfilterError as e:
             exit_with_line(f"cannot start: client IP mode 'transparent': {e} (see docs/real-client-ip.rst)")
         except CannotListenError as e:
-            exit_with_line(f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {e.socketError}")
+            from hoodyproxy.listening import display
+            exit_with_line(f"cannot listen on {display(e.interface, e.port)}: {e.socketError}")
 
 
 def exit_with_line(problem: str) -> None:

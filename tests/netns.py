@@ -16,8 +16,10 @@ namespaces -- and first every process it started in them -- in the test's cleanu
 Run as a program (inside a namespace) it is the test's container service or client::
 
     python -m tests.netns serve PORT        HTTP /peer (JSON: the TCP peer) and WebSocket /ws
-                                            (one text message: the same JSON), on [::]:PORT
+                                            (one text message: the same JSON), on 0.0.0.0:PORT
+                                            and, IPv6 only, [::]:PORT
     python -m tests.netns ws-client ...     a WebSocket client that prints the first message
+    python -m tests.netns h3-get ...        an HTTP/3 GET that prints the status and the body
 """
 
 from __future__ import annotations
@@ -63,17 +65,17 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _environment() -> dict:
+def environment() -> dict:
     """This environment with the repository importable (``python -m tests.netns``)."""
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, environment.get("PYTHONPATH")]))
-    environment["PYTHONUNBUFFERED"] = "1"
-    environment.pop("HOODYPROXY_DATA_DIR", None)
-    return environment
+    variables = dict(os.environ)
+    variables["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, variables.get("PYTHONPATH")]))
+    variables["PYTHONUNBUFFERED"] = "1"
+    variables.pop("HOODYPROXY_DATA_DIR", None)
+    return variables
 
 
 def _run(args: list[str], check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_environment())
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=environment())
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -135,12 +137,12 @@ class Topology:
 
     def start(self, ns: str, args: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
         """Start a process inside ``ns`` (output to ``log_path``); it is killed at cleanup."""
-        environment = _environment()
-        environment.update(env or {})
+        variables = environment()
+        variables.update(env or {})
         with open(log_path, "ab") as log:
             # `ip netns exec` enters the namespace and execs: the pid is the program's own.
             proc = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                    stdout=log, stderr=subprocess.STDOUT, env=variables,
                                     cwd=os.path.dirname(log_path))
         self.processes.append(proc)
         return proc
@@ -187,7 +189,9 @@ def wait_for(path: str, pattern: str, proc: subprocess.Popen | None = None, time
 
 
 class NamespacedGateway:
-    """``twistd -n hoodyproxy`` in the gateway namespace: HTTPS on [::]:8443, admin on 127.0.0.1:8081."""
+    """``twistd -n hoodyproxy`` in the gateway namespace on its default listeners -- HTTPS on
+    [::]:8443 (TCP and UDP) and plain HTTP on [::]:8080, both taking IPv4 too -- with the
+    admin API on 127.0.0.1:8081."""
 
     https_port = 8443
     admin_port = 8081
@@ -198,6 +202,7 @@ class NamespacedGateway:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.data_dir = data_dir or os.path.join(workdir, "data")
+        self.audit_path = os.path.join(workdir, "audit.log")
         self.log_path = os.path.join(workdir, f"gateway-{next(_counter)}.log")
         open(self.log_path, "wb").close()
         extra = list(args)
@@ -208,9 +213,7 @@ class NamespacedGateway:
             extra = ["--config", path, *extra]
         self.proc = topology.start(topology.gateway, [
             TWISTD, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", self.data_dir,
-            "--https", f"[::]:{self.https_port}", "--http", "127.0.0.1:8080",
-            "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.path.join(workdir, "audit.log"),
-            *extra], self.log_path)
+            "--admin", f"127.0.0.1:{self.admin_port}", "--audit", self.audit_path, *extra], self.log_path)
 
     def wait_ready(self) -> "NamespacedGateway":
         wait_for(self.log_path, re.escape("hoodyproxy audit log:"), self.proc)
@@ -219,6 +222,23 @@ class NamespacedGateway:
     def output(self) -> str:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
+
+    def audit_line(self, path: str, timeout: float = TIMEOUT) -> dict:
+        """The audit line of the (one) request for ``path``, once the gateway has written it
+        (it flushes its audit file every 0.1 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(self.audit_path, "rb") as f:
+                    lines = [json.loads(line) for line in f if line.strip()]
+            except FileNotFoundError:
+                lines = []
+            found = [line for line in lines if line.get("path") == path]
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no audit line for {path} within {timeout}s: {lines}")
+            time.sleep(0.05)
 
     @property
     def ca_path(self) -> str:
@@ -244,12 +264,12 @@ class NamespacedGateway:
 
 # -- the programs run inside the namespaces ----------------------------------------------------
 
-def _unmapped(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
 def serve(port: int) -> None:
-    """The container's service: who is my TCP peer, over HTTP and over WebSocket."""
+    """The container's service: who is my TCP peer, over HTTP and over WebSocket.
+
+    It listens on each family's own socket, so the peer is reported exactly as the kernel
+    gives it: an IPv4 connection is ``203.0.113.50``, never ``::ffff:203.0.113.50``.
+    """
     from autobahn.twisted.resource import WebSocketResource
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor
@@ -257,7 +277,7 @@ def serve(port: int) -> None:
     from twisted.web.server import Site
 
     def view(peer, headers) -> bytes:
-        return json.dumps({"peer": _unmapped(peer.host), "port": peer.port,
+        return json.dumps({"peer": peer.host, "port": peer.port,
                            "x-forwarded-for": headers.get("x-forwarded-for")}).encode()
 
     class Peer(Resource):
@@ -283,7 +303,10 @@ def serve(port: int) -> None:
     root.putChild(b"ws", WebSocketResource(factory))
     site = Site(root)
     site.log = lambda request: None
-    listening = reactor.listenTCP(port, site, interface="::")
+    from hoodyproxy.config import ListenAddress
+    from hoodyproxy.listening import listen_tcp
+    reactor.listenTCP(port, site, interface="0.0.0.0")
+    listening = listen_tcp(reactor, ListenAddress("::", port), site, v6only=True)
     print(f"serving on {listening.getHost().port}", flush=True)
     reactor.run()
 
@@ -337,19 +360,46 @@ def ws_client(connect: str, port: int, host: str, path: str, cacert: str, source
     sock.close()
 
 
+def h3_get(connect: str, port: int, host: str, path: str, cacert: str, source: str) -> None:
+    """One HTTP/3 GET through the gateway from ``source``; print the status, then the body."""
+    from twisted.internet import reactor
+
+    from tests.h3client import H3ClientProtocol
+    client = H3ClientProtocol(reactor, (connect, port), server_name=host, ca_path=cacert)
+    client._port = reactor.listenUDP(0, client, interface=source)
+    outcome: list = []
+
+    def request(_):
+        stream = client.request("GET", path, f"{host}:{port}")
+        return stream.done.addCallback(lambda _: outcome.append((stream.status, stream.sink.body)))
+
+    def end(result):
+        if not outcome:
+            outcome.append(result)
+        client.close().addBoth(lambda _: reactor.stop())
+    client.connected.addTimeout(TIMEOUT, reactor).addCallback(request).addBoth(end)
+    reactor.run()
+    if not isinstance(outcome[0], tuple):
+        raise SystemExit(f"HTTP/3 request failed: {outcome[0]}")
+    status, body = outcome[0]
+    print(status, flush=True)
+    print(body.decode("utf-8", "replace"), flush=True)
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["serve"]:
         serve(int(argv[1]))
-    elif argv[:1] == ["ws-client"]:
+    elif argv[:1] in (["ws-client"], ["h3-get"]):
         import argparse
         parser = argparse.ArgumentParser()
         for name in ("--connect", "--host", "--path", "--cacert", "--source"):
             parser.add_argument(name, required=True)
         parser.add_argument("--port", type=int, required=True)
         a = parser.parse_args(argv[1:])
-        ws_client(a.connect, a.port, a.host, a.path, a.cacert, a.source)
+        program = ws_client if argv[0] == "ws-client" else h3_get
+        program(a.connect, a.port, a.host, a.path, a.cacert, a.source)
     else:
-        raise SystemExit("usage: python -m tests.netns serve PORT | ws-client ...")
+        raise SystemExit("usage: python -m tests.netns serve PORT | ws-client ... | h3-get ...")
 
 
 if __name__ == "__main__":

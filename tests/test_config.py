@@ -49,10 +49,10 @@ class DefaultTests(SynchronousTestCase):
                          ("node-local", "containers.localhost", "node-local.containers.localhost"))
 
     def test_listen_addresses(self) -> None:
-        """HTTPS on 8443 and HTTP on 8080 on all interfaces; admin on 127.0.0.1:8081."""
+        """HTTPS on 8443 and HTTP on 8080 on all interfaces of both families; admin on 127.0.0.1:8081."""
         s = settings_from_mapping({})
-        self.assertEqual(s.https, (ListenAddress("0.0.0.0", 8443),))
-        self.assertEqual(s.http, (ListenAddress("0.0.0.0", 8080),))
+        self.assertEqual(s.https, (ListenAddress("::", 8443),))
+        self.assertEqual(s.http, (ListenAddress("::", 8080),))
         self.assertEqual(s.admin, (ListenAddress("127.0.0.1", 8081),))
         self.assertEqual(s.https_port, 8443)
 
@@ -118,10 +118,10 @@ class ValueTests(SynchronousTestCase):
     """How accepted values are read."""
 
     def test_bare_port(self) -> None:
-        """A bare port listens on all IPv4 interfaces, or on loopback for admin."""
+        """A bare port listens on all interfaces, IPv6 and IPv4 (``::``), or on loopback for admin."""
         s = settings_from_mapping({"listen": {"https": 443, "http": "80", "admin": 9000}})
-        self.assertEqual(s.https, (ListenAddress("0.0.0.0", 443),))
-        self.assertEqual(s.http, (ListenAddress("0.0.0.0", 80),))
+        self.assertEqual(s.https, (ListenAddress("::", 443),))
+        self.assertEqual(s.http, (ListenAddress("::", 80),))
         self.assertEqual(s.admin, (ListenAddress("127.0.0.1", 9000),))
 
     def test_ipv6_and_lists(self) -> None:

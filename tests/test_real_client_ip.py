@@ -725,7 +725,9 @@ class CapabilityTests(unittest.SynchronousTestCase):
 # == three namespaces: the container sees the client ================================================
 
 class _ThroughTheGateway:
-    """The same specification over IPv4 and IPv6 (the subclasses give the addresses)."""
+    """The same specification over IPv4 and IPv6 (the subclasses give the addresses), with the
+    gateway on its default listeners: one dual-stack ``[::]:8443`` socket (TCP, and UDP for
+    HTTP/3) serves clients of both families."""
 
     skip = NAMESPACES_SKIP
     client_ip: str
@@ -747,25 +749,54 @@ class _ThroughTheGateway:
         self.gateway.wait_ready()
         self.gateway.put_container(CONTAINER, PROJECT, self.container_ip)
 
-    def fetch(self, source: str) -> tuple[int, dict | str]:
-        """GET /peer through the gateway from the client namespace, from ``source``."""
+    def fetch(self, source: str, *curl_args: str, path: str = "/peer") -> tuple[int, dict | str]:
+        """GET ``path`` through the gateway from the client namespace, from ``source``."""
         host = route()
         at = f"[{self.gateway_ip}]" if ":" in self.gateway_ip else self.gateway_ip
         result = self.net.run(self.net.client, "curl", "-sS", "--max-time", "15", "--cacert", self.gateway.ca_path,
                               "--resolve", f"{host}:{self.gateway.https_port}:{at}", "--interface", source,
-                              "-w", "\n%{http_code}", f"https://{host}:{self.gateway.https_port}/peer", check=False)
+                              "-w", "\n%{http_code}", *curl_args, f"https://{host}:{self.gateway.https_port}{path}",
+                              check=False)
         body, _, status = result.stdout.rpartition("\n")
         try:
             return int(status), json.loads(body)
         except ValueError:
             return int(status or 0), body + result.stderr
 
+    def test_gateway_listens_dual_stack_by_default(self):
+        """With no listen address configured, HTTPS (TCP and UDP) and plain HTTP are on ``[::]``."""
+        output = self.gateway.output()
+        for kind, port in (("https", 8443), ("http", 8080), ("http3", 8443)):
+            self.assertIn(f"hoodyproxy {kind} listening on [::]:{port}", output)
+
     def test_http_peer_is_the_client(self):
-        """Over HTTP/1.1 the container's getpeername() is the client's own address; the headers agree."""
-        status, answer = self.fetch(self.client_ip)
+        """Over HTTP/1.1 the container's getpeername() is the client's own address; the headers
+        and the audit line agree."""
+        status, answer = self.fetch(self.client_ip, "--http1.1", path="/peer?h1")
         self.assertEqual(status, 200, answer)
         self.assertEqual(answer["peer"], self.client_ip)
         self.assertEqual(answer["x-forwarded-for"], self.client_ip)
+        line = self.gateway.audit_line("/peer?h1")
+        self.assertEqual((line["client"], line["status"]), (self.client_ip, 200))
+
+    def test_http2_peer_is_the_client(self):
+        """Over HTTP/2 the container's getpeername() is the client's own address."""
+        status, answer = self.fetch(self.client_ip, "--http2")
+        self.assertEqual(status, 200, answer)
+        self.assertEqual((answer["peer"], answer["x-forwarded-for"]), (self.client_ip, self.client_ip))
+
+    def test_http3_peer_is_the_client(self):
+        """Over HTTP/3 (UDP on the same dual-stack port) the container's getpeername() is the
+        client's own address."""
+        result = self.net.run(self.net.client, netns.PYTHON, "-m", "tests.netns", "h3-get",
+                              "--connect", self.gateway_ip, "--port", str(self.gateway.https_port),
+                              "--host", route(), "--path", "/peer", "--cacert", self.gateway.ca_path,
+                              "--source", self.client_ip, check=False)
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        status, _, body = result.stdout.partition("\n")
+        self.assertEqual(status, "200", result.stdout)
+        answer = json.loads(body)
+        self.assertEqual((answer["peer"], answer["x-forwarded-for"]), (self.client_ip, self.client_ip))
 
     def test_each_client_is_seen_as_itself(self):
         """Connections to the container are per client: one client after another, each is its own peer."""
@@ -814,12 +845,17 @@ class _ThroughTheGateway:
 
 
 class IPv4ThroughTheGatewayTests(_ThroughTheGateway, unittest.SynchronousTestCase):
+    """IPv4 clients of the dual-stack listener: the container, listening on an IPv4 socket
+    of its own, sees 203.0.113.50 itself (never ``::ffff:203.0.113.50``)."""
+
     client_ip, client2_ip = netns.CLIENT_V4, netns.CLIENT2_V4
     gateway_ip, container_ip = netns.GATEWAY_CLIENT_SIDE_V4, netns.CONTAINER_V4
     iptables, conntrack_family = "iptables", "ipv4"
 
 
 class IPv6ThroughTheGatewayTests(_ThroughTheGateway, unittest.SynchronousTestCase):
+    """IPv6 clients of the default listener: the container sees 2001:db8:1::50 itself."""
+
     client_ip, client2_ip = netns.CLIENT_V6, netns.CLIENT2_V6
     gateway_ip, container_ip = netns.GATEWAY_CLIENT_SIDE_V6, netns.CONTAINER_V6
     iptables, conntrack_family = "ip6tables", "ipv6"

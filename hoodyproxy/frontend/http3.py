@@ -619,10 +619,19 @@ def _grow_socket_buffers(port) -> None:
             pass
 
 
-def listen_http3(reactor, interface: str, port: int, *, gateway, certificates, settings) -> IListeningPort:
+def listen_http3(reactor, interface: str, port: int, *, gateway, certificates, settings,
+                 v6only: bool = False) -> IListeningPort:
     """Serve HTTP/3 on UDP ``interface``:``port``; the returned port's ``protocol`` is the
-    :class:`HTTP3Listener` (counters), and ``stopListening`` closes every connection."""
+    :class:`HTTP3Listener` (counters), and ``stopListening`` closes every connection.
+
+    ``::`` takes IPv4 clients too (``IPV6_V6ONLY`` off, whatever the host's default)
+    unless ``v6only``, as the TCP listeners do (:mod:`hoodyproxy.listening`): their
+    datagrams come from ``::ffff:a.b.c.d``, which aioquic keeps as the path to answer on,
+    and requests give the plain IPv4 form as their ``client_ip``.
+    """
+    from hoodyproxy.config import ListenAddress
+    from hoodyproxy.listening import listen_udp
     listener = HTTP3Listener(reactor, gateway=gateway, certificates=certificates, settings=settings)
-    udp_port = reactor.listenUDP(port, listener, interface=interface)
+    udp_port = listen_udp(reactor, ListenAddress(interface, port), listener, v6only=v6only)
     _grow_socket_buffers(udp_port)
     return udp_port

@@ -102,12 +102,20 @@ class ProxySource:
     @property
     def preamble(self) -> bytes:
         """The bytes to send before the first request."""
+        client = _unmapped(self.client_ip)
         try:
-            return v2_header(self.client_ip, self.client_port, self.dest_ip, self.dest_port)
+            dest = _unmapped(self.dest_ip)
         except ValueError:
-            # The destination is unknown or of another family: say "any address" of the client's.
-            unspecified = "::" if _unmapped(self.client_ip).version == 6 else "0.0.0.0"
-            return v2_header(self.client_ip, self.client_port, unspecified, 0)
+            dest = None
+        port = self.dest_port
+        if dest is None or dest.version != client.version:
+            # The destination is unknown, or is the wildcard of a dual-stack UDP listener
+            # ("::" for an IPv4 client over HTTP/3): "any address" of the client's family,
+            # and the port it reached when that is known.
+            if dest is None or not dest.is_unspecified:
+                port = 0
+            dest = ipaddress.ip_address("::" if client.version == 6 else "0.0.0.0")
+        return v2_header(str(client), self.client_port, str(dest), port)
 
     def connect(self, reactor, address: str, port: int, factory, timeout: float):
         """Open the TCP connection (an ordinary one: only the header is special)."""

@@ -9,6 +9,11 @@ the option needs CAP_NET_ADMIN (or CAP_NET_RAW).
 
 A transparent connection belongs to one client, so these connections are pooled per
 client address (:class:`TransparentSource` is part of the pool key).
+
+The source is always a plain address: an IPv4 client of a dual-stack listener
+(``::ffff:a.b.c.d``) binds an IPv4 socket to ``a.b.c.d``, so the container sees the
+IPv4 address it would have seen on an IPv4 listener (an IPv6 socket cannot reach an IPv4
+container from a mapped address at all).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 from dataclasses import dataclass
 
 from hoodyproxy.eagertcp import EagerClient, EagerConnector
+from hoodyproxy.listening import unmapped_ip
 
 # Linux values; the socket module has them only on some Python versions.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -66,6 +72,7 @@ class TransparentConnector(EagerConnector):
 def connect_transparent(reactor, host: str, port: int, factory, source_ip: str, timeout: float = 30):
     """Connect to ``host:port`` from ``source_ip`` (any port), whether or not it is local."""
     from twisted.internet.posixbase import PosixReactorBase
+    source_ip = unmapped_ip(source_ip)
     if not isinstance(reactor, PosixReactorBase):
         # A test reactor: record the attempt as connectTCP with the binding.
         return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=(source_ip, 0))
@@ -76,9 +83,13 @@ def connect_transparent(reactor, host: str, port: int, factory, source_ip: str, 
 
 @dataclass(frozen=True)
 class TransparentSource:
-    """Where a transparent upstream connection comes from: the client's address."""
+    """Where a transparent upstream connection comes from: the client's address (plain
+    IPv4 for an IPv4-mapped one, so one client is one pool key whichever listener it used)."""
 
     client_ip: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client_ip", unmapped_ip(self.client_ip))
 
     #: Nothing is sent before the first request.
     preamble = b""
