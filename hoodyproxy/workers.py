@@ -15,36 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 from twisted.application import service
 from twisted.internet import protocol
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from hoodyproxy import eagertcp
 from hoodyproxy.config import ListenAddress, Settings, settings_from_mapping, settings_to_mapping
+from hoodyproxy.listening import v6only_for
 
 log = Logger()
 
 
-def listen_reuseport(reactor, address: ListenAddress, factory, backlog: int = 1024):
-    """Listen on ``address`` with SO_REUSEPORT set (so other workers can bind it too)."""
-    family = socket.AF_INET6 if ":" in address.interface else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((address.interface, address.port))
-            sock.listen(backlog)
-        except OSError as e:
-            raise CannotListenError(address.interface, address.port, e) from None
-        sock.setblocking(False)
-        return eagertcp.adopt_port(reactor, sock.fileno(), family, factory)
-    finally:
-        sock.close()  # the reactor holds its own duplicate
+def listen_reuseport(reactor, address: ListenAddress, factory, backlog: int = 1024, v6only: bool = False):
+    """Listen on ``address`` with SO_REUSEPORT set (so other workers can bind it too); a
+    ``[::]`` address takes IPv4 clients too unless ``v6only``."""
+    from hoodyproxy.listening import listen_tcp
+    return listen_tcp(reactor, address, factory, backlog=backlog, v6only=v6only, reuse_port=True)
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -179,11 +166,14 @@ def worker_main(argv: list[str]) -> None:
     # Worker 0 serves HTTP/3 on the HTTPS port number actually bound; say so here too.
     stack.gateway.alt_svc = settings.alt_svc_for(spec["https"][0][1])
     ports = []
+    every = [ListenAddress(i, p) for i, p in spec["https"] + spec["http"]]
     for interface, port in spec["https"]:
-        ports.append(listen_reuseport(reactor, ListenAddress(interface, port), stack.https_factory()))
+        address = ListenAddress(interface, port)
+        ports.append(listen_reuseport(reactor, address, stack.https_factory(), v6only=v6only_for(address, every)))
     for interface, port in spec["http"]:
-        ports.append(listen_reuseport(reactor, ListenAddress(interface, port),
-                                      stack.redirect_factory(spec["https"][0][1])))
+        address = ListenAddress(interface, port)
+        ports.append(listen_reuseport(reactor, address, stack.redirect_factory(spec["https"][0][1]),
+                                      v6only=v6only_for(address, every)))
     from hoodyproxy.tls.manager import CertificateManager
     # Serves the certificates worker 0 issued (no issuer here: only worker 0 talks ACME).
     certificates = CertificateManager(stack.certificates, stack.aliases, None, settings.data_dir, reactor=reactor)
