@@ -1,0 +1,250 @@
+"""The node's limiters: the tables, the clock, and the checks the gateway calls.
+
+One :class:`Limiters` per gateway (per worker process).  Checks run on the reactor
+thread, cost O(1), and return the shared ``ALLOWED`` when the request is within its
+limits, so the common path builds no object but the float it stores.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Hashable
+
+from hoodyproxy.limits._keys import address_key, username_key
+from hoodyproxy.limits._rates import Limit
+from hoodyproxy.limits._settings import DEFAULT_SETTINGS, RateLimits, RateLimitSettings
+from hoodyproxy.limits._table import GcraTable, TableStats
+from hoodyproxy.limits._verdict import ALLOWED, Verdict, over_limit
+
+#: Bound on the cache of per-worker shares of per-set limits (``shared`` with workers).
+_MAX_DIVIDED = 1024
+#: Bound on the cache of IPv6 address -> key.
+_MAX_IPV6_KEYS = 4096
+
+
+class Limiters:
+    """Every rate limit of one gateway process.
+
+    ``clock`` is a callable returning seconds or an ``IReactorTime`` (its ``seconds``);
+    by default ``time.monotonic``, which a wall-clock step cannot move backwards.
+    ``workers`` is the number of worker processes, which divides every budget when
+    ``settings.shared``.
+    """
+
+    def __init__(self, settings: RateLimitSettings = DEFAULT_SETTINGS,
+                 clock: Callable[[], float] | Any = None, workers: int = 1) -> None:
+        if clock is None:
+            clock = time.monotonic
+        self._now: Callable[[], float] = getattr(clock, "seconds", clock)
+        self.settings = settings
+        self._parts = workers if settings.shared and workers > 1 else 1
+        self._enabled = settings.enabled
+        self._dry_run = settings.dry_run
+        self._prefix = settings.ipv6_prefix
+        self._per_address = settings.per_address.divided(self._parts)
+        self._failed_auth = settings.failed_auth.divided(self._parts)
+        self._divided: dict[Limit, Limit] = {}
+        self._ipv6_keys: dict[str, Hashable] = {}
+        size = settings.table_size
+        #: Before any credential: every request, per client address.
+        self.address = GcraTable("address", size)
+        #: Failed authentications per client address, and per username.
+        self.auth_address = GcraTable("auth-address", size)
+        self.auth_user = GcraTable("auth-user", size)
+        #: After the decision, with the limits of the permission set that decided.
+        self.client = GcraTable("client", size)
+        self.principal = GcraTable("principal", size)
+        self.container = GcraTable("container", size)
+        self.project = GcraTable("project", size)
+        self.program = GcraTable("program", size)
+
+    @property
+    def tables(self) -> tuple[GcraTable, ...]:
+        return (self.address, self.auth_address, self.auth_user, self.client,
+                self.principal, self.container, self.project, self.program)
+
+    def stats(self) -> tuple[TableStats, ...]:
+        """A snapshot of every table's counters and size, for metrics."""
+        return tuple(table.stats() for table in self.tables)
+
+    def client_key(self, ip: str) -> Hashable:
+        """The key of the client at ``ip`` (the TCP peer): IPv4, or its IPv6 network.
+
+        IPv6 keys are remembered (a bounded cache, emptied when full): a client sends many
+        requests, and parsing its address costs more than the rest of a check.
+        """
+        if ":" not in ip:
+            return ip
+        key = self._ipv6_keys.get(ip)
+        if key is None:
+            if len(self._ipv6_keys) >= _MAX_IPV6_KEYS:
+                self._ipv6_keys.clear()
+            key = self._ipv6_keys[ip] = address_key(ip, self._prefix)
+        return key
+
+    def check_client(self, ip: str) -> Verdict:
+        """Count one request from ``ip``; first thing, before any credential is looked at."""
+        if not self._enabled:
+            return ALLOWED
+        limit = self._per_address
+        key = ip if ":" not in ip else self.client_key(ip)
+        wait = self.address.take(key, self._now(), limit.interval, limit.tolerance)
+        if not wait:
+            return ALLOWED
+        return self._over(self.address, limit, wait, self._dry_run)
+
+    def check_failed_auth(self, ip: str, username: str | bytes | None = None) -> Verdict:
+        """Whether ``ip`` (or ``username``) has failed too often to be checked now.
+
+        Call it before verifying credentials (a hash, an LDAP bind, a JWT signature) and
+        refuse when it says so; it counts nothing.  ``username`` is the Basic/LDAP user
+        the request names, None for a token or a JWT.
+        """
+        if not self._enabled:
+            return ALLOWED
+        now = self._now()
+        limit = self._failed_auth
+        table = self.auth_address
+        wait = table.peek(self.client_key(ip), now, limit.interval, limit.tolerance, capped=False)
+        if username is not None:
+            user_wait = self.auth_user.peek(username_key(username), now, limit.interval, limit.tolerance,
+                                            capped=False)
+            if user_wait > wait:
+                table, wait = self.auth_user, user_wait
+        if not wait:
+            return ALLOWED
+        table.refusals += 1
+        return self._over(table, limit, wait, self._dry_run)
+
+    def record_failed_auth(self, ip: str, username: str | bytes | None = None) -> None:
+        """Count one failed authentication of ``ip`` (and of ``username``).
+
+        Counted even over the limit, since guesses verified concurrently all passed
+        :meth:`check_failed_auth` before the first one failed; the lockout that builds is
+        at most twice the burst's refill time (four minutes at the defaults).
+        """
+        if not self._enabled:
+            return
+        now = self._now()
+        limit = self._failed_auth
+        self.auth_address.charge(self.client_key(ip), now, limit.interval, limit.ceiling)
+        if username is not None:
+            self.auth_user.charge(username_key(username), now, limit.interval, limit.ceiling)
+
+    def check_after_decision(self, rate_limits: RateLimits | None, ip: str, principal: Hashable | None,
+                             project: str, container: str, program: str | None = None,
+                             index: int | None = None) -> Verdict:
+        """Count one request the permission decision let through, against its set's limits.
+
+        ``rate_limits`` are those of the effective permission set (None: none);
+        ``principal`` identifies the credential that matched, unique across sets (for
+        instance ``(set id, group, credential id)``), None when none did (the per-principal
+        limit is then skipped); ``program`` and ``index`` name the service (for
+        ``per_program``).  Either every limit counts the request or none does: a request
+        refused by one limit costs nothing of the others' budgets, and the verdict names
+        the limit with the longest wait.
+        """
+        if rate_limits is None or rate_limits.empty or not self._enabled:
+            return ALLOWED
+        # Unrolled in the order of _checks(), which the slow path uses: no list, no tuple
+        # but the keys, on the common path.
+        now = self._now()
+        parts = self._parts
+        taken = 0
+        limit = rate_limits.per_client
+        if limit is not None:
+            if parts != 1:
+                limit = self._divide(limit)
+            if self.client.take((container, self.client_key(ip)), now, limit.interval, limit.tolerance):
+                return self._over_after(rate_limits, ip, principal, project, container, program, index,
+                                        now, taken)
+            taken += 1
+        limit = rate_limits.per_principal
+        if limit is not None and principal is not None:
+            if parts != 1:
+                limit = self._divide(limit)
+            if self.principal.take(principal, now, limit.interval, limit.tolerance):
+                return self._over_after(rate_limits, ip, principal, project, container, program, index,
+                                        now, taken)
+            taken += 1
+        limit = rate_limits.per_container
+        if limit is not None:
+            if parts != 1:
+                limit = self._divide(limit)
+            if self.container.take(container, now, limit.interval, limit.tolerance):
+                return self._over_after(rate_limits, ip, principal, project, container, program, index,
+                                        now, taken)
+            taken += 1
+        limit = rate_limits.per_project
+        if limit is not None:
+            if parts != 1:
+                limit = self._divide(limit)
+            if self.project.take(project, now, limit.interval, limit.tolerance):
+                return self._over_after(rate_limits, ip, principal, project, container, program, index,
+                                        now, taken)
+            taken += 1
+        if rate_limits.programs:
+            entry = rate_limits.program_limit(program, index)
+            if entry is not None:
+                limit = entry[1] if parts == 1 else self._divide(entry[1])
+                if self.program.take((container, entry[0]), now, limit.interval, limit.tolerance):
+                    return self._over_after(rate_limits, ip, principal, project, container, program, index,
+                                            now, taken)
+        return ALLOWED
+
+    def _checks(self, rate_limits: RateLimits, ip: str, principal: Hashable | None, project: str,
+                container: str, program: str | None, index: int | None,
+                ) -> list[tuple[GcraTable, Hashable, Limit]]:
+        """The limits a request counts against, in order: (table, key, this worker's limit)."""
+        checks: list[tuple[GcraTable, Hashable, Limit | None]] = [
+            (self.client, (container, self.client_key(ip)), rate_limits.per_client),
+            (self.principal, principal, rate_limits.per_principal if principal is not None else None),
+            (self.container, container, rate_limits.per_container),
+            (self.project, project, rate_limits.per_project),
+        ]
+        entry = rate_limits.program_limit(program, index)
+        if entry is not None:
+            checks.append((self.program, (container, entry[0]), entry[1]))
+        return [(table, key, self._divide(limit)) for table, key, limit in checks if limit is not None]
+
+    def _over_after(self, rate_limits: RateLimits, ip: str, principal: Hashable | None, project: str,
+                    container: str, program: str | None, index: int | None,
+                    now: float, taken: int) -> Verdict:
+        """The slow path of :meth:`check_after_decision`: the limit after ``taken`` others refused.
+
+        Refused: give back what the ``taken`` limits before it counted, and name the limit
+        with the longest wait among it and those after it.  Dry run: the request passes, so
+        it counts against the limits after it as well; the verdict names the first over.
+        """
+        checks = self._checks(rate_limits, ip, principal, project, container, program, index)
+        table, key, limit = checks[taken]
+        wait = table.peek(key, now, limit.interval, limit.tolerance)  # take() counted the refusal
+        if rate_limits.dry_run or self._dry_run:
+            table.dry_run += 1
+            for other, other_key, other_limit in checks[taken + 1:]:
+                if other.take(other_key, now, other_limit.interval, other_limit.tolerance):
+                    other.dry_run += 1
+            return over_limit(table.name, wait, limit.burst, limit.window, True)
+        for other, other_key, other_limit in checks[:taken]:
+            other.refund(other_key, other_limit.interval)
+        for other, other_key, other_limit in checks[taken + 1:]:
+            other_wait = other.peek(other_key, now, other_limit.interval, other_limit.tolerance)
+            if other_wait > wait:
+                table, limit, wait = other, other_limit, other_wait
+        return over_limit(table.name, wait, limit.burst, limit.window, False)
+
+    def _over(self, table: GcraTable, limit: Limit, wait: float, dry_run: bool) -> Verdict:
+        if dry_run:
+            table.dry_run += 1
+        return over_limit(table.name, wait, limit.burst, limit.window, dry_run)
+
+    def _divide(self, limit: Limit) -> Limit:
+        """This worker's share of a per-set limit (cached: sets change rarely)."""
+        if self._parts == 1:
+            return limit
+        divided = self._divided.get(limit)
+        if divided is None:
+            if len(self._divided) >= _MAX_DIVIDED:
+                self._divided.clear()
+            divided = self._divided[limit] = limit.divided(self._parts)
+        return divided
