@@ -84,7 +84,13 @@ class Gateway(Process):
         self.data_dir = tempfile.mkdtemp(prefix="hoodyproxy-bench-")
         self.https_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
         twistd = wrapper or [os.path.join(os.path.dirname(sys.executable), "twistd")]
-        super().__init__([*twistd, "-n", "--pidfile=", "hoodyproxy", "--data-dir", self.data_dir,
+        # Every feature on, the rate limiter included, with a per-address budget the load
+        # generator (one address, tens of thousands of requests a second) never meets.
+        config = os.path.join(self.data_dir, "bench.toml")
+        with open(config, "w") as f:
+            f.write('[ratelimit]\nper_address_rate = "100000/s"\nper_address_burst = 1000000\n')
+        super().__init__([*twistd, "-n", "--pidfile=", "hoodyproxy", "--config", config,
+                          "--data-dir", self.data_dir,
                           "--https", f"127.0.0.1:{self.https_port}", "--http", f"127.0.0.1:{self.http_port}",
                           "--admin", f"127.0.0.1:{self.admin_port}", "--audit", os.devnull,
                           # Loopback only: the forwarding headers carry the client address, and

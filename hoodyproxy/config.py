@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from hoodyproxy.limits import DEFAULT_SETTINGS as DEFAULT_RATELIMIT, InvalidRateLimit, RateLimitSettings
+
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PROGRAM_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 INDEX_KINDS = ("instance", "port")
@@ -126,6 +128,8 @@ class Settings:
     #: Seconds from the first byte of a request (or of a TLS handshake, or of an HTTP/2
     #: or HTTP/3 header block) to the end of its head: past it, 408 and close.
     request_head_timeout: float = 30.0
+    #: Rate limiting (``[ratelimit]``; see hoodyproxy.limits and docs/ratelimit.rst).
+    ratelimit: RateLimitSettings = DEFAULT_RATELIMIT
     programs: Mapping[str, Program] = field(default_factory=lambda: MappingProxyType(dict(DEFAULT_PROGRAMS)))
     demo: bool = False
     workers: int = 1
@@ -295,6 +299,8 @@ _SCHEMA: dict[str, set[str]] = {
     "client": {"idle_timeout"},
     "websocket": {"handshake_timeout", "idle_timeout"},
     "limits": {"request_head_timeout"},
+    "ratelimit": {"enabled", "per_address_rate", "per_address_burst", "failed_auth_rate", "failed_auth_burst",
+                  "table_size", "ipv6_prefix", "dry_run", "shared"},
     "programs": set(),
     "demo": {"enabled"},
     "acme": {"directory", "email", "challenge", "ca_bundle", "verify_cname"},
@@ -444,6 +450,10 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if retry not in ("auto", "always", "never"):
         raise ConfigError("[http3] retry", "must be auto, always or never")
     kw["http3_retry"] = retry
+    try:
+        kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
+    except InvalidRateLimit as e:
+        raise ConfigError(f"[ratelimit] {e.field}" if e.field else "[ratelimit]", e.problem) from None
     return Settings(**kw)
 
 
@@ -460,6 +470,7 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
         "websocket": {"handshake_timeout": s.websocket_handshake_timeout,
                       "idle_timeout": s.websocket_idle_timeout},
         "limits": {"request_head_timeout": s.request_head_timeout},
+        "ratelimit": s.ratelimit.to_mapping(),
         "programs": {name: {"index": p.index, "kind": p.kind, "max_instance": p.max_instance,
                             **({"port": p.port} if p.port is not None else {}),
                             **({"client_ip": p.client_ip} if p.client_ip is not None else {}),

@@ -8,6 +8,9 @@ and nothing calls them in another order.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
 import time
 from typing import Callable
@@ -22,6 +25,7 @@ from hoodyproxy.access.model import challenge_kinds
 from hoodyproxy.access.policy import read_credentials, strip_query_token
 from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
+from hoodyproxy.limits import ALLOWED, Limiters, TooManyRequests
 from hoodyproxy.routing import Router, Target, split_host
 from hoodyproxy.upstream.exchange import Exchange
 from hoodyproxy.upstream.headers import build_request_head, wants_websocket
@@ -54,6 +58,37 @@ def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1"
 
 
+def _jwt_subject(token: str) -> str | None:
+    """The ``sub`` of a JWT whose signature a group has already verified (never parsed
+    from a token that did not verify)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, TypeError):
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub if isinstance(sub, str) else None
+
+
+def principal_of(pset, group: str | None, credentials) -> tuple | None:
+    """Who a request is, for per-principal rate limits: the set, the group that allowed
+    it, and the credential that matched it (a Basic or LDAP user, a JWT's ``sub``, a
+    token's hash), or None when no credential group allowed it."""
+    if group is None or credentials is None:
+        return None
+    stored = pset.groups.get(group) or {}
+    kind = stored.get("type")
+    if credentials.basic is not None and kind in ("password", "ldap"):
+        identity = "user:" + credentials.basic[0]
+    elif credentials.bearer is not None and kind == "jwt":
+        identity = "sub:" + (_jwt_subject(credentials.bearer) or "")
+    elif credentials.bearer is not None and kind == "token":
+        identity = "token:" + hashlib.blake2b(credentials.bearer.encode(), digest_size=12).hexdigest()
+    else:
+        return None  # an address is not a principal: per_client limits it
+    return (pset.scope, pset.container or pset.project, group, identity)
+
+
 class Gateway:
     """Routes each request by its own Host to a container service and forwards it."""
 
@@ -63,10 +98,16 @@ class Gateway:
     alt_svc: bytes | None = None
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
-                 clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None) -> None:
+                 clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None,
+                 rate_limits=None) -> None:
         self.settings = settings
         self.policy = policy
         self.aliases = aliases
+        #: Where per-project and per-container rate limits come from (``effective(project,
+        #: container)``), or None; the node's own limits are in ``settings.ratelimit``.
+        self.rate_limits = rate_limits
+        self.limiters = Limiters(settings.ratelimit, clock=clock, workers=settings.workers)
+        self._dry_run_said: dict[str, float] = {}
         self.router = Router(settings.node, settings.zone, settings.programs)
         self.directory = directory
         self.pool = pool
@@ -185,11 +226,17 @@ class Gateway:
             request.send_error(error)
             record["status"] = error.status
             record["reason"] = error.reason
+            if error.status == 429:
+                record["ratelimited"] = error.verdict.limiter
             record["bytes_in"] = request.bytes_in
             record["bytes_out"] = request.sentLength
             self.emit_record(record)
 
     def _begin(self, request, record: dict) -> None:
+        # 0. limit: per client address, before any other work
+        verdict = self.limiters.check_client(request.client_ip)
+        if verdict is not ALLOWED:
+            self._limited(verdict, record)
         problem = getattr(request, "problem", None)
         if problem is not None:
             raise problem  # malformed in a way only its frontend could see
@@ -239,9 +286,15 @@ class Gateway:
 
         # 3. authorize (the URL alone is the credential when no permission set applies)
         pset = self.policy.effective(target.project, target.container) if self.policy else None
-        decision = None
+        decision = credentials = None
         if pset is not None:
             credentials, consumed = read_credentials(request.client_ip, uri, headers)
+            if credentials.offered:
+                # A client over its failed-authentication budget is refused before its
+                # credentials cost a password hash, an LDAP bind or a signature check.
+                verdict = self.limiters.check_failed_auth(request.client_ip, self._username(credentials))
+                if verdict is not ALLOWED:
+                    self._limited(verdict, record)
             uri = consumed.uri  # (the audit line's path was stripped in begin)
             # Credentials meant for the gateway do not travel on to the container.
             if consumed.drop_authorization and challenge_kinds(pset, self.policy.registry):
@@ -253,6 +306,9 @@ class Gateway:
             decision = self.policy.authorize(pset, credentials, self.kinds[target.program], request.method,
                                              uri.split(b"?", 1)[0], upgrade, target=uri, has_body=has_body,
                                              header_names=[name for name, _ in raw])
+
+        if pset is None:
+            self._limit_after((request.client_ip, target, None, None), None, record)  # 3b., no principal
 
         # 4. forward
         head = build_request_head(
@@ -273,24 +329,65 @@ class Gateway:
             # a connection is never given to another request, this client's or another's.
             reusable=not (has_body and request.method in BODYLESS_METHODS))
         request.exchange = exchange
+        context = (request.client_ip, target, pset, credentials)
         if decision is None:
             exchange.start()
         elif isinstance(decision, Deferred):
             # Body bytes wait in the exchange's bounded buffer meanwhile.
-            decision.addCallback(self._decided, exchange, record)
+            decision.addCallback(self._decided, exchange, record, context)
             decision.addErrback(self._decision_failed, exchange, record)
         else:
-            self._decided(decision, exchange, record)
+            self._decided(decision, exchange, record, context)
 
-    def _decided(self, decision, exchange: Exchange, record: dict) -> None:
+    def _decided(self, decision, exchange: Exchange, record: dict, context: tuple) -> None:
         record["decision"] = decision.audit()
+        client_ip, target, pset, credentials = context
+        if decision.auth_failed:
+            self.limiters.record_failed_auth(client_ip, self._username(credentials))
         if exchange.over:
             return
         if not decision.allowed:
             exchange.deny(errors.AccessDenied(decision))
             return
+        try:
+            self._limit_after(context, decision.group, record)  # 3b.
+        except TooManyRequests as error:
+            record["ratelimited"] = error.verdict.limiter
+            exchange.deny(error)
+            return
         exchange.read_only = decision.read_only
         exchange.start()
+
+    # -- 0. and 3b. limit ---------------------------------------------------------------
+
+    @staticmethod
+    def _username(credentials) -> str | None:
+        return credentials.basic[0] if credentials is not None and credentials.basic is not None else None
+
+    def _limit_after(self, context: tuple, group: str | None, record: dict) -> None:
+        """The limits of the project, the container, the program and the principal, once
+        the request is allowed (raises TooManyRequests)."""
+        client_ip, target, pset, credentials = context
+        limits = self.rate_limits.effective(target.project, target.container) if self.rate_limits else None
+        if limits is None or limits.empty:
+            return
+        principal = principal_of(pset, group, credentials) if limits.per_principal is not None else None
+        verdict = self.limiters.check_after_decision(limits, client_ip, principal, target.project,
+                                                     target.container, target.program, target.index)
+        if verdict is not ALLOWED:
+            self._limited(verdict, record)
+
+    def _limited(self, verdict, record: dict) -> None:
+        """A limit said no (raise TooManyRequests), or would have in a dry run (note it)."""
+        if not verdict.allowed:
+            raise TooManyRequests(verdict)
+        record["ratelimited"] = verdict.limiter
+        record["ratelimit_dry_run"] = True
+        now = self.now()
+        if now - self._dry_run_said.get(verdict.limiter, 0.0) >= 10.0:
+            self._dry_run_said[verdict.limiter] = now
+            log.info("rate limit {limiter} would have refused a request (dry run; said at most every 10 s)",
+                     limiter=verdict.limiter)
 
     def _decision_failed(self, failure, exchange: Exchange, record: dict) -> None:
         log.failure("permission decision failed; request denied", failure)

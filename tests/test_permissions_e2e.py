@@ -54,7 +54,10 @@ OTHER_CONTAINER = "aaaaaaaaaaaaaaaaaaaaaaaa"
 #: What the node's audit and 401 challenges call the realm by default.
 REALM = "hoodyproxy"
 #: A ``files`` program (the default table has none): instance-indexed, port 8222.
-CONFIG = {"programs": {"files": {"index": "instance", "port": 8222, "kind": "files"}}}
+CONFIG = {"programs": {"files": {"index": "instance", "port": 8222, "kind": "files"}},
+          # The matrix offers hundreds of wrong credentials from one address on purpose;
+          # the failed-authentication limit is tested in tests/test_ratelimit_e2e.py.
+          "ratelimit": {"failed_auth_burst": 100000}}
 INSTANCE_PROGRAMS = ("terminal", "display", "sqlite", "files")
 
 TOKEN = "robot-token-0123456789abcdefghijklmnop"

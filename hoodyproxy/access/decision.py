@@ -55,6 +55,9 @@ class Decision:
     read_only: bool
     challenges: tuple[str, ...]
     reason: str
+    #: Credentials were offered for a kind of group the set has, and none of those groups
+    #: matched: a failed authentication (counted by the rate limiter, never in the body).
+    auth_failed: bool = False
 
     def body(self) -> bytes:
         """The JSON body of a denial (the same for every denial with this status)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import unquote_to_bytes
@@ -112,6 +113,22 @@ def read_credentials(client_ip: str, uri: bytes, headers) -> tuple[Credentials, 
             Consumed(new_uri, bool(auth), cookie_value))
 
 
+def _failed(pset: PermissionSet, matched: set[str], credentials: Credentials, registry: Mapping[str, Any]) -> bool:
+    """True if the request offered a credential of a kind some group of ``pset`` checks
+    (a bearer token, a Basic password) and no such group accepted it."""
+    offered = {"bearer"} if credentials.bearer is not None else set()
+    if credentials.basic is not None:
+        offered.add("basic")
+    checked = False
+    for name, stored in pset.groups.items():
+        provider = registry.get(str(stored.get("type")))
+        if getattr(provider, "challenge", None) in offered:
+            if name in matched:
+                return False
+            checked = True
+    return checked
+
+
 class Policy:
     """Decides on requests against the permission store, with the group types given."""
 
@@ -168,6 +185,8 @@ class Policy:
                               challenge_kinds=challenge_kinds(pset, self.registry), realm=self.realm,
                               levels=self.levels)
             decision = decide_for((capability, level))
+            if credentials.offered and _failed(pset, matched, credentials, self.registry):
+                decision = dataclasses.replace(decision, auth_failed=True)
             strictest = strictest_of(kind)
             if not decision.allowed or strictest is None or (capability, level) == strictest:
                 return decision
