@@ -148,8 +148,10 @@ class GatewayStack:
         self.permissions = PermissionStore(self.directory._conn, self.registry)
         self.policy = Policy(self.permissions, self.registry, service_kinds())
         self.aliases = AliasStore(self.directory._conn, node=s.node, zone=s.zone, programs=s.programs)
+        from hoodyproxy.limits.store import RateLimitStore
+        self.rate_limits = RateLimitStore(self.directory._conn)
         self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy,
-                               aliases=self.aliases)
+                               aliases=self.aliases, rate_limits=self.rate_limits)
         self.gateway.alt_svc = s.alt_svc_for(s.https_port)
 
     def https_factory(self):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl as stdlib_ssl
 import subprocess
 import tempfile
 
@@ -158,6 +160,31 @@ def raw_backend(case, script) -> tuple[int, Factory]:
     return port.getHost().port, factory
 
 
+def tls_exchange(node, host: str, payload: bytes, *, linger: float = 1.5, source: str | None = None) -> bytes:
+    """Send ``payload`` on a fresh TLS connection (SNI ``host``, HTTP/1.1; from the
+    loopback address ``source`` if given) and return all that came back until the gateway
+    closed or ``linger`` seconds passed quietly.  Blocking: run it in a thread."""
+    context = stdlib_ssl.create_default_context(cafile=node.ca_path)
+    context.set_alpn_protocols(["http/1.1"])
+    bind = (source, 0) if source is not None else None
+    with socket.create_connection(("127.0.0.1", node.https_port), timeout=10, source_address=bind) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(payload)
+            tls.settimeout(linger)
+            received = b""
+            while True:
+                try:
+                    data = tls.recv(65536)
+                except (socket.timeout, TimeoutError):
+                    break
+                except (stdlib_ssl.SSLError, ConnectionError):
+                    break
+                if not data:
+                    break
+                received += data
+            return received
+
+
 def wait(seconds: float) -> defer.Deferred:
     """Let the reactor run (used only to give a peer time to act, never to assert speed)."""
     return deferLater(reactor, seconds, lambda: None)
@@ -174,4 +201,4 @@ async def until(predicate, timeout: float = 10.0, step: float = 0.02) -> None:
 
 
 __all__ = ["treq", "Backend", "raw_backend", "start_node", "register", "host_for", "url",
-           "curl", "audit_lines", "https_agent", "until", "wait"]
+           "curl", "audit_lines", "https_agent", "until", "wait", "tls_exchange"]

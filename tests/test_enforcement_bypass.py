@@ -13,8 +13,6 @@ The credentials used are restricted ones: a token granting ``terminal`` without 
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 
 import treq
 from twisted.internet import reactor
@@ -27,8 +25,8 @@ from tests import backends
 from tests.h2client import h2_connect
 from tests.h3client import connect as h3_connect, within
 from tests.naive import NaiveContainer
-from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, host_for, register, start_node, until,
-                           wait)
+from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, host_for, register, start_node,
+                           tls_exchange, until, wait)
 
 RESTRICTED = "restricted-token-0123456789abcdef"
 FULL = "full-token-0123456789abcdefghijklm"
@@ -43,29 +41,6 @@ PERMISSIONS = {
     "default": "deny",
 }
 INSTANCE_PROGRAMS = ("terminal", "display", "sqlite", "files")
-
-
-def tls_exchange(node, host: str, payload: bytes, *, linger: float = 1.5) -> bytes:
-    """Send ``payload`` on a fresh TLS connection (SNI ``host``, HTTP/1.1) and return all
-    that came back until the gateway closed or ``linger`` seconds passed quietly."""
-    context = ssl.create_default_context(cafile=node.ca_path)
-    context.set_alpn_protocols(["http/1.1"])
-    with socket.create_connection(("127.0.0.1", node.https_port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(payload)
-            tls.settimeout(linger)
-            received = b""
-            while True:
-                try:
-                    data = tls.recv(65536)
-                except (socket.timeout, TimeoutError):
-                    break
-                except (ssl.SSLError, ConnectionError):
-                    break
-                if not data:
-                    break
-                received += data
-            return received
 
 
 def status_of(response: bytes) -> int:

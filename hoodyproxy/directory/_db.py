@@ -48,6 +48,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX domains_alias ON domains (alias);
     """,
+    """
+    CREATE TABLE rate_limits (
+        scope TEXT NOT NULL CHECK (scope IN ('project', 'container')),
+        id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        body TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (scope, id)
+    );
+    """,
 ]
 
 

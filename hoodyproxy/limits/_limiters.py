@@ -43,6 +43,7 @@ class Limiters:
         self._prefix = settings.ipv6_prefix
         self._per_address = settings.per_address.divided(self._parts)
         self._failed_auth = settings.failed_auth.divided(self._parts)
+        self._failed_auth_user = settings.failed_auth_user.divided(self._parts)
         self._divided: dict[Limit, Limit] = {}
         self._ipv6_keys: dict[str, Hashable] = {}
         size = settings.table_size
@@ -107,10 +108,11 @@ class Limiters:
         table = self.auth_address
         wait = table.peek(self.client_key(ip), now, limit.interval, limit.tolerance, capped=False)
         if username is not None:
-            user_wait = self.auth_user.peek(username_key(username), now, limit.interval, limit.tolerance,
-                                            capped=False)
+            user_limit = self._failed_auth_user
+            user_wait = self.auth_user.peek(username_key(username), now, user_limit.interval,
+                                            user_limit.tolerance, capped=False)
             if user_wait > wait:
-                table, wait = self.auth_user, user_wait
+                table, wait, limit = self.auth_user, user_wait, user_limit
         if not wait:
             return ALLOWED
         table.refusals += 1
@@ -129,7 +131,8 @@ class Limiters:
         limit = self._failed_auth
         self.auth_address.charge(self.client_key(ip), now, limit.interval, limit.ceiling)
         if username is not None:
-            self.auth_user.charge(username_key(username), now, limit.interval, limit.ceiling)
+            user_limit = self._failed_auth_user
+            self.auth_user.charge(username_key(username), now, user_limit.interval, user_limit.ceiling)
 
     def check_after_decision(self, rate_limits: RateLimits | None, ip: str, principal: Hashable | None,
                              project: str, container: str, program: str | None = None,

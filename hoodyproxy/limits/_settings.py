@@ -27,8 +27,8 @@ class RateLimitSettings:
     """The node's rate limiting, from the config's ``[ratelimit]`` table.
 
     ``per_address`` limits every request per client address before any credential is
-    looked at; ``failed_auth`` limits failed authentications per client address and per
-    username; each table holds at most ``table_size`` keys; IPv6 clients are grouped by
+    looked at; ``failed_auth`` limits failed authentications per client address, and
+    ``failed_auth_user`` per username; each table holds at most ``table_size`` keys; IPv6 clients are grouped by
     their first ``ipv6_prefix`` bits.  ``dry_run`` lets every request through (the
     verdict still says which would have been refused), on every limit of the node.
     ``shared``: with several worker processes, whether the node's budgets are shared
@@ -44,6 +44,11 @@ class RateLimitSettings:
     ipv6_prefix: int = 64
     dry_run: bool = False
     shared: bool = False
+    #: Failed authentications per username, from any address: larger than one address's
+    #: budget, so that one guessing address is stopped long before it could lock the user
+    #: out (the user then still signs in from elsewhere); guessers spread over many
+    #: addresses are stopped here.
+    failed_auth_user: Limit = Limit(parse_rate("30/min"), 100)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> RateLimitSettings:
@@ -73,6 +78,7 @@ class RateLimitSettings:
             ipv6_prefix=_integer(get("ipv6_prefix", d.ipv6_prefix), "ipv6_prefix", 1, 128),
             dry_run=_bool(get("dry_run", d.dry_run), "dry_run"),
             shared=_bool(get("shared", d.shared), "shared"),
+            failed_auth_user=limit("failed_auth_user", d.failed_auth_user),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -83,6 +89,8 @@ class RateLimitSettings:
             "per_address_burst": self.per_address.burst,
             "failed_auth_rate": str(self.failed_auth.rate),
             "failed_auth_burst": self.failed_auth.burst,
+            "failed_auth_user_rate": str(self.failed_auth_user.rate),
+            "failed_auth_user_burst": self.failed_auth_user.burst,
             "table_size": self.table_size,
             "ipv6_prefix": self.ipv6_prefix,
             "dry_run": self.dry_run,
