@@ -78,9 +78,11 @@ def start_backend() -> tuple[Process, int]:
 class Gateway(Process):
     """``twistd -n hoodyproxy`` on loopback ports with a fresh data directory."""
 
-    def __init__(self, extra: list[str] | None = None, wrapper: list[str] | None = None) -> None:
+    def __init__(self, extra: list[str] | None = None, wrapper: list[str] | None = None,
+                 ratelimit: bool = True) -> None:
         """``wrapper``: a command line that replaces ``twistd`` (and is given twistd's arguments),
-        e.g. ``[python, "bench/profiled_twistd.py", OUT]``."""
+        e.g. ``[python, "bench/profiled_twistd.py", OUT]``; ``ratelimit`` False turns rate
+        limiting off (to measure what it costs)."""
         self.data_dir = tempfile.mkdtemp(prefix="hoodyproxy-bench-")
         self.https_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
         twistd = wrapper or [os.path.join(os.path.dirname(sys.executable), "twistd")]
@@ -88,7 +90,8 @@ class Gateway(Process):
         # generator (one address, tens of thousands of requests a second) never meets.
         config = os.path.join(self.data_dir, "bench.toml")
         with open(config, "w") as f:
-            f.write('[ratelimit]\nper_address_rate = "100000/s"\nper_address_burst = 1000000\n')
+            f.write('[ratelimit]\nper_address_rate = "100000/s"\nper_address_burst = 1000000\n' if ratelimit
+                    else '[ratelimit]\nenabled = false\n')
         super().__init__([*twistd, "-n", "--pidfile=", "hoodyproxy", "--config", config,
                           "--data-dir", self.data_dir,
                           "--https", f"127.0.0.1:{self.https_port}", "--http", f"127.0.0.1:{self.http_port}",

@@ -255,6 +255,12 @@ def targets(meta: dict, results: dict) -> list[tuple[str, str, str]]:
     ratio = g2v / cv if g2v and cv else None
     add("req/s over TLS, 2 workers >= Caddy (GOMAXPROCS=1)", ratio, ratio is not None and ratio >= 1,
         f"{ratio:.2f}x ({g2v:,.0f} vs {cv:,.0f})" if ratio else "", ("tls-small", "gateway-2" if not g2v else "caddy"))
+    off = st("tls-small", "gateway-1-nolimit")
+    off_cpu = off and off.get("cpu_us_per_op")
+    cost = (cpu / off_cpu - 1) * 100 if cpu and off_cpu else None
+    add("rate limiter (a per-address limit that never triggers): < 5 % of a request's CPU", cost,
+        cost is not None and cost < 5, f"{cost:+.1f} % ({cpu:,.0f} vs {off_cpu:,.0f} us)" if cost is not None else "",
+        ("tls-small", "gateway-1-nolimit"))
     s = st("tls-c1", "gateway-1")
     added = s and s.get("added")
     add("added p50 latency at c=1 (TLS), 1 worker: < 300 us", added, added is not None and added < 300,

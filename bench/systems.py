@@ -151,12 +151,15 @@ class System:
     na: dict[str, str] = field(default_factory=dict)  # "plain"/"tls"/"ws"/"all" -> why not measured
 
 
-SYSTEM_ORDER = ["direct", "gateway-1", "gateway-2", "nginx", "haproxy", "caddy", "mitmproxy",
-                "twisted-rpr-ka", "twisted-rpr"]
+SYSTEM_ORDER = ["direct", "gateway-1", "gateway-2", "gateway-1-nolimit", "nginx", "haproxy", "caddy",
+                "mitmproxy", "twisted-rpr-ka", "twisted-rpr"]
+#: Systems that only the scenarios naming them run (a variant measured for one question).
+VARIANTS = ("gateway-1-nolimit",)
 LABELS = {
     "direct": "direct to backend",
     "gateway-1": "hoodyproxy, 1 worker",
     "gateway-2": "hoodyproxy, 2 workers",
+    "gateway-1-nolimit": "hoodyproxy, 1 worker, rate limiting off",
     "nginx": "nginx (1 worker, upstream keepalive 32)",
     "haproxy": "HAProxy (nbthread 1)",
     "caddy": "Caddy (GOMAXPROCS=1)",
@@ -280,9 +283,9 @@ class Systems:
 
     # proxies --------------------------------------------------------------------------
 
-    def _gateway(self, key: str, extra: list[str]) -> System:
+    def _gateway(self, key: str, extra: list[str], ratelimit: bool = True) -> System:
         try:
-            gw = Gateway(extra)
+            gw = Gateway(extra, ratelimit=ratelimit)
         except RuntimeError as e:
             raise StartError(f"gateway did not start with {' '.join(extra) or 'defaults'}: {e}")
         self.stack.callback(gw.stop)
@@ -293,6 +296,9 @@ class Systems:
 
     def _start_gateway_1(self) -> System:
         return self._gateway("gateway-1", [])
+
+    def _start_gateway_1_nolimit(self) -> System:
+        return self._gateway("gateway-1-nolimit", [], ratelimit=False)
 
     def _start_gateway_2(self) -> System:
         try:
