@@ -301,7 +301,7 @@ _SCHEMA: dict[str, set[str]] = {
     "limits": {"request_head_timeout"},
     "ratelimit": {"enabled", "per_address_rate", "per_address_burst", "failed_auth_rate", "failed_auth_burst",
                   "failed_auth_user_rate", "failed_auth_user_burst", "table_size", "ipv6_prefix", "dry_run",
-                  "shared"},
+                  "shared", "shared_sync_ms"},
     "programs": set(),
     "demo": {"enabled"},
     "acme": {"directory", "email", "challenge", "ca_bundle", "verify_cname"},

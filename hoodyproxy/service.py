@@ -313,7 +313,8 @@ class NodeService(service.MultiService):
             self.gateway.transparent_ipv6 = False
         if s.workers > 1:
             # Created after the client IP mode is final: the workers are given these settings.
-            self.workers = WorkerPool(r, self.settings, https_bound, http_bound, s.workers)
+            self.workers = WorkerPool(r, self.settings, https_bound, http_bound, s.workers,
+                                      limiters=self.gateway.limiters)
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
             self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())

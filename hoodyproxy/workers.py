@@ -5,10 +5,13 @@ With ``--workers N`` the twistd process is worker 0 and starts N-1 more
 address with ``SO_REUSEPORT``, so the kernel spreads connections across them with no
 accept lock and no hand-off.  Each worker has its own reactor, gateway and upstream pool;
 all read the same state (the SQLite store).  Workers need no coordination on the request
-path.  The admin API runs in worker 0 only; after each change it writes a byte to every
-worker's stdin and the worker re-reads the live map at once (without that, a worker sees
-another process's writes within 50 ms).  A worker whose stdin closes (worker 0 died)
-exits; a worker that dies is started again.
+path.  With ``[ratelimit] shared = true`` worker 0 also relays, every few tens of
+milliseconds, what each worker's rate limiters charged to the others, over a UNIX socket
+(:mod:`hoodyproxy.limits.shared`); the checks themselves stay local.  The admin API runs
+in worker 0 only; after each change it writes a byte to every worker's stdin and the
+worker re-reads the live map at once (without that, a worker sees another process's
+writes within 50 ms).  A worker whose stdin closes (worker 0 died) exits; a worker that
+dies is started again.
 """
 
 from __future__ import annotations
@@ -61,24 +64,40 @@ class WorkerPool(service.Service):
     restart_delay = 1.0
 
     def __init__(self, reactor, settings: Settings, https: list[ListenAddress], http: list[ListenAddress],
-                 count: int) -> None:
+                 count: int, limiters=None) -> None:
+        """``limiters``: worker 0's, whose charges are shared with the other workers' when
+        they are sharing (``[ratelimit] shared = true``)."""
         self.reactor = reactor
         self.count = count
         self.https, self.http = https, http
+        self.limiters = limiters
+        self.shared_limits = None
         self.use_settings(settings)
         self.processes: dict[int, _WorkerProcess] = {}
         self.stopping = False
 
     def use_settings(self, settings: Settings) -> None:
         """The settings workers started from now on get (before ``startService``: all of them)."""
-        self.spec = json.dumps({
-            "settings": settings_to_mapping(settings),
+        self.settings = settings
+
+    @property
+    def spec(self) -> str:
+        """What a worker is started with (its one argument besides its number)."""
+        return json.dumps({
+            "settings": settings_to_mapping(self.settings),
             "https": [[a.interface, a.port] for a in self.https],
             "http": [[a.interface, a.port] for a in self.http],
+            "ratelimit_socket": self.shared_limits.path if self.shared_limits is not None else None,
         })
 
     def startService(self) -> None:
         super().startService()
+        if self.limiters is not None and self.limiters.sharing:
+            from hoodyproxy.limits.shared import SharedLimitsHub, socket_path
+            path, temp_dir = socket_path(self.settings.data_dir)
+            self.shared_limits = SharedLimitsHub(self.reactor, self.limiters, path,
+                                                 self.settings.ratelimit.shared_sync_ms / 1000, temp_dir)
+            self.shared_limits.startService()
         for number in range(1, self.count):
             self._spawn(number)
 
@@ -121,13 +140,17 @@ class WorkerPool(service.Service):
         async def wait_all():
             for _ in range(100):
                 if not self.processes:
-                    return
+                    break
                 await task.deferLater(self.reactor, 0.05, lambda: None)
-            for proto in list(self.processes.values()):
-                try:
-                    proto.transport.signalProcess("KILL")
-                except Exception:
-                    pass
+            else:
+                for proto in list(self.processes.values()):
+                    try:
+                        proto.transport.signalProcess("KILL")
+                    except Exception:
+                        pass
+            # Last, so that no worker logs that it lost it while stopping.
+            if self.shared_limits is not None:
+                await self.shared_limits.stopService()
         return defer.ensureDeferred(wait_all())
 
 
@@ -178,6 +201,12 @@ def worker_main(argv: list[str]) -> None:
     # Serves the certificates worker 0 issued (no issuer here: only worker 0 talks ACME).
     certificates = CertificateManager(stack.certificates, stack.aliases, None, settings.data_dir, reactor=reactor)
     certificates.startService()
+    if spec.get("ratelimit_socket") and stack.gateway.limiters.sharing:
+        from hoodyproxy.limits.shared import SharedLimitsClient
+        shared = SharedLimitsClient(reactor, stack.gateway.limiters, spec["ratelimit_socket"],
+                                    settings.ratelimit.shared_sync_ms / 1000, int(number))
+        shared.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", shared.stopService)
     stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
     reactor.addSystemEventTrigger("before", "shutdown", stack.close)

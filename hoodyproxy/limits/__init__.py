@@ -45,7 +45,8 @@ error is :class:`InvalidRateLimit` with ``field`` = the key, reported as
     table_size = 65536             # keys per table (eight tables)
     ipv6_prefix = 64
     dry_run = false                # over-limit requests pass; verdict.limited says so
-    shared = false                 # true: N workers each enforce rate/N, burst/N
+    shared = false                 # true: N workers share one budget (limits.shared)
+    shared_sync_ms = 50            # how often they exchange what they charged
 
 A permission set may carry ``rate_limits`` (:func:`parse_rate_limits`, errors name the
 dotted field, e.g. ``rate_limits.per_client.rate``, for a 422)::

@@ -3,6 +3,11 @@
 One :class:`Limiters` per gateway (per worker process).  Checks run on the reactor
 thread, cost O(1), and return the shared ``ALLOWED`` when the request is within its
 limits, so the common path builds no object but the float it stores.
+
+With ``shared`` and several workers, every table notes what it charged
+(:mod:`hoodyproxy.limits._sharing`); :meth:`Limiters.drain_charges` and
+:meth:`Limiters.apply_charges` are all the exchange among workers needs (which
+:mod:`hoodyproxy.limits.shared` does, over a socket).  Checks stay local and synchronous.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from typing import Any, Callable, Hashable
 from hoodyproxy.limits._keys import address_key, username_key
 from hoodyproxy.limits._rates import Limit
 from hoodyproxy.limits._settings import DEFAULT_SETTINGS, RateLimits, RateLimitSettings
+from hoodyproxy.limits._sharing import MAX_BATCH_KEYS, Charges, SharedGcraTable, apply_charge
 from hoodyproxy.limits._table import GcraTable, TableStats
 from hoodyproxy.limits._verdict import ALLOWED, Verdict, over_limit
 
-#: Bound on the cache of per-worker shares of per-set limits (``shared`` with workers).
-_MAX_DIVIDED = 1024
 #: Bound on the cache of IPv6 address -> key.
 _MAX_IPV6_KEYS = 4096
+#: The longest delay assumed between a charge on one worker and its arrival on the
+#: others, in sync intervals (at least a second): it sizes the debt a key may carry.
+_LAG_INTERVALS = 20
 
 
 class Limiters:
@@ -27,8 +34,9 @@ class Limiters:
 
     ``clock`` is a callable returning seconds or an ``IReactorTime`` (its ``seconds``);
     by default ``time.monotonic``, which a wall-clock step cannot move backwards.
-    ``workers`` is the number of worker processes, which divides every budget when
-    ``settings.shared``.
+    ``workers`` is the number of worker processes.  Every worker enforces the full
+    budgets; with ``settings.shared`` and ``workers > 1`` the tables also note what they
+    charge (``sharing`` is True), for :meth:`drain_charges`.
     """
 
     def __init__(self, settings: RateLimitSettings = DEFAULT_SETTINGS,
@@ -37,27 +45,32 @@ class Limiters:
             clock = time.monotonic
         self._now: Callable[[], float] = getattr(clock, "seconds", clock)
         self.settings = settings
-        self._parts = workers if settings.shared and workers > 1 else 1
         self._enabled = settings.enabled
         self._dry_run = settings.dry_run
         self._prefix = settings.ipv6_prefix
-        self._per_address = settings.per_address.divided(self._parts)
-        self._failed_auth = settings.failed_auth.divided(self._parts)
-        self._failed_auth_user = settings.failed_auth_user.divided(self._parts)
-        self._divided: dict[Limit, Limit] = {}
+        self._per_address = settings.per_address
+        self._failed_auth = settings.failed_auth
+        self._failed_auth_user = settings.failed_auth_user
         self._ipv6_keys: dict[str, Hashable] = {}
+        #: Whether the tables note their charges for the other workers.
+        self.sharing = settings.shared and settings.enabled and workers > 1
         size = settings.table_size
+        lag = max(1.0, _LAG_INTERVALS * settings.shared_sync_ms / 1000)
+
+        def table(name: str) -> GcraTable:
+            return SharedGcraTable(name, size, workers, lag) if self.sharing else GcraTable(name, size)
         #: Before any credential: every request, per client address.
-        self.address = GcraTable("address", size)
+        self.address = table("address")
         #: Failed authentications per client address, and per username.
-        self.auth_address = GcraTable("auth-address", size)
-        self.auth_user = GcraTable("auth-user", size)
+        self.auth_address = table("auth-address")
+        self.auth_user = table("auth-user")
         #: After the decision, with the limits of the permission set that decided.
-        self.client = GcraTable("client", size)
-        self.principal = GcraTable("principal", size)
-        self.container = GcraTable("container", size)
-        self.project = GcraTable("project", size)
-        self.program = GcraTable("program", size)
+        self.client = table("client")
+        self.principal = table("principal")
+        self.container = table("container")
+        self.project = table("project")
+        self.program = table("program")
+        self._by_name = {t.name: t for t in self.tables}
 
     @property
     def tables(self) -> tuple[GcraTable, ...]:
@@ -67,6 +80,45 @@ class Limiters:
     def stats(self) -> tuple[TableStats, ...]:
         """A snapshot of every table's counters and size, for metrics."""
         return tuple(table.stats() for table in self.tables)
+
+    def drain_charges(self, max_keys: int = MAX_BATCH_KEYS) -> Charges:
+        """What this worker charged since the last call: ``{table name: {key: (seconds,
+        horizon)}}``, at most ``max_keys`` keys in all (shared fairly among the tables; the
+        rest stay for the next call, merged with what comes meanwhile).  Empty unless
+        ``sharing``."""
+        waiting = [t for t in self.tables if getattr(t, "pending", None)]
+        charges: Charges = {}
+        budget = max_keys
+        while waiting and budget > 0:
+            share = max(1, budget // len(waiting))
+            still = []
+            for table in waiting:
+                part = table.drain(min(share, budget))  # type: ignore[attr-defined]
+                budget -= len(part)
+                charges.setdefault(table.name, {}).update(part)  # type: ignore[arg-type]
+                if table.pending:  # type: ignore[attr-defined]
+                    still.append(table)
+                if budget <= 0:
+                    break
+            waiting = still
+        return charges
+
+    def apply_charges(self, charges: Charges) -> None:
+        """Count, now, what other workers charged (from their :meth:`drain_charges`).
+
+        Applied charges are not noted again (nothing echoes); tables this process does
+        not know are ignored.
+        """
+        if not self._enabled:
+            return
+        now = self._now()
+        tables = self._by_name
+        for name, entries in charges.items():
+            table = tables.get(name)
+            if table is None:
+                continue
+            for key, (cost, horizon) in entries.items():
+                apply_charge(table, key, now, cost, horizon)
 
     def client_key(self, ip: str) -> Hashable:
         """The key of the client at ``ip`` (the TCP peer): IPv4, or its IPv6 network.
@@ -152,36 +204,27 @@ class Limiters:
         # Unrolled in the order of _checks(), which the slow path uses: no list, no tuple
         # but the keys, on the common path.
         now = self._now()
-        parts = self._parts
         taken = 0
         limit = rate_limits.per_client
         if limit is not None:
-            if parts != 1:
-                limit = self._divide(limit)
             if self.client.take((container, self.client_key(ip)), now, limit.interval, limit.tolerance):
                 return self._over_after(rate_limits, ip, principal, project, container, program, index,
                                         now, taken)
             taken += 1
         limit = rate_limits.per_principal
         if limit is not None and principal is not None:
-            if parts != 1:
-                limit = self._divide(limit)
             if self.principal.take(principal, now, limit.interval, limit.tolerance):
                 return self._over_after(rate_limits, ip, principal, project, container, program, index,
                                         now, taken)
             taken += 1
         limit = rate_limits.per_container
         if limit is not None:
-            if parts != 1:
-                limit = self._divide(limit)
             if self.container.take(container, now, limit.interval, limit.tolerance):
                 return self._over_after(rate_limits, ip, principal, project, container, program, index,
                                         now, taken)
             taken += 1
         limit = rate_limits.per_project
         if limit is not None:
-            if parts != 1:
-                limit = self._divide(limit)
             if self.project.take(project, now, limit.interval, limit.tolerance):
                 return self._over_after(rate_limits, ip, principal, project, container, program, index,
                                         now, taken)
@@ -189,7 +232,7 @@ class Limiters:
         if rate_limits.programs:
             entry = rate_limits.program_limit(program, index)
             if entry is not None:
-                limit = entry[1] if parts == 1 else self._divide(entry[1])
+                limit = entry[1]
                 if self.program.take((container, entry[0]), now, limit.interval, limit.tolerance):
                     return self._over_after(rate_limits, ip, principal, project, container, program, index,
                                             now, taken)
@@ -198,7 +241,7 @@ class Limiters:
     def _checks(self, rate_limits: RateLimits, ip: str, principal: Hashable | None, project: str,
                 container: str, program: str | None, index: int | None,
                 ) -> list[tuple[GcraTable, Hashable, Limit]]:
-        """The limits a request counts against, in order: (table, key, this worker's limit)."""
+        """The limits a request counts against, in order: (table, key, limit)."""
         checks: list[tuple[GcraTable, Hashable, Limit | None]] = [
             (self.client, (container, self.client_key(ip)), rate_limits.per_client),
             (self.principal, principal, rate_limits.per_principal if principal is not None else None),
@@ -208,7 +251,7 @@ class Limiters:
         entry = rate_limits.program_limit(program, index)
         if entry is not None:
             checks.append((self.program, (container, entry[0]), entry[1]))
-        return [(table, key, self._divide(limit)) for table, key, limit in checks if limit is not None]
+        return [(table, key, limit) for table, key, limit in checks if limit is not None]
 
     def _over_after(self, rate_limits: RateLimits, ip: str, principal: Hashable | None, project: str,
                     container: str, program: str | None, index: int | None,
@@ -240,14 +283,3 @@ class Limiters:
         if dry_run:
             table.dry_run += 1
         return over_limit(table.name, wait, limit.burst, limit.window, dry_run)
-
-    def _divide(self, limit: Limit) -> Limit:
-        """This worker's share of a per-set limit (cached: sets change rarely)."""
-        if self._parts == 1:
-            return limit
-        divided = self._divided.get(limit)
-        if divided is None:
-            if len(self._divided) >= _MAX_DIVIDED:
-                self._divided.clear()
-            divided = self._divided[limit] = limit.divided(self._parts)
-        return divided

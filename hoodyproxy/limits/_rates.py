@@ -101,13 +101,6 @@ class Limit:
         object.__setattr__(self, "ceiling", 2 * self.burst * interval)
         object.__setattr__(self, "window", max(1, math.ceil(self.burst * interval - EPSILON)))
 
-    def divided(self, parts: int) -> Limit:
-        """This limit shared by ``parts`` processes: the rate and the burst divided (burst >= 1)."""
-        if parts == 1:
-            return self
-        rate = Rate(self.rate.count / parts, self.rate.period, self.rate.unit)
-        return Limit(rate, max(1, self.burst // parts))
-
     def to_json(self) -> dict[str, Any]:
         """The admin API's form, which :func:`parse_limit` reads back to an equal value."""
         return {"rate": str(self.rate), "burst": self.burst}

@@ -19,6 +19,9 @@ _PROGRAM_KEY = re.compile(r"([a-z][a-z0-9]{0,11})(?:-(0|[1-9][0-9]{0,4}))?\Z")
 #: Bound on ``per_program`` entries, so a set stays cheap to hold and to check.
 MAX_PROGRAM_LIMITS = 64
 MAX_TABLE_SIZE = 4_194_304
+#: Bounds of ``shared_sync_ms``: below 5 ms the exchange costs more than it gains; above
+#: 5 s the node-wide count lags too far behind to be called shared.
+MIN_SYNC_MS, MAX_SYNC_MS = 5, 5000
 _SCOPES = ("per_client", "per_principal", "per_container", "per_project")
 
 
@@ -31,10 +34,11 @@ class RateLimitSettings:
     ``failed_auth_user`` per username; each table holds at most ``table_size`` keys; IPv6 clients are grouped by
     their first ``ipv6_prefix`` bits.  ``dry_run`` lets every request through (the
     verdict still says which would have been refused), on every limit of the node.
-    ``shared``: with several worker processes, whether the node's budgets are shared
-    among them (each worker enforces rate/N and burst/N) or each worker enforces the full
-    budget (a client spread over N workers' connections can then get up to N times it).
-    ``enabled = false`` turns every limit off.
+    ``shared``: with several worker processes, whether they share one budget (each
+    worker enforces the full budget and applies the others' charges, exchanged every
+    ``shared_sync_ms`` milliseconds: :mod:`hoodyproxy.limits.shared`) or each enforces the
+    full budget alone (a client spread over N workers' connections can then get up to N
+    times it).  ``enabled = false`` turns every limit off.
     """
 
     enabled: bool = True
@@ -49,6 +53,9 @@ class RateLimitSettings:
     #: out (the user then still signs in from elsewhere); guessers spread over many
     #: addresses are stopped here.
     failed_auth_user: Limit = Limit(parse_rate("30/min"), 100)
+    #: With ``shared``: milliseconds between two exchanges of charges among the workers
+    #: (the lag of the node-wide count, which bounds the overshoot).
+    shared_sync_ms: int = 50
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> RateLimitSettings:
@@ -79,6 +86,8 @@ class RateLimitSettings:
             dry_run=_bool(get("dry_run", d.dry_run), "dry_run"),
             shared=_bool(get("shared", d.shared), "shared"),
             failed_auth_user=limit("failed_auth_user", d.failed_auth_user),
+            shared_sync_ms=_integer(get("shared_sync_ms", d.shared_sync_ms), "shared_sync_ms",
+                                    MIN_SYNC_MS, MAX_SYNC_MS),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -95,6 +104,7 @@ class RateLimitSettings:
             "ipv6_prefix": self.ipv6_prefix,
             "dry_run": self.dry_run,
             "shared": self.shared,
+            "shared_sync_ms": self.shared_sync_ms,
         }
 
 
