@@ -3,7 +3,8 @@
 #   make venv            create .venv and install the project editable with its test extras
 #   make deps            install the Debian packages the tests use (root only; else just report)
 #   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...)
-#   make run             twistd -n hoodyproxy     (ARGS='--config ...')
+#   make run             twistd -n hoodyproxy     (ARGS='--config ...'); as root it installs
+#                        netfilter rules and routes, which a clean stop removes (README.rst)
 #   make demo            twistd -n hoodyproxy --demo
 #   make bench           run the benchmark harness: python -m bench (ARGS='--quick', '--only tls', ...);
 #                        installs DEBIAN_BENCH_PACKAGES first when run as root
@@ -67,6 +68,8 @@ deps:
 test: venv deps
 	$(RUN_ENV) $(VENV)/bin/trial -j2 --temp-directory=_trial_temp $(TRIAL_ARGS) $(TESTS)
 
+# As root the node installs netfilter rules and routes (transparent mode); it logs them,
+# and a clean stop (Ctrl-C, SIGTERM) removes them.
 run: venv
 	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy $(ARGS)
 

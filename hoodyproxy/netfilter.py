@@ -12,9 +12,15 @@ forwarding them on (for IPv4 and IPv6 alike)::
 
 The mangle rule is managed with python-iptables (which drives the legacy x_tables
 interface: ``iptables-legacy-save`` shows it), the rule and the route with the ``ip``
-command.  The mangle rule carries a comment naming the node, and the policy rule and
-route are exactly these (a fixed priority, the node's mark and table), so a start after
-a crash finds and replaces what the last run left, and nothing else is ever touched.
+command.  The mangle rule carries a comment naming the node *and* its data directory
+(``hoodyproxy:<node>:<8 hex digits of a hash of the data directory's real path>``): a
+data directory has one node at a time (:mod:`hoodyproxy.datadir`), so the comment is one
+running node's, and a start after a crash finds and replaces exactly what the last run
+on that data directory left.  The policy rule and route are exactly these (a fixed
+priority, the node's mark and table).  Two nodes given the same mark and table (the
+defaults) share them -- the kernel cannot hold two copies of that route -- so a stop
+takes them away only when no other node's mangle rule with that mark is left; every
+other rule, of other nodes or of anything else, is never touched.
 
 The service also flushes the connection-tracking entries towards a container that is
 stopped or removed (``conntrack -D -d <address>``), so that an address given to another
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import os
 import re
@@ -77,9 +84,18 @@ def _loopback(address: str) -> bool:
         return False
 
 
-def comment_for(node: str) -> str:
-    """The comment that marks a rule as this node's."""
-    return f"hoodyproxy:{node}"
+def comment_for(node: str, instance: str | None = None) -> str:
+    """The comment that marks a rule as this node's: its name and, given the node's data
+    directory as ``instance``, a short hash of that directory's real path (two nodes of
+    the same name on two data directories are two nodes)."""
+    if instance is None:
+        return f"hoodyproxy:{node}"
+    digest = hashlib.sha256(os.path.realpath(instance).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"hoodyproxy:{node}:{digest[:8]}"
+
+
+#: The comment of a node's rule as :func:`comment_for` writes it with an instance.
+_INSTANCE_COMMENT = re.compile(r"hoodyproxy:[a-z0-9-]{1,63}:[0-9a-f]{8}")
 
 
 # -- the mangle rule (python-iptables) -----------------------------------------------------
@@ -110,6 +126,35 @@ class MangleRule:
     def _ours(self, chain) -> list:
         return [rule for rule in chain.rules
                 if any(m.name == "comment" and m.comment == self.comment for m in rule.matches)]
+
+    def _mark_of(self, rule) -> int | None:
+        """The mark a MARK rule sets (``--set-xmark M/0xffffffff`` as the kernel reports it)."""
+        if rule.target is None or rule.target.name != "MARK":
+            return None
+        for values in rule.target.get_all_parameters().values():
+            for value in values:
+                try:
+                    return int(value.split("/")[0], 0)
+                except ValueError:
+                    pass
+        return None
+
+    def shared(self) -> int:
+        """How many other nodes' mangle rules set this rule's mark.
+
+        Those nodes use the same policy rule and route (same mark, so same table unless
+        misconfigured), which must then outlive this node's stop.  Only comments written by
+        :func:`comment_for` with an instance count: a rule of some other form is not a
+        running node's we could know of.
+        """
+        _iptc, _table, chain = self._chain()
+        others = 0
+        for rule in chain.rules:
+            comments = [m.comment for m in rule.matches if m.name == "comment"]
+            if any(c != self.comment and _INSTANCE_COMMENT.fullmatch(c or "") for c in comments) \
+                    and self._mark_of(rule) == self.mark:
+                others += 1
+        return others
 
     def _change(self, add: bool) -> int:
         iptc, table, chain = self._chain()
@@ -264,9 +309,11 @@ class NetfilterService(service.Service):
                  mangle: Callable[[int], MangleRule] | None = None,
                  routing: Callable[[int], PolicyRouting] | None = None,
                  lock: Callable[[], XtablesLock] = XtablesLock,
-                 conntrack: str | None = None) -> None:
+                 conntrack: str | None = None, instance: str | None = None) -> None:
         self.node = node
-        self.comment = comment_for(node)
+        #: ``instance`` is the node's data directory: its hash in the comment tells this
+        #: node's rules from those of a node of the same name on another data directory.
+        self.comment = comment_for(node, instance)
         self.mark = mark
         self.table = table
         self.required = required
@@ -300,8 +347,11 @@ class NetfilterService(service.Service):
             installed = []
             for family in self.families:
                 try:
-                    leftovers += self._mangle(family).replace()
-                    leftovers += self._routing(family).replace()
+                    mangle = self._mangle(family)
+                    leftovers += mangle.replace()
+                    replaced = self._routing(family).replace()
+                    # Another running node's policy rule and route are not leftovers.
+                    leftovers += 0 if _shared(mangle) else replaced
                     installed.append(family)
                 except NetfilterError as e:
                     # IPv6 may be disabled (a container's default): then IPv4 goes on alone.
@@ -318,10 +368,19 @@ class NetfilterService(service.Service):
         return leftovers
 
     def _remove_all(self, families: Iterable[int] | None = None) -> int:
+        """Remove this node's mangle rules, and the policy rule and route unless another
+        node's mangle rule still needs them (the same mark: see the module docstring)."""
         removed = 0
         for family in self.families if families is None else families:
+            mangle = self._mangle(family)
+            removed += mangle.remove()
+            others = _shared(mangle)
+            if others:
+                log.info("hoodyproxy client IP: the IPv{family} policy rule and route of mark {mark} stay: "
+                         "{n} other node(s) in this network namespace use them", family=family,
+                         mark=f"{self.mark:#x}", n=others)
+                continue
             removed += self._routing(family).remove()
-            removed += self._mangle(family).remove()
         return removed
 
     def uninstall(self) -> None:
@@ -353,6 +412,14 @@ class NetfilterService(service.Service):
         if leftovers:
             log.info("hoodyproxy client IP: replaced {n} netfilter rule(s) or route(s) an earlier run of "
                      "{node} left", n=leftovers, node=self.node)
+        # Said plainly, since they change the host (its network namespace), not just this process.
+        families = "/".join(f"IPv{f}" for f in self.families_installed)
+        log.info("hoodyproxy client IP: installed netfilter rules and routes in this network namespace "
+                 "({families}): a mangle PREROUTING rule with comment {comment} (MARK {mark}), "
+                 "'ip rule priority {priority} fwmark {mark} lookup {table}' and a local route in table "
+                 "{table}; a clean stop (SIGTERM, Ctrl-C) removes them, and the next start on this data "
+                 "directory replaces what a killed node left", families=families, comment=self.comment,
+                 mark=f"{self.mark:#x}", priority=RULE_PRIORITY, table=self.table)
 
     def startService(self) -> None:
         super().startService()
@@ -414,6 +481,12 @@ class NetfilterService(service.Service):
                      address=process.address, status=status,
                      err=process.err.decode("utf-8", "replace").strip()[:300])
         return status
+
+
+def _shared(mangle) -> int:
+    """How many other nodes share ``mangle``'s mark (0 for a stand-in that cannot tell)."""
+    shared = getattr(mangle, "shared", None)
+    return shared() if shared is not None else 0
 
 
 class _Conntrack(protocol.ProcessProtocol):

@@ -192,7 +192,18 @@ class NodeService(service.MultiService):
         self.ports: dict[str, list] = {"https": [], "http": [], "admin": [], "http3": []}
         self.demo_port = None
         self.workers = None
-        self.stack = GatewayStack(settings, reactor)
+        # One node per data directory, taken before anything in it is read or written.
+        from hoodyproxy.datadir import DataDirInUse, DataDirLock
+        self.datadir_lock = DataDirLock(settings.data_dir)
+        try:
+            self.datadir_lock.acquire()
+        except DataDirInUse as e:
+            raise StartError(str(e)) from None
+        try:
+            self.stack = GatewayStack(settings, reactor)
+        except BaseException:
+            self.datadir_lock.release()
+            raise
         self.directory = self.stack.directory
         self.certificates = self.stack.certificates
         self.audit = self.stack.audit
@@ -206,7 +217,7 @@ class NodeService(service.MultiService):
             self.netfilter = NetfilterService(
                 settings.node, settings.client_ip_mark, settings.client_ip_table,
                 required="transparent" in client_ip_modes(self.configured),
-                directory=self.directory, reactor=reactor)
+                directory=self.directory, reactor=reactor, instance=settings.data_dir)
             self.netfilter.setServiceParent(self)
 
     def _resolve_client_ip(self, settings: Settings, has_net_admin: bool | None) -> Settings:
@@ -253,6 +264,7 @@ class NodeService(service.MultiService):
         from hoodyproxy.admin.api import AdminAPI
         from hoodyproxy.workers import WorkerPool
 
+        self.datadir_lock.write_pid()  # this process's, if twistd has daemonized since
         s = self.settings
         r = self.reactor
         https_factory = self.stack.https_factory()
@@ -403,7 +415,13 @@ class NodeService(service.MultiService):
         for ports in self.ports.values():
             ports.clear()
         self.stack.close()
-        return defer.DeferredList(waits)
+        stopping = defer.DeferredList(waits)
+
+        def release(result):
+            # Last: the netfilter rules (tagged with this data directory) are gone by now.
+            self.datadir_lock.release()
+            return result
+        return stopping.addBoth(release)
 
 
 def makeService(options: Options) -> service.IService:
