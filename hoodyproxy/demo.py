@@ -14,12 +14,19 @@ see what the container receives:
     JSON: the request headers (lower-cased names, repeated headers joined with
     ``", "``) plus ``"peer"``, the peer IP address the service saw.  ``"peer"`` always
     wins over a request header of that name.
+
+The node registers the service in its live map as a container while it runs
+(:class:`DemoRegistration`), and takes it out again at stop: the entry points at a port
+that dies with the process, so left behind it would answer 502 until someone deleted it.
+A node that crashed cannot take it out, so the registration is marked as the demo's in
+the data directory and the next start -- with ``--demo`` or without -- removes it.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -28,7 +35,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-__all__ = ["make_demo_site", "listen_demo", "EchoProtocol", "make_echo_factory"]
+__all__ = ["make_demo_site", "listen_demo", "EchoProtocol", "make_echo_factory", "DemoRegistration"]
 
 #: the largest WebSocket message the echo endpoint accepts
 MAX_MESSAGE = 1024 * 1024
@@ -192,3 +199,71 @@ def listen_demo(reactor: IReactorTCP, interface: str = "127.0.0.1") -> IListenin
     ``getHost().port`` on the result tells which port it got.
     """
     return reactor.listenTCP(0, make_demo_site(reactor), interface=interface)
+
+
+class DemoRegistration:
+    """The demo's container in the live map, and the mark in the data directory that says so.
+
+    The mark (``<data-dir>/demo-container.json``: the container as registered) is written
+    before the container is put and removed after it is deleted, so that whatever moment
+    a node dies at, the next start knows what to take out.  A container is taken out only
+    while it is still as the demo registered it (same project, loopback address and
+    port): one the operator has since changed is the operator's.  With no mark, a
+    container that looks exactly like a registration of the demo (its ids, loopback, one
+    ``http-80`` port) is what a node from before the mark existed left, and goes too.
+    """
+
+    MARK = "demo-container.json"
+
+    def __init__(self, directory, data_dir: str, container_id: str, project: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(data_dir, self.MARK)
+        self.container_id = container_id
+        self.project = project
+
+    def _read_mark(self) -> dict | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                mark = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: nothing can match it, and it is removed
+        return mark if isinstance(mark, dict) else {}
+
+    def remove(self) -> bool:
+        """Delete the marked container if it is still the demo's, then the mark; True if deleted.
+
+        At stop, and at every start (a node that died left its demo's container behind).
+        """
+        mark = self._read_mark()
+        if mark is None:
+            # Unmarked: what a node from before the mark existed left, if it looks exactly
+            # like the demo's registration (its own ids, loopback, one http-80 port).
+            current = self.directory.lookup(self.container_id)
+            if (current is not None and current.project == self.project and current.address == "127.0.0.1"
+                    and set(current.ports) == {"http-80"}):
+                return self.directory.delete(current.id)
+            return False
+        deleted = False
+        current = self.directory.lookup(str(mark.get("id", "")))
+        if (current is not None and current.project == mark.get("project")
+                and current.address == mark.get("address") and dict(current.ports) == mark.get("ports")):
+            deleted = self.directory.delete(current.id)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        return deleted
+
+    def register(self, port: int, address: str = "127.0.0.1"):
+        """Mark, then put the demo's container (running, ``http-80`` on ``port``); returns it."""
+        from hoodyproxy.directory import Container
+        from hoodyproxy.tls.devca import write_atomic
+
+        container = Container(self.container_id, self.project, address, "running", {"http-80": port})
+        mark = {"id": container.id, "project": container.project, "address": container.address,
+                "ports": dict(container.ports)}
+        write_atomic(self.path, json.dumps(mark).encode("utf-8") + b"\n", mode=0o600)
+        self.directory.put(container)
+        return container

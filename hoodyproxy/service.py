@@ -191,6 +191,7 @@ class NodeService(service.MultiService):
         self.settings = settings
         self.ports: dict[str, list] = {"https": [], "http": [], "admin": [], "http3": []}
         self.demo_port = None
+        self.demo = None
         self.workers = None
         # One node per data directory, taken before anything in it is read or written.
         from hoodyproxy.datadir import DataDirInUse, DataDirLock
@@ -343,6 +344,7 @@ class NodeService(service.MultiService):
         self._cert_check = LoopingCall(self.certificates.reload_if_changed)
         self._cert_check.clock = self.reactor
         self._cert_check.start(self.certificate_check_interval, now=False)
+        self._remove_demo_leftover()
         if s.demo:
             self._start_demo()
         from hoodyproxy.listening import display
@@ -389,13 +391,19 @@ class NodeService(service.MultiService):
             # (not "warning": trial's reporter takes events with that key for Python warnings)
             log.warn("hoodyproxy client IP: {problem}", problem=self.client_ip_warning)
 
+    def _remove_demo_leftover(self) -> None:
+        """A node that died with ``--demo`` left its sample container in the live map."""
+        from hoodyproxy.demo import DemoRegistration
+        if DemoRegistration(self.directory, self.settings.data_dir, DEMO_CONTAINER, DEMO_PROJECT).remove():
+            log.info("hoodyproxy demo: removed the sample container an earlier run left in the live map")
+
     def _start_demo(self) -> None:
-        from hoodyproxy.demo import listen_demo
-        from hoodyproxy.directory import Container
+        from hoodyproxy.demo import DemoRegistration, listen_demo
 
         self.demo_port = listen_demo(self.reactor)
         port = self.demo_port.getHost().port
-        self.directory.put(Container(DEMO_CONTAINER, DEMO_PROJECT, "127.0.0.1", "running", {"http-80": port}))
+        self.demo = DemoRegistration(self.directory, self.settings.data_dir, DEMO_CONTAINER, DEMO_PROJECT)
+        self.demo.register(port)
         https_port = self.ports["https"][0].getHost().port if self.ports["https"] else self.settings.https_port
         url = f"https://{DEMO_PROJECT}-{DEMO_CONTAINER}-http-80.{self.settings.suffix}:{https_port}/"
         log.info("hoodyproxy demo: open {url} (WebSocket echo at {ws})", url=url,
@@ -403,6 +411,9 @@ class NodeService(service.MultiService):
         self.demo_url = url
 
     def stopService(self):
+        if self.demo is not None:
+            self.demo.remove()
+            self.demo = None
         stopped = super().stopService()
         if getattr(self, "_cert_check", None) is not None and self._cert_check.running:
             self._cert_check.stop()

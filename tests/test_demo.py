@@ -5,11 +5,22 @@ closed by the server (``Connection: close``, or autobahn dropping TCP after the
 closing handshake), so by the time the client sees the end of the stream the server
 side of the connection is gone too; cleanups abort whatever is still open and wait
 for it.
+
+The demo's container in the live map (:class:`DemoContainerTests`) is checked on real
+nodes: in this process on a real SQLite directory and real ports, and once with the
+real ``twistd -n hoodyproxy`` killed with SIGKILL.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+
+import treq
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
@@ -19,7 +30,12 @@ from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 from twisted.web.server import Site
 
-from hoodyproxy.demo import listen_demo, make_demo_site
+from hoodyproxy.config import settings_from_mapping
+from hoodyproxy.demo import DemoRegistration, listen_demo, make_demo_site
+from hoodyproxy.directory import Container, SQLiteDirectory, open_database
+from hoodyproxy.service import DEMO_CONTAINER, DEMO_PROJECT, NodeService
+from tests.support import https_agent
+from tests.test_process import Twistd
 
 
 class _RawHTTPClient(Protocol):
@@ -218,3 +234,105 @@ class DemoTests(unittest.TestCase):
         )
         self.assertNotIn(b" 200 ", status)
         self.assertNotIn(b"Autobahn", body)
+
+
+class DemoContainerTests(unittest.TestCase):
+    """The demo's container lives exactly as long as the demo does."""
+
+    def setUp(self) -> None:
+        self.data_dir = tempfile.mkdtemp(prefix="hoodyproxy-test-")
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
+
+    def node(self, demo: bool) -> NodeService:
+        """A started node on this test's data directory (ephemeral loopback ports)."""
+        settings = settings_from_mapping({
+            "node": {"data_dir": self.data_dir},
+            "listen": {"https": "127.0.0.1:0", "http": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+            "client_ip": {"mode": "headers"}, "demo": {"enabled": demo}})
+        node = NodeService(settings, reactor)
+        node.privilegedStartService()
+        node.startService()
+        self.addCleanup(lambda: node.stopService() if node.running else None)
+        return node
+
+    def directory(self) -> SQLiteDirectory:
+        """The data directory's live map, opened as another process (the CLI) would."""
+        directory = SQLiteDirectory(open_database(os.path.join(self.data_dir, "hoodyproxy.db")))
+        self.addCleanup(directory._conn.close)
+        return directory
+
+    @inlineCallbacks
+    def status_of_demo_route(self, node) -> int:
+        https_port = node.ports["https"][0].getHost().port
+        agent = https_agent(self, node)
+        response = yield agent.request(
+            b"GET", f"https://{DEMO_PROJECT}-{DEMO_CONTAINER}-http-80.{node.settings.suffix}:{https_port}/".encode())
+        yield treq.content(response)
+        return response.code
+
+    @inlineCallbacks
+    def test_stop_removes_the_demo_container(self):
+        """After a ``--demo`` node stops, the next node (without ``--demo``) has no such container:
+        its route answers 503 (no container), not 502 (a dead port)."""
+        first = self.node(demo=True)
+        self.assertTrue(first.directory.lookup(DEMO_CONTAINER).running)
+        self.assertEqual((yield self.status_of_demo_route(first)), 200)
+        yield first.stopService()
+        self.assertIsNone(self.directory().lookup(DEMO_CONTAINER))
+        second = self.node(demo=False)
+        self.assertIsNone(second.directory.lookup(DEMO_CONTAINER))
+        self.assertEqual((yield self.status_of_demo_route(second)), 503)
+
+    @inlineCallbacks
+    def test_a_left_demo_container_is_replaced_by_the_next_demo(self):
+        """What a demo that died left (its container, marked) gives way to the next demo's own,
+        which answers."""
+        DemoRegistration(self.directory(), self.data_dir, DEMO_CONTAINER, DEMO_PROJECT).register(1)
+        node = self.node(demo=True)
+        container = node.directory.lookup(DEMO_CONTAINER)
+        self.assertEqual(dict(container.ports), {"http-80": node.demo_port.getHost().port})
+        self.assertEqual((yield self.status_of_demo_route(node)), 200)
+
+    def test_unmarked_container_of_an_older_demo_is_removed(self):
+        """A demo container left by a node from before the mark (same ids, loopback, one http-80
+        port, no mark) is removed at the next start too."""
+        self.directory().put(Container(DEMO_CONTAINER, DEMO_PROJECT, "127.0.0.1", "running", {"http-80": 1}))
+        node = self.node(demo=False)
+        self.assertIsNone(node.directory.lookup(DEMO_CONTAINER))
+
+    def test_a_container_the_operator_changed_is_left_alone(self):
+        """Once the operator has changed the demo's container (another address), it is theirs:
+        removing the demo's registration does not delete it, only the mark."""
+        directory = self.directory()
+        registration = DemoRegistration(directory, self.data_dir, DEMO_CONTAINER, DEMO_PROJECT)
+        registration.register(4321)
+        directory.put(Container(DEMO_CONTAINER, DEMO_PROJECT, "10.0.0.7", "running", {"http-80": 80}))
+        self.assertFalse(registration.remove())
+        self.assertEqual(directory.lookup(DEMO_CONTAINER).address, "10.0.0.7")
+        self.assertFalse(os.path.exists(registration.path))
+
+    def test_other_containers_are_never_touched(self):
+        """Starting and stopping the demo's registration leaves every other container as it was."""
+        directory = self.directory()
+        other = Container("fedcba9876543210fedcba98", DEMO_PROJECT, "127.0.0.1", "running", {"http-80": 1})
+        directory.put(other)
+        registration = DemoRegistration(directory, self.data_dir, DEMO_CONTAINER, DEMO_PROJECT)
+        registration.register(4321)
+        self.assertTrue(registration.remove())
+        self.assertIsNone(directory.lookup(DEMO_CONTAINER))
+        self.assertEqual(directory.lookup(other.id), other)
+
+    def test_killed_demo_node_leaves_nothing_for_the_next_start(self):
+        """The real ``twistd --demo`` killed with SIGKILL leaves its container; the next start
+        without ``--demo`` removes it, says so, and the demo's route answers 503."""
+        data_dir = os.path.join(self.data_dir, "node")
+        first = Twistd(self, data_dir, "--demo").wait_ready()
+        url = first.wait_for(r"hoodyproxy demo: open (https://\S+)").group(1)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.wait_exit()
+        second = Twistd(self, data_dir).wait_ready()
+        self.assertIn("removed the sample container an earlier run left", second.output())
+        host = re.fullmatch(r"https://([^/:]+):\d+/", url).group(1)
+        port = second.ports["https"]
+        status, _, body = second.curl(f"https://{host}:{port}/", host, port)
+        self.assertEqual(status, 503, body)
