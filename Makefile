@@ -1,6 +1,7 @@
 # hoodyproxy developer and CI entry points (GNU make).
 #
 #   make venv            create .venv and install the project editable with its test extras
+#   make run-venv        create .venv and install the project editable, without the test extras
 #   make deps            install the Debian packages the tests use (root only; else just report)
 #   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...)
 #   make run             twistd -n hoodyproxy     (ARGS='--config ...'); as root it installs
@@ -23,7 +24,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VENV_PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per kind of install: `make run` must not pull in the test extras, and `make
+# test` after `make run` must still install them.
+STAMP := $(VENV)/.installed-test
+RUN_STAMP := $(VENV)/.installed-run
 
 # Debian packages the tests need (command-line tools, servers the tests start).
 # Later work appends to this list (nginx, slapd, pebble, ...).
@@ -39,15 +43,21 @@ ARGS ?=
 
 RUN_ENV := PYTHONPATH=$(CURDIR)
 
-.PHONY: venv deps test run demo bench clean distclean
+.PHONY: venv run-venv deps test run demo bench clean distclean
 
 venv: $(STAMP)
+
+run-venv: $(RUN_STAMP)
 
 $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(VENV_PY) setup.cfg pyproject.toml
 	$(VENV_PY) -m pip install -e '.[test]'
+	touch $@
+
+$(RUN_STAMP): $(VENV_PY) setup.cfg pyproject.toml
+	$(VENV_PY) -m pip install -e .
 	touch $@
 
 deps:
@@ -70,10 +80,10 @@ test: venv deps
 
 # As root the node installs netfilter rules and routes (transparent mode); it logs them,
 # and a clean stop (Ctrl-C, SIGTERM) removes them.
-run: venv
+run: run-venv
 	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy $(ARGS)
 
-demo: venv
+demo: run-venv
 	$(RUN_ENV) $(VENV)/bin/twistd -n hoodyproxy --demo $(ARGS)
 
 # The harness also uses curl and openssl (DEBIAN_TEST_PACKAGES, through deps).
