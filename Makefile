@@ -3,7 +3,8 @@
 #   make venv            create .venv and install the project editable with its test extras
 #   make run-venv        create .venv and install the project editable, without the test extras
 #   make deps            install the Debian packages the tests use (root only; else just report)
-#   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...)
+#   make test            run the Trial suite      (TESTS=tests.test_demo TRIAL_ARGS=--debug ...);
+#                        the reporter (TRIAL_REPORTER=durations) ends with the ten slowest tests
 #   make run             twistd -n hoodyproxy     (ARGS='--config ...'); as root it installs
 #                        netfilter rules and routes, which a clean stop removes (README.rst)
 #   make demo            twistd -n hoodyproxy --demo
@@ -39,6 +40,9 @@ DEBIAN_BENCH_PACKAGES := nginx haproxy caddy wrk nghttp2-client
 
 TESTS ?= tests
 TRIAL_ARGS ?=
+# tests/durations.py (a Trial reporter plugin in twisted/plugins/): Trial's usual tree
+# output, then the ten slowest tests with their times.
+TRIAL_REPORTER ?= durations
 ARGS ?=
 
 RUN_ENV := PYTHONPATH=$(CURDIR)
@@ -76,7 +80,7 @@ deps:
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
 
 test: venv deps
-	$(RUN_ENV) $(VENV)/bin/trial -j2 --temp-directory=_trial_temp $(TRIAL_ARGS) $(TESTS)
+	$(RUN_ENV) $(VENV)/bin/trial -j2 --temp-directory=_trial_temp --reporter=$(TRIAL_REPORTER) $(TRIAL_ARGS) $(TESTS)
 
 # As root the node installs netfilter rules and routes (transparent mode); it logs them,
 # and a clean stop (Ctrl-C, SIGTERM) removes them.
