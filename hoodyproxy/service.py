@@ -166,11 +166,11 @@ class GatewayStack:
         return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, negotiating)
 
     def redirect_factory(self, https_port: int) -> Site:
-        """The plain-HTTP factory: a 308 to HTTPS on ``https_port``."""
-        from hoodyproxy.frontend.redirect import RedirectToHTTPS
-        site = Site(RedirectToHTTPS(https_port, http01=self.http01), reactor=self.reactor)
-        site.log = lambda request: None
-        return site
+        """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request
+        head (a body is never read)."""
+        from hoodyproxy.frontend.redirect import RedirectToHTTPS, plain_http_site
+        return plain_http_site(RedirectToHTTPS(https_port, http01=self.http01), self.reactor,
+                               self.settings.request_head_timeout)
 
     def close(self) -> None:
         self.pool.close()
@@ -262,7 +262,7 @@ class NodeService(service.MultiService):
 
     def privilegedStartService(self) -> None:
         from hoodyproxy import listening
-        from hoodyproxy.admin.api import AdminAPI
+        from hoodyproxy.admin.api import AdminAPI, admin_site
         from hoodyproxy.workers import WorkerPool
 
         self.datadir_lock.write_pid()  # this process's, if twistd has daemonized since
@@ -308,11 +308,11 @@ class NodeService(service.MultiService):
             on_issued=lambda domain: self.workers.notify_change() if self.workers else None)
         self.certificate_manager.setServiceParent(self)
         https_port = https_bound[0].port
-        admin = Site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
-                              registry=self.stack.registry, aliases=self.stack.aliases,
-                              base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
-                              certificate_status=self.certificate_manager.status), reactor=r)
-        admin.log = lambda request: None
+        admin = admin_site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
+                                    registry=self.stack.registry, aliases=self.stack.aliases,
+                                    base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
+                                    certificate_status=self.certificate_manager.status),
+                           r, s.request_head_timeout)
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
         # The netfilter rules go in once every port is bound (a port in use ends the start).

@@ -3,26 +3,41 @@
 Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
 wrong; a traceback never reaches the client.
+
+Served by :func:`admin_site`, a request is judged at the end of its head, before a byte
+of its body is read: a bad token (401) or a body announced over :data:`MAX_BODY` (413)
+is answered at once and the connection closes, unless the body announced is small
+(:data:`DRAIN_BODY`), which is then read, dropped, and answered after; a body without a
+length (chunked) is cut off at the limit with 413.  A body the API accepts is held in
+memory, never in a temporary file.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from hoodyproxy.access.model import InvalidPermissions, advise, parse_permission_set, to_json
 from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
                                 check_target, target_advice)
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
+from hoodyproxy.frontend.http1 import REASONS, SERVER, early_answer_site, http_date, take_site_request_line
 
 log = Logger()
 MAX_BODY = 1024 * 1024
+#: A refused request's body, announced at most this long, is read and dropped before the
+#: answer (the connection stays usable); a longer one is never read.
+DRAIN_BODY = 2 * MAX_BODY
+#: Paths answered without a token.
+HEALTH_PATHS = (b"/healthz", b"/api/v1/health")
 
 
 class ApiError(Exception):
@@ -34,10 +49,14 @@ class ApiError(Exception):
         self.field = field
 
 
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", "the body is larger than 1 MiB")
+
+
 def _json_body(request) -> Any:
     raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(raw) > MAX_BODY:
-        raise ApiError(413, "payload_too_large", "the body is larger than 1 MiB")
+        raise _too_large()
     try:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -98,26 +117,49 @@ class AdminAPI(Resource):
 
     def render(self, request) -> bytes:
         try:
-            if request.path in (b"/healthz", b"/api/v1/health"):
+            if request.path in HEALTH_PATHS:
                 status, body = 200, {"status": "ok"}
             else:
                 self._authenticate(request)
                 status, body = self._dispatch(request)
         except ApiError as e:
-            status, body = e.status, {"error": e.code, "message": e.message}
-            if e.field is not None:
-                body["field"] = e.field
-            for name, value in e.headers.items():
-                request.setHeader(name, value)
+            return self.error_response(request, e)
         except Exception:
             log.failure("admin API request failed")
             status, body = 500, {"error": "internal_error", "message": "internal error"}
-        request.setResponseCode(status)
+        return self._response(request, status, body)
+
+    def head_refusal(self, request, length: int | None) -> ApiError | None:
+        """What the head alone earns, before a byte of the body is read: 401 for a bad
+        token (a health path needs none), 413 for an announced body over MAX_BODY."""
+        if request.path not in HEALTH_PATHS:
+            try:
+                self._authenticate(request)
+            except ApiError as e:
+                return e
+        if length is not None and length > MAX_BODY:
+            return _too_large()
+        return None
+
+    def error_response(self, request, e: ApiError) -> bytes:
+        """Set ``request``'s status and headers for ``e``; returns the JSON body."""
+        body = {"error": e.code, "message": e.message}
+        if e.field is not None:
+            body["field"] = e.field
+        for name, value in e.headers.items():
+            request.setHeader(name, value)
+        return self._response(request, e.status, body)
+
+    @staticmethod
+    def _response(request, status: int, body: Any) -> bytes:
+        request.setResponseCode(status, REASONS.get(status))
+        request.setHeader(b"Server", SERVER)
         request.setHeader(b"Cache-Control", b"no-store")
         if status == 204:
             return b""
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(body).encode() + b"\n"
+
 
     def _authenticate(self, request) -> None:
         header = request.getHeader(b"authorization") or b""
@@ -343,3 +385,70 @@ class AdminAPI(Resource):
             where = "this alias" if e.alias == alias else f"alias {e.alias}"
             raise ApiError(409, "conflict", f"domain: already attached to {where}", field="domain") from None
         return 201, self._domain_json(domain, alias, with_status=False)
+
+class AdminRequest(Request):
+    """A request to the admin API, judged at the end of its head.
+
+    A refusal the head alone decides (:meth:`AdminAPI.head_refusal`: a bad token, a body
+    announced over MAX_BODY) never reads the body into anything.  If the body announced is
+    at most :data:`DRAIN_BODY`, it is read and dropped and the answer follows it, on a
+    connection that stays usable: many clients (twisted.web's Agent among them) send a
+    whole body before they read.  A longer one, or one of unknown length, is answered at
+    once and the connection closes (lingering, see
+    :class:`~hoodyproxy.frontend.http1.EarlyAnswerChannel`).  An accepted body is kept in
+    memory up to MAX_BODY (a chunked one past it is answered 413 at once, and the
+    connection closes), where stock twisted.web spools anything over 100 kB to a
+    temporary file.
+    """
+
+    _answered = False
+    _refusal: ApiError | None = None
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        take_site_request_line(self)
+        self.content = None
+        refusal = self.channel.site.resource.head_refusal(self, length) if length != 0 else None
+        if refusal is None:
+            self.content = io.BytesIO()
+        elif length is not None and length <= DRAIN_BODY:
+            self._refusal = refusal  # answered when the body is in (and dropped)
+        else:
+            self._answer(refusal, early=True)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._answered or self._refusal is not None:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.content = None
+            self._answer(_too_large(), early=True)
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._answered:
+            return
+        if self._refusal is not None:
+            self._answer(self._refusal, early=False)
+            return
+        super().requestReceived(command, path, version)
+
+    def _answer(self, error: ApiError, early: bool) -> None:
+        """Answer ``error`` without the body; ``early``: before the body's end, so the
+        connection closes after the answer."""
+        self._answered = True
+        body = self.site.resource.error_response(self, error)
+        self.setHeader(b"Date", http_date())
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        if early:
+            self.channel.persistent = False
+            self.setHeader(b"Connection", b"close")
+        self.write(body)
+        self.finish()
+
+
+def admin_site(api: AdminAPI, reactor, head_timeout: float | None = None) -> Site:
+    """The admin port's factory: ``api`` behind :class:`AdminRequest`; ``head_timeout``
+    bounds how long a request head may take (408)."""
+    return early_answer_site(api, AdminRequest, reactor, head_timeout)
