@@ -20,7 +20,13 @@ Guards: ``SETTINGS_MAX_CONCURRENT_STREAMS`` and ``SETTINGS_MAX_HEADER_LIST_SIZE`
 ``[http2]``; h2 bounds CONTINUATION frames per header block (a CONTINUATION flood is a
 connection error); streams the client resets while the gateway still works on them are
 counted, and past ``[http2] max_resets`` in ``RESET_WINDOW`` seconds the connection ends
-with GOAWAY ENHANCE_YOUR_CALM (the rapid reset attack, CVE-2023-44487).
+with GOAWAY ENHANCE_YOUR_CALM (the rapid reset attack, CVE-2023-44487); a header block
+still incomplete ``[limits] request_head_timeout`` seconds after it began (HEADERS without
+END_HEADERS, CONTINUATION frames that never end it) ends the connection the same way.
+After a GOAWAY nothing the client sends is decrypted any more: it is dropped as it comes
+off the socket, and the connection is aborted past ``GOAWAY_DRAIN`` bytes or
+``GOAWAY_GRACE`` seconds, so a client that keeps sending never keeps the gateway busy.
+The TLS handshake itself must end within ``request_head_timeout``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import hyperframe.frame
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
@@ -72,6 +79,12 @@ LOW_WATER = 64 * 1024
 RESET_WINDOW = 10.0
 #: Connection-level receive window: per-stream windows are the real bound.
 CONNECTION_WINDOW = (1 << 31) - 1
+#: Seconds a connection is given, after its GOAWAY, to close before it is aborted ...
+GOAWAY_GRACE = 1.0
+#: ... and bytes the client may still send meanwhile (dropped unread).
+GOAWAY_DRAIN = 256 * 1024
+#: Frame types that carry a header block (HEADERS, PUSH_PROMISE, CONTINUATION).
+_HEADER_FRAME_TYPES = frozenset({0x1, 0x5, 0x9})
 
 
 class _Stream:
@@ -110,6 +123,11 @@ class H2ServerProtocol(Protocol):
         self._reset_window_start = 0.0
         self._last_activity = 0.0
         self._idle_timer = None
+        self._idle_due = 0.0
+        #: When the header block being received began (None: none is incomplete).
+        self._head_started: float | None = None
+        self._abort_call = None
+        self._drain_left = 0
         #: Streams with something to send, flushed together on the next reactor turn
         #: unless their response ends first (then at once): a response's last bytes and
         #: END_STREAM go in one DATA frame, its head, body and end in one TLS write.
@@ -137,7 +155,7 @@ class H2ServerProtocol(Protocol):
         self.transport.registerProducer(self, True)
         self._flush_wire()
         self._last_activity = self.reactor.seconds()
-        self._idle_timer = self.reactor.callLater(self.settings.client_idle_timeout, self._check_idle)
+        self._sleep(self.settings.client_idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self.closed:
@@ -149,6 +167,7 @@ class H2ServerProtocol(Protocol):
             # Includes CONTINUATION floods, oversized header lists, too many streams.
             self._goaway(getattr(e, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
+        self._note_header_block()
         for event in events:
             kind = type(event)
             if kind is h2.events.DataReceived:
@@ -178,12 +197,10 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        for call in (self._flush_call, self._idle_timer, self._abort_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._idle_timer = self._abort_call = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.request.stream_lost()
@@ -199,21 +216,81 @@ class H2ServerProtocol(Protocol):
         self._close_transport()
 
     def _close_transport(self) -> None:
-        """Close after what is written (TLS waits for a registered producer to go first)."""
+        """Close after what is written (TLS waits for a registered producer to go first),
+        and decrypt nothing more: abort past ``GOAWAY_DRAIN`` more bytes or
+        ``GOAWAY_GRACE`` seconds.
+
+        TLS waits for the client's close_notify before it closes; a client that ignores the
+        GOAWAY and keeps sending would be read and decrypted for as long as it likes.  From
+        here the socket's bytes no longer reach TLS: they are counted and dropped.  (Pausing
+        the transport, the other way to stop, would also hide the end of a client that
+        does close: the socket would be held the whole grace period.)
+        """
         self.closed = True
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        transport = self.transport
+        transport.unregisterProducer()
+        self._drain_left = GOAWAY_DRAIN
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            transport.dataReceived = self._drain  # what the TCP connection delivers
+        else:
+            transport.pauseProducing()
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.reactor.callLater(GOAWAY_GRACE, self._abort)
+
+    def _drain(self, data: bytes) -> None:
+        self._drain_left -= len(data)
+        if self._drain_left < 0 and self._abort_call is not None:
+            self._abort_call.cancel()
+            self._abort()
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self.transport.abortConnection()
+
+    def _note_header_block(self) -> None:
+        """Note when a header block began if one is incomplete (h2 holds its frames until
+        END_HEADERS; a frame of one may also be only partly in)."""
+        # h2's FrameBuffer holds the frames of an open block, and the bytes of a partial frame.
+        buffer = self.conn.incoming_buffer
+        data = getattr(buffer, "_data", b"")
+        pending = bool(getattr(buffer, "_headers_buffer", None)) or (
+            len(data) >= 4 and data[3] in _HEADER_FRAME_TYPES)
+        if not pending:
+            self._head_started = None
+        elif self._head_started is None:
+            self._head_started = now = self.reactor.seconds()
+            due = now + self.settings.request_head_timeout
+            if due < self._idle_due and self._idle_timer is not None:
+                # (rare: a header block that does not come in one read)
+                self._idle_timer.reset(max(due - now, 0.0))
+                self._idle_due = due
+
+    def _sleep(self, seconds: float) -> None:
+        self._idle_due = self.reactor.seconds() + seconds
+        self._idle_timer = self.reactor.callLater(seconds, self._check_idle)
 
     def _check_idle(self) -> None:
         self._idle_timer = None
         if self.closed:
             return
+        now = self.reactor.seconds()
+        wake = None
+        if self._head_started is not None:
+            head_left = self._head_started + self.settings.request_head_timeout - now
+            if head_left <= 0:
+                log.info("HTTP/2 client {peer}: header block incomplete after {t:g} s: connection closed",
+                         peer=self.peer.host, t=self.settings.request_head_timeout)
+                self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return
+            wake = head_left
         period = self.settings.client_idle_timeout
-        idle = self.reactor.seconds() - self._last_activity
+        idle = now - self._last_activity
         if not self.streams and idle >= period:
             self._goaway(h2.errors.ErrorCodes.NO_ERROR)
             return
-        self._idle_timer = self.reactor.callLater(max(period - idle, 1.0), self._check_idle)
+        idle_wake = max(period - idle, 1.0)
+        self._sleep(idle_wake if wake is None else min(wake, idle_wake))
 
     def _flush_wire(self) -> None:
         data = self.conn.data_to_send()
@@ -505,7 +582,8 @@ class NegotiatingFactory(Factory):
         self.certificates = certificates
         self.reactor = reactor
         self.h2_enabled = settings.http2_enabled
-        self.handshake_timeout = settings.client_idle_timeout
+        # The handshake is the head of a TLS connection: it gets the request head's deadline.
+        self.handshake_timeout = settings.request_head_timeout
 
     def buildProtocol(self, addr):
         return _Negotiator(self, addr)
