@@ -20,6 +20,10 @@ by :class:`GatewayQuicConnection`:
   whoever reads it.  Here a request stream's credit is a sliding window over what
   arrived, extended only while the request accepts input, so a paused stream can have at
   most one window (:data:`STREAM_WINDOW`) in flight, which the session holds for it.
+
+A request stream on which bytes arrived but no complete HEADERS frame (a head that never
+ends) is reset ``[limits] request_head_timeout`` seconds after its first byte; the deadline
+rides on the session's one timer.
 """
 
 from __future__ import annotations
@@ -181,6 +185,8 @@ class H3Session:
         self._finished: set[int] = set()
         #: Streams with body bytes to hand over at the end of this reactor turn.
         self._inbox: dict[int, None] = {}
+        #: Request streams with bytes but no head yet -> when their first bytes came.
+        self._heads: dict[int, float] = {}
         quic.may_extend = self._may_extend
 
     # -- driving aioquic ----------------------------------------------------------------
@@ -192,7 +198,28 @@ class H3Session:
         self._timer = None
         now = max(self._timer_at or 0.0, self.clock.seconds())
         self._timer_at = None
-        self._guarded(self.quic.handle_timer, now)
+        self._guarded(self._timer_fired, now)
+
+    def _timer_fired(self, now: float) -> None:
+        # (aioquic's own deadlines are checked against ``now``: an early call is harmless)
+        if self._heads:
+            self._expire_heads(now)
+        self.quic.handle_timer(now)
+
+    def _expire_heads(self, now: float) -> None:
+        """Reset the request streams whose head is not complete after the deadline."""
+        limit = self.listener.settings.request_head_timeout
+        for stream_id, started in list(self._heads.items()):
+            if now - started >= limit:
+                del self._heads[stream_id]
+                log.info("HTTP/3 client {peer}: no complete request head on stream {stream_id} "
+                         "after {t:g} s: stream reset", peer=self.peer.host, stream_id=stream_id, t=limit)
+                self._remember_finished(stream_id)
+                try:
+                    self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_INCOMPLETE)
+                    self.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_INCOMPLETE)
+                except ValueError:
+                    pass  # the stream is already gone on the QUIC side
 
     def _guarded(self, step: Callable, *args) -> None:
         """Run one aioquic step, then its events and transmission.  A bug here costs this
@@ -239,6 +266,9 @@ class H3Session:
 
     def _arm_timer(self) -> None:
         timer_at = self.quic.get_timer()
+        if self._heads:
+            due = min(self._heads.values()) + self.listener.settings.request_head_timeout
+            timer_at = due if timer_at is None else min(timer_at, due)
         if self._timer is not None and self._timer_at != timer_at:
             if self._timer.active():
                 self._timer.cancel()
@@ -265,7 +295,13 @@ class H3Session:
             if self.h3 is not None:
                 for h3event in self.h3.handle_event(event):
                     self._h3_event(h3event)
-            if isinstance(event, (quicevents.StreamReset, quicevents.StopSendingReceived)):
+            if isinstance(event, quicevents.StreamDataReceived):
+                stream_id = event.stream_id
+                if stream_id & 3 == 0 and stream_id not in self.streams and stream_id not in self._finished \
+                        and stream_id not in self._heads:
+                    # A client request stream with bytes but no complete head yet.
+                    self._heads[stream_id] = self.clock.seconds()
+            elif isinstance(event, (quicevents.StreamReset, quicevents.StopSendingReceived)):
                 self._lose_stream(event.stream_id)
         if quic._state in END_STATES and self.streams:
             self._lose_all()  # closing or draining: no request will complete
@@ -295,6 +331,7 @@ class H3Session:
             self._lose_stream(stream_id)
 
     def _new_request(self, stream_id: int, headers, ended: bool) -> None:
+        self._heads.pop(stream_id, None)
         local = self.listener.port.getHost()
         dns_names, sni = self.quic.dns_names, self.quic.sni
         common = {"client": self.peer, "host": _address(local.host, local.port), "version": b"HTTP/3",
@@ -421,6 +458,7 @@ class H3Session:
                 stream.request.resume_output()
 
     def _lose_stream(self, stream_id: int) -> None:
+        self._heads.pop(stream_id, None)
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             self._remember_finished(stream_id)
