@@ -311,7 +311,8 @@ class NodeService(service.MultiService):
         admin = admin_site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
                                     registry=self.stack.registry, aliases=self.stack.aliases,
                                     base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
-                                    certificate_status=self.certificate_manager.status),
+                                    certificate_status=self.certificate_manager.status,
+                                    rate_limits=self.stack.rate_limits),
                            r, s.request_head_timeout)
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))

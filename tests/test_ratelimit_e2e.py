@@ -16,7 +16,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hoodyproxy.limits import parse_rate_limits
 from tests import backends
 from tests.h2client import h2_connect
 from tests.h3client import connect as h3_connect, within
@@ -166,14 +165,15 @@ class DryRunTests(RateLimitTestCase):
 
 
 class ContainerLimitTests(RateLimitTestCase):
-    """Per-container limits apply from the next request after they are written."""
+    """Per-container limits apply from the next request after the admin API wrote them."""
 
     async def test_per_container_limit_applies_live(self):
         """With no limit, requests pass; after a container limit of 2, the third is refused."""
         for _ in range(3):
             self.assertEqual(status_of(await self.get()), 200)
-        self.node.stack.rate_limits.put("container", CONTAINER, PROJECT,
-                                  parse_rate_limits({"per_container": {"rate": "1/min", "burst": 2}}))
+        code, content = await self.admin("PUT", f"containers/{CONTAINER}/proxy/rate-limits",
+                                         {"per_container": {"rate": "1/min", "burst": 2}})
+        self.assertEqual(code, 201, content)
         codes = [status_of(await self.get(source=src)) for src in (None, OTHER, None)]
         self.assertEqual(codes, [200, 200, 429])
         line = audit_lines(self.node)[-1]

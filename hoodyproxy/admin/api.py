@@ -1,4 +1,4 @@
-"""The admin REST API (a twisted.web Resource): containers, permission sets, aliases and domains, over JSON.
+"""The admin REST API (a twisted.web Resource): containers, permission sets, rate limits, aliases and domains.
 
 Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
@@ -30,6 +30,7 @@ from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchA
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 from hoodyproxy.frontend.http1 import REASONS, SERVER, early_answer_site, http_date, take_site_request_line
+from hoodyproxy.limits import InvalidRateLimit, merge_rate_limits, parse_rate_limits
 
 log = Logger()
 MAX_BODY = 1024 * 1024
@@ -72,6 +73,11 @@ def _with_warnings(answer: dict[str, Any], advice: Iterable[tuple[str, str]]) ->
     return answer
 
 
+def _rate_limits_json(scope: str, set_id: str, project: str, limits) -> dict[str, Any]:
+    """A rate-limit entry as the API shows it: where it applies, then the limits."""
+    return {"scope": scope, "id": set_id, "project": project, **limits.to_json()}
+
+
 def _default_registry() -> dict:
     """The shipped group types, if that package is installed; else none."""
     try:
@@ -92,13 +98,15 @@ class AdminAPI(Resource):
     endpoints answer 404); ``base_url_for(alias)`` is the alias's public URL (default
     ``https://<alias>.<node>.<zone>/``); ``certificate_status(domain)`` (optional, e.g.
     :meth:`hoodyproxy.tls.manager.CertificateManager.status`) adds a domain's certificate
-    state to the domain reads.
+    state to the domain reads.  ``rate_limits`` is a
+    :class:`hoodyproxy.limits.store.RateLimitStore` (without one the rate-limit endpoints
+    answer 404).
     """
 
     isLeaf = True
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
-                 base_url_for=None, certificate_status=None) -> None:
+                 base_url_for=None, certificate_status=None, rate_limits=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -107,6 +115,7 @@ class AdminAPI(Resource):
         self.aliases = aliases
         self.base_url_for = base_url_for
         self.certificate_status = certificate_status
+        self.rate_limits = rate_limits
 
     @property
     def registry(self):
@@ -179,6 +188,8 @@ class AdminAPI(Resource):
                 return self._container(request, parts[3])
         if parts[2] in ("containers", "projects") and len(parts) == 6 and parts[4:] == ["proxy", "permissions"]:
             return self._permissions(request, parts[2][:-1], parts[3])
+        if parts[2] in ("containers", "projects") and len(parts) == 6 and parts[4:] == ["proxy", "rate-limits"]:
+            return self._rate_limits(request, parts[2][:-1], parts[3])
         if parts[2:4] == ["proxy", "aliases"]:
             return self._alias_endpoints(request, parts[4:])
         raise ApiError(404, "not_found", "no such endpoint")
@@ -264,6 +275,65 @@ class AdminAPI(Resource):
             log.warn("admin API: permission set of {scope} {id}: {field}: {advice}",
                      scope=scope, id=set_id, field=field, advice=message)
         return (201 if created else 200), _with_warnings(to_json(pset, registry), advice)
+
+    # -- rate limits ------------------------------------------------------------------
+
+    def _rate_limits(self, request, scope: str, set_id: str) -> tuple[int, Any]:
+        """``/api/v1/{containers,projects}/{id}/proxy/rate-limits``: PUT, PATCH, GET, DELETE."""
+        self._allow(request, b"GET", b"PUT", b"PATCH", b"DELETE")
+        store = self.rate_limits
+        if store is None:
+            raise ApiError(404, "not_found", "rate limits are not kept on this node")
+        if not CONTAINER_ID.match(set_id):
+            raise ApiError(404, "not_found", f"{scope} ids are 24 lowercase hexadecimal digits")
+        if request.method == b"GET":
+            store.refresh()
+            limits = store.get(scope, set_id)
+            if limits is None:
+                raise ApiError(404, "not_found", f"no rate limits for this {scope}")
+            return 200, _rate_limits_json(scope, set_id, store.project_of(scope, set_id), limits)
+        if request.method == b"DELETE":
+            if not store.delete(scope, set_id):
+                raise ApiError(404, "not_found", f"no rate limits for this {scope}")
+            return 204, None
+        body = _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid", "rate_limits: must be a JSON object", field="rate_limits")
+        limits_body = {k: v for k, v in body.items() if k not in ("scope", "id", "project")}
+        project = self._rate_limits_project(scope, set_id, body, request.method == b"PATCH")
+        try:
+            if request.method == b"PUT":
+                limits = parse_rate_limits(limits_body)
+                created = store.put(scope, set_id, project, limits)
+            else:
+                # Merged inside the store's transaction: two PATCHes never lose one another.
+                limits, created = store.change(scope, set_id, project,
+                                               lambda previous: merge_rate_limits(previous, limits_body))
+        except InvalidRateLimit as e:
+            raise ApiError(422, "invalid", str(e), field=e.field or "rate_limits") from None
+        return (201 if created else 200), _rate_limits_json(scope, set_id, project, limits)
+
+    def _rate_limits_project(self, scope: str, set_id: str, body: dict, patch: bool) -> str:
+        """The project a rate-limit entry is stored under; ``scope`` and ``id``, as ``GET``
+        shows them, may be sent back but must be the URL's."""
+        for key, value in (("scope", scope), ("id", set_id)):
+            if key in body and body[key] != value:
+                raise ApiError(422, "invalid", f"{key}: does not match the URL", field=key)
+        given = body.get("project")
+        if "project" in body and (not isinstance(given, str) or not CONTAINER_ID.match(given)):
+            raise ApiError(422, "invalid", "project: must be 24 lowercase hexadecimal digits", field="project")
+        if scope == "project":
+            if given is not None and given != set_id:
+                raise ApiError(422, "invalid", "project: does not match the URL", field="project")
+            return set_id
+        container = self.directory.lookup(set_id)
+        if container is not None:
+            if given is not None and given != container.project:
+                raise ApiError(422, "invalid", "project: is not the container's project", field="project")
+            return container.project
+        if given is not None:
+            return given
+        return self.rate_limits.project_of(scope, set_id) if patch else ""
 
     # -- aliases and custom domains ---------------------------------------------------
 

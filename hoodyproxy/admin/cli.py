@@ -6,6 +6,9 @@
         --groups office='{"type":"ip","range":"203.0.113.0/24"}' \\
         --permissions office='{"terminal":true,"files":true,"display":true}' --default deny
     hoodyproxy containers proxy permissions get --container C
+    hoodyproxy projects proxy rate-limits replace --project P --per-client 100/s:200 \\
+        --per-program terminal=10/s:20
+    hoodyproxy containers proxy rate-limits patch --container C --remove per-client
     hoodyproxy containers put --container C --project P --address 10.0.0.7
     hoodyproxy containers list --project P
     hoodyproxy proxy create --container-id C --alias my-api --program http --index 3000
@@ -126,29 +129,69 @@ def _leaf(subparsers, name: str, help_text: str, handler) -> argparse.ArgumentPa
     return parser
 
 
-def _permission_commands(subparsers, scope: str) -> None:
-    """``proxy permissions {replace,patch,get,delete}`` under ``subparsers`` (of projects or containers)."""
-    perms = subparsers.add_parser("proxy", help=f"the gateway's settings for a {scope}").add_subparsers(
-        dest="proxy_what", metavar="permissions", required=True)
-    actions = perms.add_parser("permissions", help=f"the {scope}'s permission set").add_subparsers(
+def _limit(value: str) -> dict[str, Any]:
+    """``RATE:BURST`` (``100/s:200``, ``6000/min:100``) as the API's ``{"rate", "burst"}``;
+    the API validates the rate."""
+    rate, sep, burst = value.rpartition(":")
+    if not sep or not rate or not burst.isdigit():
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not RATE:BURST (e.g. 100/s:200)")
+    return {"rate": rate, "burst": int(burst)}
+
+
+def _program_limit(value: str) -> tuple[str, dict[str, Any]]:
+    """``PROGRAM=RATE:BURST`` (``terminal=10/s:20``, ``http-3000=100/s:200``) as (key, limit)."""
+    key, sep, text = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not PROGRAM=RATE:BURST "
+                                         f"(e.g. terminal=10/s:20)")
+    return key, _limit(text)
+
+
+def _proxy_settings_commands(subparsers, scope: str) -> None:
+    """``proxy {permissions,rate-limits} ...`` under ``subparsers`` (of projects or containers)."""
+    proxy = subparsers.add_parser("proxy", help=f"the gateway's settings for a {scope}").add_subparsers(
+        dest="proxy_what", metavar="{permissions,rate-limits}", required=True)
+    _permission_commands(proxy, scope)
+    _rate_limit_commands(proxy, scope)
+
+
+def _scope_options(p: argparse.ArgumentParser, scope: str, project_required: bool) -> None:
+    if scope == "container":
+        p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
+        p.add_argument("--project", metavar="P", type=_id, required=project_required,
+                       help="the container's project id" + (" (required)" if project_required else ""))
+    else:
+        p.add_argument("--project", metavar="P", type=_id, required=True, help="the project id")
+
+
+def _setting_actions(proxy, setting: str, help_text: str, scope: str, helps: dict[str, str], make_body,
+                     project_required: bool) -> list[tuple[str, argparse.ArgumentParser]]:
+    """``SETTING {replace,patch,get,delete}`` under ``proxy``: PUT, PATCH, GET and DELETE of
+    ``/api/v1/{projects,containers}/{id}/proxy/SETTING``, the body from ``make_body``."""
+    actions = proxy.add_parser(setting, help=help_text).add_subparsers(
         dest="action", metavar="{replace,patch,get,delete}", required=True)
+    handlers = {"replace": _setting_replace, "patch": _setting_patch, "get": _setting_get,
+                "delete": _setting_delete}
+    leaves = []
+    for action, handler in handlers.items():
+        p = _leaf(actions, action, helps[action], handler)
+        p.set_defaults(scope=scope, setting=setting, make_body=make_body)
+        _scope_options(p, scope, project_required=project_required and action == "replace")
+        leaves.append((action, p))
+    return leaves
+
+
+def _permission_commands(proxy, scope: str) -> None:
+    """``permissions {replace,patch,get,delete}`` under ``proxy`` (of projects or containers)."""
     where = f"the {scope}-level permission set"
-    specs = {
-        "replace": (f"create or replace {where} (PUT)", _permissions_replace),
-        "patch": (f"change {where} by name (PATCH): groups and permissions given are set, "
-                  f"others kept", _permissions_patch),
-        "get": (f"show {where}, secrets redacted (GET)", _permissions_get),
-        "delete": (f"remove {where} (DELETE)", _permissions_delete),
+    helps = {
+        "replace": f"create or replace {where} (PUT)",
+        "patch": f"change {where} by name (PATCH): groups and permissions given are set, others kept",
+        "get": f"show {where}, secrets redacted (GET)",
+        "delete": f"remove {where} (DELETE)",
     }
-    for action, (help_text, handler) in specs.items():
-        p = _leaf(actions, action, help_text, handler)
-        p.set_defaults(scope=scope)
-        if scope == "container":
-            p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
-            p.add_argument("--project", metavar="P", type=_id, required=action == "replace",
-                           help="the container's project id" + (" (required)" if action == "replace" else ""))
-        else:
-            p.add_argument("--project", metavar="P", type=_id, required=True, help="the project id")
+    for action, p in _setting_actions(proxy, "permissions", f"the {scope}'s permission set", scope, helps,
+                                      _permissions_body, project_required=True):
         if action in ("replace", "patch"):
             p.add_argument("--groups", metavar="NAME=JSON", type=_name_json, action="append", default=[],
                            help='a group, e.g. office=\'{"type":"ip","range":"203.0.113.0/24"}\' '
@@ -166,6 +209,45 @@ def _permission_commands(subparsers, scope: str) -> None:
         _connection_options(p, suppress=True)
 
 
+#: The limits of a rate-limit entry: (option, the API's key, what it counts).
+LIMIT_OPTIONS = (("--per-client", "per_client", "requests per client address, on each container, e.g. "
+                                                 "100/s:200 (rates: 100/s, 6000/min, 1000/h, 5/d)"),
+                 ("--per-principal", "per_principal", "requests per credential that matched (a Basic or LDAP "
+                                                       "user, a token, a JWT sub), e.g. 10/s:20"),
+                 ("--per-container", "per_container", "all requests to a container, e.g. 1000/s:2000"),
+                 ("--per-project", "per_project", "all requests to the project's containers, e.g. 5000/s:10000"))
+REMOVABLE_LIMITS = tuple(option[2:] for option, _, _ in LIMIT_OPTIONS) + ("per-program",)
+
+
+def _rate_limit_commands(proxy, scope: str) -> None:
+    """``rate-limits {replace,patch,get,delete}`` under ``proxy`` (of projects or containers)."""
+    where = f"the {scope}'s rate limits"
+    helps = {
+        "replace": f"create or replace {where} (PUT): limits not given are none",
+        "patch": f"change {where} (PATCH): limits given are set, others kept",
+        "get": f"show {where} (GET)",
+        "delete": f"remove {where} (DELETE)",
+    }
+    for action, p in _setting_actions(proxy, "rate-limits", where, scope, helps, _rate_limits_body,
+                                      project_required=False):
+        if action in ("replace", "patch"):
+            for option, _, counts in LIMIT_OPTIONS:
+                p.add_argument(option, metavar="RATE:BURST", type=_limit, help=counts)
+            p.add_argument("--per-program", metavar="PROGRAM=RATE:BURST", type=_program_limit, action="append",
+                           default=[], help="requests to one program of a container (every index, or one: "
+                                            "http-3000), e.g. terminal=10/s:20; repeatable")
+            p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=None,
+                           help="over-limit requests pass and are only audited" +
+                                (" (default --no-dry-run)" if action == "replace" else ""))
+        if action == "patch":
+            p.add_argument("--remove", metavar="LIMIT", choices=REMOVABLE_LIMITS, action="append", default=[],
+                           help="remove a limit (sent as null): " + ", ".join(REMOVABLE_LIMITS) +
+                                " (every program's); repeatable")
+            p.add_argument("--remove-program", metavar="PROGRAM", action="append", default=[],
+                           help="remove one program's limit (sent as null); repeatable")
+        _connection_options(p, suppress=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hoodyproxy import __version__
 
@@ -178,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy}", required=True)
 
     projects = top.add_parser("projects", help="project-level settings")
-    _permission_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
-                         "project")
+    _proxy_settings_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
+                             "project")
 
     containers = top.add_parser("containers", help="the live container map, and container-level settings")
     sub = containers.add_subparsers(dest="container_command", metavar="{put,get,delete,list,proxy}",
@@ -200,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(sub, "list", "list the containers, optionally one project's (GET)", _container_list)
     p.add_argument("--project", metavar="P", type=_id, help="only this project's")
     _connection_options(p, suppress=True)
-    _permission_commands(sub, "container")
+    _proxy_settings_commands(sub, "container")
     _proxy_commands(top)
     return parser
 
@@ -254,12 +336,6 @@ def _proxy_commands(top) -> None:
 
 # -- the commands -------------------------------------------------------------------------
 
-def _permissions_path(args) -> str:
-    if args.scope == "container":
-        return f"/api/v1/containers/{args.container}/proxy/permissions"
-    return f"/api/v1/projects/{args.project}/proxy/permissions"
-
-
 def _named(parser: argparse.ArgumentParser, option: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     named: dict[str, Any] = {}
     for name, value in pairs:
@@ -294,20 +370,55 @@ def _permissions_body(parser, args, patch: bool) -> dict[str, Any]:
     return body
 
 
-def _permissions_replace(client, parser, args):
-    return client.request("PUT", _permissions_path(args), _permissions_body(parser, args, patch=False))
+def _rate_limits_body(parser, args, patch: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.scope == "container" and args.project is not None:
+        body["project"] = args.project  # a project's entry's project is the URL's
+    for option, key, _ in LIMIT_OPTIONS:
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value
+    programs = _named(parser, "--per-program", args.per_program)
+    if patch:
+        for name in args.remove:
+            key = name.replace("-", "_")
+            if key in body or (key == "per_program" and (programs or args.remove_program)):
+                parser.error(f"argument --remove: {name} is also given a value")
+            body[key] = None
+        for name in args.remove_program:
+            if name in programs:
+                parser.error(f"argument --remove-program: {name} is also given a value")
+            programs[name] = None
+    if programs:
+        body["per_program"] = programs
+    if args.dry_run is not None:
+        body["dry_run"] = args.dry_run
+    if patch and not set(body) - {"project"}:
+        parser.error("nothing to change: give --per-client, --per-principal, --per-container, "
+                     "--per-project, --per-program, --dry-run/--no-dry-run, --remove or --remove-program")
+    return body
 
 
-def _permissions_patch(client, parser, args):
-    return client.request("PATCH", _permissions_path(args), _permissions_body(parser, args, patch=True))
+def _setting_path(args) -> str:
+    """``/api/v1/{projects,containers}/{id}/proxy/{permissions,rate-limits}``."""
+    owner = f"containers/{args.container}" if args.scope == "container" else f"projects/{args.project}"
+    return f"/api/v1/{owner}/proxy/{args.setting}"
 
 
-def _permissions_get(client, parser, args):
-    return client.request("GET", _permissions_path(args))
+def _setting_replace(client, parser, args):
+    return client.request("PUT", _setting_path(args), args.make_body(parser, args, patch=False))
 
 
-def _permissions_delete(client, parser, args):
-    return client.request("DELETE", _permissions_path(args))
+def _setting_patch(client, parser, args):
+    return client.request("PATCH", _setting_path(args), args.make_body(parser, args, patch=True))
+
+
+def _setting_get(client, parser, args):
+    return client.request("GET", _setting_path(args))
+
+
+def _setting_delete(client, parser, args):
+    return client.request("DELETE", _setting_path(args))
 
 
 def _container_put(client, parser, args):
@@ -510,8 +621,9 @@ def _print_json(value: Any) -> None:
 VALUE_OPTIONS = frozenset(("--admin-url", "--token", "--data-dir", "--timeout", "--project", "--container",
                            "--groups", "--permissions", "--default", "--remove-group", "--remove-permissions",
                            "--address", "--state", "--port", "--container-id", "--alias", "--program",
-                           "--index", "--domain"))
-OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version"}
+                           "--index", "--domain", "--per-client", "--per-principal", "--per-container",
+                           "--per-project", "--per-program", "--remove", "--remove-program"))
+OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version", "--dry-run", "--no-dry-run"}
 
 
 def _join_values(argv: Sequence[str]) -> list[str]:

@@ -55,6 +55,9 @@ dotted field, e.g. ``rate_limits.per_client.rate``, for a 422)::
      "per_container": {...}, "per_project": {...},
      "per_program": {"terminal": {...}, "http-3000": {...}}, "dry_run": false}
 
+:func:`merge_rate_limits` is the admin API's PATCH of such an object (a key given
+replaces, ``null`` removes, ``per_program`` merges by program).
+
 Memory: each table holds at most ``table_size`` keys (about 210 bytes each, key
 included: 14 MB for a full table of the default size); only expired keys are evicted,
 and keys that do not fit share one overflow budget, so bounding memory never lets a key
@@ -67,7 +70,7 @@ from hoodyproxy.limits._limiters import Limiters
 from hoodyproxy.limits._rates import (EPSILON, InvalidRateLimit, Limit, Rate, parse_burst, parse_limit,
                                       parse_rate)
 from hoodyproxy.limits._settings import (DEFAULT_SETTINGS, NO_RATE_LIMITS, RateLimits, RateLimitSettings,
-                                         parse_rate_limits)
+                                         merge_rate_limits, parse_rate_limits)
 from hoodyproxy.limits._table import GcraTable, TableStats
 from hoodyproxy.limits._verdict import ALLOWED, TooManyRequests, Verdict, rate_limit_headers
 
@@ -75,6 +78,6 @@ __all__ = [
     "ALLOWED", "DEFAULT_SETTINGS", "EPSILON", "NO_RATE_LIMITS",
     "GcraTable", "InvalidRateLimit", "Limit", "Limiters", "Rate", "RateLimitSettings", "RateLimits",
     "TableStats", "TooManyRequests", "Verdict",
-    "address_key", "parse_burst", "parse_limit", "parse_rate", "parse_rate_limits",
+    "address_key", "merge_rate_limits", "parse_burst", "parse_limit", "parse_rate", "parse_rate_limits",
     "rate_limit_headers", "username_key",
 ]

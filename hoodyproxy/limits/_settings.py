@@ -212,6 +212,40 @@ def parse_rate_limits(value: Any, field: str = "rate_limits") -> RateLimits:
     return RateLimits(per_program=MappingProxyType(per_program), dry_run=dry_run, **limits)
 
 
+def merge_rate_limits(previous: RateLimits | None, patch: Any, field: str = "rate_limits") -> RateLimits:
+    """The admin API's PATCH: ``patch`` merged into ``previous`` (None: into no limits).
+
+    Each top-level key given replaces that key and ``null`` removes it (``dry_run``
+    then returns to false); ``per_program`` merges by program key, ``null`` removing
+    one.  Keys not given are kept.  The result is validated as a whole by
+    :func:`parse_rate_limits`, so errors name the same dotted fields.
+    """
+    if not isinstance(patch, dict):
+        raise InvalidRateLimit(field, "must be an object")
+    # Checked here as well: a null value is never parsed, yet an unknown name is an error.
+    for key in patch:
+        if key not in _SCOPES and key not in ("per_program", "dry_run"):
+            raise InvalidRateLimit(dotted_field(field, key), "unknown key")
+    merged: dict[str, Any] = previous.to_json() if previous is not None else {}
+    for key, value in patch.items():
+        if key == "per_program" and isinstance(value, dict):
+            programs = dict(merged.get("per_program", {}))
+            for name, spec in value.items():
+                if not isinstance(name, str) or not _PROGRAM_KEY.match(name):
+                    raise InvalidRateLimit(f"{field}.per_program", "keys are program names ('terminal') "
+                                                                   "or program-index ('http-3000')")
+                if spec is None:
+                    programs.pop(name, None)
+                else:
+                    programs[name] = spec
+            merged["per_program"] = programs
+        elif value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return parse_rate_limits(merged, field)
+
+
 def _bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidRateLimit(key, "must be true or false")
