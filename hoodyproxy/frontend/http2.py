@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
 from hoodyproxy.tls.context import name_covered, server_name
 
@@ -280,7 +281,7 @@ class H2ServerProtocol(Protocol):
             head_left = self._head_started + self.settings.request_head_timeout - now
             if head_left <= 0:
                 log.info("HTTP/2 client {peer}: header block incomplete after {t:g} s: connection closed",
-                         peer=self.peer.host, t=self.settings.request_head_timeout)
+                         peer=client_ip_of(self.peer), t=self.settings.request_head_timeout)
                 self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                 return
             wake = head_left
@@ -350,7 +351,8 @@ class H2ServerProtocol(Protocol):
             self._resets += 1
             if self._resets > self.settings.http2_max_resets:
                 log.warn("HTTP/2 client {peer} reset {n} streams in {w:g} s: connection closed "
-                         "(rapid reset guard)", peer=self.peer.host, n=self._resets, w=RESET_WINDOW)
+                         "(rapid reset guard)", peer=client_ip_of(self.peer), n=self._resets,
+                         w=RESET_WINDOW)
                 stream.request.stream_lost()
                 self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                 return

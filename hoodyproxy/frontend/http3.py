@@ -59,6 +59,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
 from hoodyproxy.tls.context import name_covered
 
@@ -213,7 +214,8 @@ class H3Session:
             if now - started >= limit:
                 del self._heads[stream_id]
                 log.info("HTTP/3 client {peer}: no complete request head on stream {stream_id} "
-                         "after {t:g} s: stream reset", peer=self.peer.host, stream_id=stream_id, t=limit)
+                         "after {t:g} s: stream reset", peer=client_ip_of(self.peer), stream_id=stream_id,
+                         t=limit)
                 self._remember_finished(stream_id)
                 try:
                     self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_INCOMPLETE)
