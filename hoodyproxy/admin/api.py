@@ -169,7 +169,6 @@ class AdminAPI(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(body).encode() + b"\n"
 
-
     def _authenticate(self, request) -> None:
         header = request.getHeader(b"authorization") or b""
         scheme, _, value = header.partition(b" ")
@@ -455,6 +454,7 @@ class AdminAPI(Resource):
             where = "this alias" if e.alias == alias else f"alias {e.alias}"
             raise ApiError(409, "conflict", f"domain: already attached to {where}", field="domain") from None
         return 201, self._domain_json(domain, alias, with_status=False)
+
 
 class AdminRequest(Request):
     """A request to the admin API, judged at the end of its head.
