@@ -178,3 +178,30 @@ class ContainerLimitTests(RateLimitTestCase):
         self.assertEqual(codes, [200, 200, 429])
         line = audit_lines(self.node)[-1]
         self.assertEqual(line["ratelimited"], "container")
+
+
+class TableBoundTests(RateLimitTestCase):
+    """A flood of distinct keys cannot grow the node's memory without bound, nor let a
+    client through more than its budget."""
+
+    ratelimit = {"per_address_rate": "1/min", "per_address_burst": 3, "table_size": 65536}
+
+    async def test_a_million_distinct_addresses(self):
+        """1,000,000 distinct IPv6 /64 networks through the running node's per-address
+        limiter: the table stays at its 65,536 keys, the process grows by less than 64 MiB
+        (its RSS, measured: about 14 MiB of entries are expected), and a real client
+        afterwards still gets at most its burst of 3."""
+        def rss_kib() -> int:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        limiters = self.node.gateway.limiters
+        before = rss_kib()
+        for i in range(1_000_000):
+            limiters.check_client(f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1")
+        grown = rss_kib() - before
+        stats = {s.name: s for s in limiters.stats()}["address"]
+        self.assertEqual(stats.size, 65536)
+        self.assertLess(grown, 64 * 1024, f"RSS grew {grown} KiB")
+        codes = [status_of(await self.get()) for _ in range(5)]
+        self.assertLessEqual(codes.count(200), 3, codes)
+        self.assertEqual(codes.count(200) + codes.count(429), 5, codes)
