@@ -409,8 +409,9 @@ class AuditTokenTests(BypassTestCase):
     """Leak 6: ``?hoody_token=`` in the audit log on error answers."""
 
     async def test_query_token_is_never_logged(self):
-        """503 (absent container), 404 (unknown host), 400 (malformed) and a normal answer:
-        the token appears in no audit line; other parameters stay."""
+        """503 (absent container), 404 (unknown host), 400 (malformed) and a normal answer
+        over HTTP/1.1, and 503s over HTTP/2 and HTTP/3: the token appears in no audit
+        line; other parameters stay."""
         secret = "s3cret-token-value-0123456789"
         absent = host_for(program="terminal", index=1, container="bbbbbbbbbbbbbbbbbbbbbbbb")
         requests = [
@@ -424,13 +425,16 @@ class AuditTokenTests(BypassTestCase):
         client = await self.h2()
         stream = client.request(b"GET", f"/?hoody_token={secret}".encode(), absent.encode())
         await within(stream.done, 10)
-        await until(lambda: len(audit_lines(self.node)) >= 5)
+        h3 = await self.h3()
+        stream = h3.request("GET", f"/?hoody_token={secret}", absent)
+        await within(stream.done, 10)
+        await until(lambda: len(audit_lines(self.node)) >= 6)
         with open(self.node.settings.audit_file) as f:
             log = f.read()
         self.assertNotIn(secret, log)
         self.assertIn("keep=1", log)
         statuses = sorted(line["status"] for line in audit_lines(self.node))
-        self.assertEqual(statuses, [200, 400, 404, 503, 503])
+        self.assertEqual(statuses, [200, 400, 404, 503, 503, 503])
 
 
 class ForwardingHeaderSpellingTests(unittest.TestCase):
