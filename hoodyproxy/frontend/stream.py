@@ -21,7 +21,7 @@ import os
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
-from twisted.web import http
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -343,7 +343,7 @@ class StreamRequest:
 
     def _send_head(self, end_stream: bool) -> None:
         self.started = True
-        self._no_body = self.method == b"HEAD" or self.code in http.NO_BODY_CODES
+        self._no_body = self.method == b"HEAD" or self.code in NO_BODY_CODES
         fields = response_fields(self.code, self._head, alt_svc=self.connection.alt_svc)
         self.connection.send_head(self.stream_id, self.code, fields, end_stream or self._no_body)
         self._head = None
