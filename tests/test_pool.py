@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from hoodyproxy.upstream.http11 import UpstreamConnection
 from hoodyproxy.upstream.pool import ConnectionPool
+from hoodyproxy.upstream.transparent import TransparentSource
 
 ADDRESS = "10.1.2.3"
 PORT = 8080
@@ -232,6 +233,153 @@ class MaxIdleTests(PoolTestCase):
         self.assertTrue(conn.transport.disconnecting)
 
 
+class SourceLoadTests(PoolTestCase):
+    """Client-owned (transparent) keys keep as many idle connections as the client recently
+    had in use at once (at least ``min_idle_per_source``, at most ``max_idle``)."""
+
+    CLIENT = TransparentSource("203.0.113.50")
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = self.make_pool(max_idle=256)
+
+    def open_many(self, n: int, source=CLIENT, port: int = PORT) -> list[UpstreamConnection]:
+        """``n`` concurrent acquires for ``source``, reused or new (completed), in order."""
+        conns = []
+        for _ in range(n):
+            before = len(self.reactor.tcpClients)
+            d = self.pool.acquire(ADDRESS, port, source)
+            if len(self.reactor.tcpClients) > before:
+                self.establish()
+            conns.append(self.successResultOf(d))
+        return conns
+
+    def test_concurrentExchangesFromOneSourceAllPooled(self):
+        """Fifty concurrent exchanges from one client leave fifty idle connections, not eight."""
+        conns = self.open_many(50)
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 50)
+        self.assertFalse(any(c.transport.disconnecting for c in conns))
+        # ...and the next fifty concurrent requests reuse them all.
+        again = self.open_many(50)
+        self.assertEqual(len(self.reactor.tcpClients), 50)
+        self.assertEqual(set(map(id, again)), set(map(id, conns)))
+
+    def test_fewConcurrentKeepAtLeastTheMinimum(self):
+        """A client's idle connections are never bounded below ``min_idle_per_source``."""
+        conns = self.open_many(3)
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 3)
+
+    def test_sourceIdleBoundedByMaxIdle(self):
+        """However many a client had in use, it keeps at most ``max_idle`` idle."""
+        self.pool = self.make_pool(max_idle=10)
+        conns = self.open_many(50)
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 10)
+        self.assertEqual(sum(c.transport.disconnecting for c in conns), 40)
+
+    def test_idleTrimmedAfterConcurrencyDrops(self):
+        """Once a client's concurrency has dropped for a whole sweep period, the sweep closes
+        its idle connections beyond the new peak (least recently used first), before they
+        would time out."""
+        conns = self.open_many(50)
+        self.reactor.advance(5)
+        for conn in conns:
+            self.exchange(conn)
+        self.reactor.advance(IDLE_TIMEOUT / 2 - 5)  # first sweep: the peak of 50 is still recent
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 50)
+        self.reactor.advance(5)
+        recent = self.open_many(5)  # the client now runs five at a time
+        for conn in recent:
+            self.exchange(conn)
+        self.reactor.advance(IDLE_TIMEOUT / 2 - 5)  # second sweep: the peak is down to 5
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 8)
+        kept = [c for c in conns if not c.transport.disconnecting]
+        self.assertEqual(len(kept), 8)
+        for conn in recent:
+            self.assertIn(conn, kept)
+        # None of them had been idle for idle_timeout: only the decayed peak closed them.
+        self.assertTrue(all(self.reactor.seconds() - c.last_used < IDLE_TIMEOUT for c in conns))
+
+    def test_peakRisesAgainAfterDecay(self):
+        """After the decay, a new burst is pooled in full again."""
+        conns = self.open_many(50)
+        for conn in conns:
+            self.exchange(conn)
+        for _ in range(4):
+            self.reactor.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(self.pool.idle_count(), 0)
+        conns = self.open_many(20)
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 20)
+
+    def test_closedInUseConnectionsLeaveNoLoad(self):
+        """Connections closed while in use stop counting; a quiet client leaves no periodic call."""
+        conns = self.open_many(20)
+        for conn in conns:
+            conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.idle_count(), 0)
+        for _ in range(3):
+            self.reactor.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_sharedKeysIgnoreConcurrency(self):
+        """Shared keys stay bounded by ``max_idle`` alone, however many were in use."""
+        self.pool = self.make_pool(max_idle=2)
+        conns = [self.open() for _ in range(10)]
+        for conn in conns:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT), 2)
+        self.assertEqual([c.transport.disconnecting for c in conns], [False] * 2 + [True] * 8)
+
+
+class TotalIdleTests(PoolTestCase):
+    """Past ``max_idle_total`` a release evicts the least recently used idle connection of any key."""
+
+    def test_totalCapEvictsLeastRecentlyUsed(self):
+        """The newcomer is kept; the connection idle longest, whatever its key, is closed."""
+        self.pool.max_idle_total = 3
+        client = TransparentSource("203.0.113.50")
+        first = self.open(ADDRESS, PORT)
+        d = self.pool.acquire(ADDRESS, PORT, client)
+        self.establish()
+        second = self.successResultOf(d)
+        third = self.open(ADDRESS, PORT + 1)
+        fourth = self.open("10.9.9.9", PORT)
+        for conn in (first, second, third):
+            self.exchange(conn)
+            self.reactor.advance(1)
+        self.exchange(fourth)
+        self.assertEqual(self.pool.idle_count(), 3)
+        self.assertTrue(first.transport.disconnecting)
+        self.assertEqual([c.transport.disconnecting for c in (second, third, fourth)], [False] * 3)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT), 0)
+        self.assertIs(self.successResultOf(self.pool.acquire("10.9.9.9", PORT)), fourth)
+        # The next eviction takes the client's connection, the oldest left.
+        fifth = self.open(ADDRESS, PORT)
+        self.exchange(fifth)
+        self.exchange(fourth)
+        self.assertTrue(second.transport.disconnecting)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, client), 0)
+        self.assertEqual(self.pool.idle_count(), 3)
+
+    def test_evictedConnectionClosingLaterIsHarmless(self):
+        """An evicted connection's eventual connectionLost does not disturb the pool."""
+        self.pool.max_idle_total = 1
+        old, new = self.open(), self.open()
+        self.exchange(old)
+        self.exchange(new)
+        self.assertTrue(old.transport.disconnecting)
+        old.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertIs(self.successResultOf(self.pool.acquire(ADDRESS, PORT)), new)
+
+
 class IdleTimeoutTests(PoolTestCase):
 
     def test_idleConnectionKeptBeforeIdleTimeout(self):
@@ -359,6 +507,21 @@ class CloseTests(PoolTestCase):
         self.idle_connection()
         self.pool.close()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_closeStopsSweepWithClientsInUse(self):
+        """After close(), client connections in use or opened later start no periodic call."""
+        client = TransparentSource("203.0.113.50")
+        d = self.pool.acquire(ADDRESS, PORT, client)
+        conn, _ = self.establish()
+        self.assertIs(self.successResultOf(d), conn)
+        self.pool.close()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        d = self.pool.acquire(ADDRESS, PORT + 1, client)
+        later, _ = self.establish()
+        self.exchange(conn)
+        self.exchange(later)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertTrue(conn.transport.disconnecting and later.transport.disconnecting)
 
     def test_closeLeavesConnectionsInUseAlone(self):
         """close() does not touch a connection that is carrying a request."""

@@ -12,10 +12,21 @@ announced by a PROXY protocol header
 ``(address, port, source)`` and only ever reused for that client.  A source opens its
 own connection (``source.connect(...)``) and may have bytes to send first
 (``source.preamble``).
+
+A shared key keeps at most ``max_idle`` idle connections.  A client-owned key keeps as
+many as that client recently had in use at once (at least ``min_idle_per_source``, at
+most ``max_idle``): one address may carry fifty keep-alive clients (a load generator, an
+office behind NAT, a browser's HTTP/2 streams), and refusing their connections back would
+open and close one per request, burning that address's ephemeral ports.  "Recently" is
+the peak of the last one or two sweep periods (half ``idle_timeout`` each); each sweep
+closes a client's idle connections beyond its decayed peak, least recently used first.
+In all, at most ``max_idle_total`` connections are idle; past that a release evicts the
+least recently used idle connection of any key.  Every per-request step is O(1).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from typing import Callable
 
 from twisted.internet import defer
@@ -50,6 +61,8 @@ class _ConnectFactory(ClientFactory):
         if d is not None:
             if self.preamble:
                 conn.transport.write(self.preamble)
+            if len(self.key) == 3:
+                self.pool._busy(conn)
             d.callback(conn)
         else:
             conn.abort()  # the request went away while connecting
@@ -72,9 +85,12 @@ class ConnectionPool:
     connection, or lets the source open its own.
     """
 
-    #: Idle connections kept per client-owned key (one client seldom needs more at once).
-    max_idle_per_source = 8
-    #: Idle connections kept in all: client-owned keys are as many as the clients.
+    #: Idle connections a client-owned key may always keep, whatever its recent peak.
+    min_idle_per_source = 8
+    #: A hard bound on one client-owned key's idle connections (None: ``max_idle``).
+    max_idle_per_source: int | None = None
+    #: Idle connections kept in all (client-owned keys are as many as the clients); past
+    #: it the least recently used idle connection of any key makes room.
     max_idle_total = 4096
 
     def __init__(self, reactor, *, connect_timeout: float = 5.0, idle_timeout: float = 30.0,
@@ -84,8 +100,14 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self._connect = connect or self._connect_tcp
-        self._idle: dict[tuple, list[UpstreamConnection]] = {}
-        self._idle_total = 0
+        #: Idle connections per key, least recently used first (acquire takes the last).
+        self._idle: dict[tuple, deque[UpstreamConnection]] = {}
+        #: Every idle connection, least recently used first (the global eviction order).
+        self._lru: OrderedDict[UpstreamConnection, None] = OrderedDict()
+        #: Per client-owned key: [in use now, peak this period, peak last period].
+        self._load: dict[tuple, list[int]] = {}
+        #: Connections of client-owned keys handed out and not yet back or closed.
+        self._in_use: set[UpstreamConnection] = set()
         self._sweeper: LoopingCall | None = None
         self.opened = 0
         self.closed = False
@@ -102,12 +124,44 @@ class ConnectionPool:
         idle = self._idle.get((address, port) if source is None else (address, port, source))
         while idle:
             conn = idle.pop()
-            self._idle_total -= 1
+            del self._lru[conn]
             transport = conn.transport
             if transport is not None and transport.connected and not transport.disconnecting:
                 conn.on_reusable = self._release
+                if source is not None:
+                    self._busy(conn)
                 return conn
         return None
+
+    def _busy(self, conn: UpstreamConnection) -> None:
+        """Count a client-owned connection as in use (handed out for an exchange)."""
+        if conn in self._in_use:
+            return
+        self._in_use.add(conn)
+        load = self._load.get(conn.key)
+        if load is None:
+            self._load[conn.key] = [1, 1, 0]
+            self._start_sweep()  # the sweep decays the peak, even if nothing goes idle
+            return
+        load[0] += 1
+        if load[0] > load[1]:
+            load[1] = load[0]
+
+    def _unbusy(self, conn: UpstreamConnection) -> None:
+        if conn in self._in_use:
+            self._in_use.discard(conn)
+            load = self._load.get(conn.key)
+            if load is not None:  # (gone only after close())
+                load[0] -= 1
+
+    def _limit(self, key: tuple) -> int:
+        """How many idle connections ``key`` may keep now."""
+        if len(key) == 2:
+            return self.max_idle
+        cap = self.max_idle if self.max_idle_per_source is None else min(self.max_idle, self.max_idle_per_source)
+        load = self._load.get(key)
+        recent = self.min_idle_per_source if load is None else max(self.min_idle_per_source, load[1], load[2])
+        return min(cap, recent)
 
     def acquire(self, address: str, port: int, source=None) -> defer.Deferred:
         """A Deferred firing with an idle or new UpstreamConnection (``.requests`` > 0 if reused)."""
@@ -138,40 +192,67 @@ class ConnectionPool:
 
     def _release(self, conn: UpstreamConnection) -> None:
         key = conn.key
-        idle = self._idle.setdefault(key, [])
-        limit = self.max_idle if len(key) == 2 else min(self.max_idle, self.max_idle_per_source)
-        if len(idle) >= limit or self._idle_total >= self.max_idle_total or self.closed:
-            if not idle:
-                del self._idle[key]
+        if len(key) == 3:
+            self._unbusy(conn)
+        idle = self._idle.get(key)
+        if self.closed or len(idle or ()) >= self._limit(key) or self.max_idle_total <= 0:
             conn.transport.loseConnection()
             return
+        if len(self._lru) >= self.max_idle_total:
+            self._evict_oldest()
+            idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
         conn.on_reusable = None
         idle.append(conn)
-        self._idle_total += 1
-        if self._sweeper is None:
+        self._lru[conn] = None
+        self._start_sweep()
+
+    def _evict_oldest(self) -> None:
+        """Close the least recently used idle connection of any key."""
+        oldest, _ = self._lru.popitem(last=False)
+        idle = self._idle[oldest.key]
+        idle.popleft()  # the key's own least recently used: released in the same order
+        if not idle:
+            del self._idle[oldest.key]
+        if oldest.transport is not None:
+            oldest.transport.loseConnection()
+
+    def _start_sweep(self) -> None:
+        if self._sweeper is None and not self.closed:
             self._sweeper = LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(max(self.idle_timeout / 2, 0.5), now=False)
 
     def _forget(self, conn: UpstreamConnection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
+        if len(conn.key) == 3:
+            self._unbusy(conn)
+        if conn in self._lru:
+            del self._lru[conn]
+            idle = self._idle[conn.key]
             idle.remove(conn)
-            self._idle_total -= 1
             if not idle:
                 del self._idle[conn.key]
 
     def _sweep(self) -> None:
+        # A new period for the peaks: the last one is remembered, this one starts from now.
+        for key, load in list(self._load.items()):
+            if load[0] == 0 and load[1] == 0:  # nothing in use for a whole period
+                del self._load[key]
+            else:
+                load[2], load[1] = load[1], load[0]
         deadline = self.reactor.seconds() - self.idle_timeout
         for key, idle in list(self._idle.items()):
-            for conn in [c for c in idle if c.last_used <= deadline]:
-                idle.remove(conn)
-                self._idle_total -= 1
+            excess = len(idle) - self._limit(key) if len(key) == 3 else 0
+            while idle and (excess > 0 or idle[0].last_used <= deadline):
+                conn = idle.popleft()  # least recently used first
+                del self._lru[conn]
+                excess -= 1
                 if conn.transport is not None:
                     conn.transport.loseConnection()
             if not idle:
-                self._idle.pop(key, None)
-        if not self._idle and self._sweeper is not None:
+                del self._idle[key]
+        if not self._idle and not self._load and self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
 
@@ -192,4 +273,5 @@ class ConnectionPool:
                 if conn.transport is not None:
                     conn.transport.loseConnection()
         self._idle.clear()
-        self._idle_total = 0
+        self._lru.clear()
+        self._load.clear()
