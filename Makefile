@@ -9,7 +9,8 @@
 #                        netfilter rules and routes, which a clean stop removes (README.rst)
 #   make demo            twistd -n hoodyproxy --demo
 #   make bench           run the benchmark harness: python -m bench (ARGS='--quick', '--only tls', ...);
-#                        installs DEBIAN_BENCH_PACKAGES first when run as root
+#                        installs the project with its test and bench extras (httptools),
+#                        and DEBIAN_BENCH_PACKAGES first when run as root
 #   make clean           remove build and test leftovers (distclean: also .venv)
 #
 # PYTHONPATH=$(CURDIR) is deliberate: Twisted finds twistd plugins by scanning every
@@ -29,6 +30,8 @@ VENV_PY := $(VENV)/bin/python
 # test` after `make run` must still install them.
 STAMP := $(VENV)/.installed-test
 RUN_STAMP := $(VENV)/.installed-run
+# make bench: the test extras and the bench extras (httptools, for bench/floor_proxy.py).
+BENCH_STAMP := $(VENV)/.installed-bench
 
 # Debian packages the tests need (command-line tools, servers the tests start).
 # Later work appends to this list (nginx, slapd, pebble, ...).
@@ -62,6 +65,10 @@ $(STAMP): $(VENV_PY) setup.cfg pyproject.toml
 
 $(RUN_STAMP): $(VENV_PY) setup.cfg pyproject.toml
 	$(VENV_PY) -m pip install -e .
+	touch $@
+
+$(BENCH_STAMP): $(VENV_PY) setup.cfg pyproject.toml
+	$(VENV_PY) -m pip install -e '.[test,bench]'
 	touch $@
 
 deps:
@@ -107,7 +114,7 @@ bench-deps:
 	apt-get update && \
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
 
-bench: venv deps bench-deps
+bench: $(BENCH_STAMP) deps bench-deps
 	$(RUN_ENV) $(VENV_PY) -m bench $(ARGS)
 
 clean:

@@ -62,7 +62,9 @@ def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Sc
         Scenario("tls-small", "HTTP/1.1 keep-alive over TLS, small responses", "wrk", "tls", "/", 50, d,
                  notes=f"wrk -t1 -c50 -d{d:g}s, 12-byte body; TLS to the proxy, plain HTTP/1.1 to the backend "
                        "(direct: the backend's own TLS port). The gateway rows have a per-address rate limit "
-                       "that never triggers; a third row has rate limiting off, to price the limiter.",
+                       "that never triggers; a third row has rate limiting off, to price the limiter. The floor row "
+                       "(bench/floor_proxy.py) is the least a Twisted TLS proxy costs: httptools parsing, one "
+                       "keep-alive upstream connection per client connection, eager writes, no features.",
                  systems=list(SYSTEM_ORDER)),
         Scenario("tls-1m", "1 MiB responses over TLS", "wrk", "tls", "/1m", 8, d, "mbps",
                  notes=f"wrk -t1 -c8 -d{d:g}s /1m."),

@@ -243,6 +243,16 @@ def targets(meta: dict, results: dict) -> list[tuple[str, str, str]]:
     add("CPU per request, TLS, HTTP/1.1 keep-alive, 1 worker: <= 120 us", cpu, cpu is not None and cpu <= 120,
         f"{cpu:,.0f} us" if cpu is not None else "", ("tls-small", "gateway-1"))
     gw = s and s.get("value")
+    # CPU per request against the floor (bench/floor_proxy.py) and Caddy, same run, same scenario
+    for peer, factor, target in (("floor", 1.5, "gateway CPU per request <= 1.5x the floor (1 worker, TLS, "
+                                                "small responses)"),
+                                 ("caddy", 1.0, "gateway CPU per request <= Caddy's")):
+        p = st("tls-small", peer)
+        pcpu = p and p.get("cpu_us_per_op")
+        ratio = cpu / pcpu if cpu and pcpu else None
+        add(target, ratio, ratio is not None and ratio <= factor,
+            f"{ratio:.2f}x ({cpu:,.0f} vs {pcpu:,.0f} us)" if ratio else "",
+            ("tls-small", "gateway-1" if not cpu else peer))
     for peer, factor in (("twisted-rpr-ka", 2), ("mitmproxy", 4)):
         p = st("tls-small", peer)
         pv = p and p.get("value")

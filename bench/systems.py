@@ -151,7 +151,7 @@ class System:
     na: dict[str, str] = field(default_factory=dict)  # "plain"/"tls"/"ws"/"all" -> why not measured
 
 
-SYSTEM_ORDER = ["direct", "gateway-1", "gateway-2", "gateway-1-nolimit", "nginx", "haproxy", "caddy",
+SYSTEM_ORDER = ["direct", "gateway-1", "gateway-2", "gateway-1-nolimit", "floor", "nginx", "haproxy", "caddy",
                 "mitmproxy", "twisted-rpr-ka", "twisted-rpr"]
 #: Systems that only the scenarios naming them run (a variant measured for one question).
 VARIANTS = ("gateway-1-nolimit",)
@@ -160,6 +160,7 @@ LABELS = {
     "gateway-1": "hoodyproxy, 1 worker",
     "gateway-2": "hoodyproxy, 2 workers",
     "gateway-1-nolimit": "hoodyproxy, 1 worker, rate limiting off",
+    "floor": "floor: minimal Twisted proxy (httptools, pooled upstream, eager writes)",
     "nginx": "nginx (1 worker, upstream keepalive 32)",
     "haproxy": "HAProxy (nbthread 1)",
     "caddy": "Caddy (GOMAXPROCS=1)",
@@ -351,6 +352,17 @@ class Systems:
                              [ports["PLAIN_PORT"], ports["WS_PORT"]])
         return System("mitmproxy", LABELS["mitmproxy"], proc.pid, Endpoint(ports["PLAIN_PORT"]),
                       Endpoint(ports["PLAIN_PORT"]), Endpoint(ports["WS_PORT"]))
+
+    def _start_floor(self) -> System:
+        """bench/floor_proxy.py: the least a Twisted TLS proxy costs per request (no features)."""
+        ports = self._peer_ports()
+        proc = start_process(self.stack, self.rundir, "floor",
+                             [sys.executable, os.path.join(HERE, "floor_proxy.py"),
+                              "--backend", str(ports["BACKEND_PORT"]), "--plain", str(ports["PLAIN_PORT"]),
+                              "--tls", str(ports["TLS_PORT"]), "--cert", self.rundir.cert, "--key", self.rundir.key],
+                             [ports["PLAIN_PORT"], ports["TLS_PORT"]])
+        return System("floor", LABELS["floor"], proc.pid, Endpoint(ports["PLAIN_PORT"]), Endpoint(ports["TLS_PORT"]),
+                      None, na={"ws": "the floor relays GET requests only (no upgrades)"})
 
     def _twisted_rpr(self, key: str, extra: list[str]) -> System:
         ports = self._peer_ports()
