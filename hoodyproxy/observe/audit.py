@@ -5,10 +5,13 @@ Records go to their own :class:`twisted.logger.LogPublisher` (namespace
 operator's diagnostic log and the diagnostic log never lands in the audit file.
 
 The line is built once, by string formatting over the values at hand (the record's
-shape is known; only client-supplied strings go through the C JSON string encoder), and
-written to a buffered file flushed every ``flush_interval`` seconds (0.1 s), so the hot
-path pays for neither ``json.dumps`` nor a system call per request.  A ``kill -9`` can
-lose at most the last ``flush_interval`` of lines.
+shape is known: the fixed fields, then ``reason``, then the others -- ``http``, ``decision``,
+``ratelimited``, ``ratelimit_dry_run``, ``closed_by`` -- in the record's order; only
+client-supplied strings go through the C JSON string encoder, a decision's text is cached,
+and ``json.dumps`` is left for values of other shapes), kept in a list and written in one
+piece to a buffered file every ``flush_interval`` seconds (0.1 s), so the hot path pays for
+neither ``json.dumps`` nor a write nor a system call per request.  A ``kill -9`` can lose
+at most the last ``flush_interval`` of lines.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from zope.interface import implementer
 from hoodyproxy.interfaces import IAuditSink
 
 NAMESPACE = "hoodyproxy.audit"
+#: The fields written first, in this order, whatever their place in the record.
 _KNOWN = frozenset({"time", "client", "host", "route", "method", "path", "status", "bytes_in",
                     "bytes_out", "duration_ms", "reason"})
 _second_cache: list = [-1, ""]
@@ -40,43 +44,193 @@ def iso_time(ts: float) -> str:
     return "%s.%03dZ" % (_second_cache[1], int((ts - second) * 1000))
 
 
-def _s(value) -> str:
-    return "null" if value is None else _q(value)
+def _scalar(value) -> str | None:
+    """``json.dumps(value)`` for a str, None, bool, int or finite float; else None."""
+    kind = type(value)
+    if kind is str:
+        return _q(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and value - value == 0.0:  # finite (nan and inf give nan)
+        return float.__repr__(value)
+    return None
+
+
+_DECISION_KEYS = ("allowed", "group", "read_only", "reason")
+_BOOL = {True: "true", False: "false"}
+#: A decision's text by its values (only bools and strs, so an equal key is an equal text).
+_decision_cache: dict = {}
+
+
+def _decision(value: dict) -> str:
+    """The text of a dict with the keys of a decision, in their order."""
+    allowed, group, read_only, reason = key = tuple(value.values())
+    if (type(allowed) is bool and type(read_only) is bool and type(reason) is str
+            and (group is None or type(group) is str)):
+        text = _decision_cache.get(key)
+        if text is None:
+            text = '{"allowed":%s,"group":%s,"read_only":%s,"reason":%s}' % (
+                _BOOL[allowed], "null" if group is None else _q(group), _BOOL[read_only],
+                _q(reason))
+            if len(_decision_cache) < 4096:
+                _decision_cache[key] = text
+        return text
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _compact(value) -> str:
+    """``json.dumps(value, separators=(",", ":"))``, without the call for the usual shapes.
+
+    A scalar, a decision (its text cached), or a flat dict of str keys and scalar values;
+    anything else (a list, a nested dict, a subclass, a non-finite float) goes to
+    ``json.dumps``.
+    """
+    text = _scalar(value)
+    if text is not None:
+        return text
+    if type(value) is dict:
+        if tuple(value) == _DECISION_KEYS:
+            return _decision(value)
+        parts = []
+        for key, item in value.items():
+            text = _scalar(item)
+            if text is None or type(key) is not str:
+                break
+            parts.append(_q(key) + ":" + text)
+        else:
+            return "{" + ",".join(parts) + "}"
+    return json.dumps(value, separators=(",", ":"))
+
+
+#: The other fields of a record, as ``(key, ',"key":')`` in the record's order, by the
+#: record's keys (a few shapes: the gateway's records differ only in their optional fields).
+_extras_cache: dict = {}
+
+
+def _extras(keys: tuple) -> tuple:
+    extras = _extras_cache.get(keys)
+    if extras is None:
+        extras = tuple((key, "," + _q(key) + ":") for key in keys if key not in _KNOWN)
+        if len(_extras_cache) < 1024:
+            _extras_cache[keys] = extras
+    return extras
+
+
+#: The fields a record may lack, and what the line says then (``time`` it must have).
+_DEFAULTS = {"client": None, "host": None, "route": None, "method": None, "path": None,
+             "status": 0, "bytes_in": 0, "bytes_out": 0, "duration_ms": 0}
+#: The end of the time's text by its milliseconds: ``.042Z"``.
+_MILLIS = tuple('.%03dZ"' % ms for ms in range(1001))
 
 
 def format_record(r: dict) -> str:
-    """One audit record as a compact JSON object (keys in a fixed order)."""
-    route = r.get("route")
+    """One audit record as a compact JSON object (keys in a fixed order).
+
+    The fixed fields first, then ``reason`` when set, then every other field in the
+    record's own order; no ``json.dumps`` call for the records the gateway makes.
+    """
+    try:
+        t = r["time"]
+        client = r["client"]
+        host = r["host"]
+        route = r["route"]
+        method = r["method"]
+        path = r["path"]
+        status = r["status"]
+        bytes_in = r["bytes_in"]
+        bytes_out = r["bytes_out"]
+        duration = r["duration_ms"]
+    except KeyError:
+        if "time" not in r:
+            raise
+        # (the defaults first: the other fields keep their order)
+        return format_record({**_DEFAULTS, **r})
+    if isinstance(t, (int, float)):
+        second = int(t)
+        if second != _second_cache[0]:
+            iso_time(t)
+        ms = int((t - second) * 1000)
+        if 0 <= ms <= 1000:
+            # (the time's text is digits, '-', ':', 'T', '.' and 'Z': nothing to escape)
+            time_text = '"' + _second_cache[1] + _MILLIS[ms]
+        else:
+            time_text = '"%s.%03dZ"' % (_second_cache[1], ms)
+    else:
+        time_text = _q(t)
     if route is None:
         route_text = "null"
     else:
         route_text = '{"project":"%s","container":"%s","program":"%s","index":%d}' % (
             route["project"], route["container"], route["program"], route["index"])
-    t = r["time"]
+    if type(duration) is float and duration - duration == 0.0:
+        duration_text = float.__repr__(duration)
+    elif type(duration) is int:
+        duration_text = int.__repr__(duration)
+    else:
+        duration_text = json.dumps(duration)
     line = ('{"time":%s,"client":%s,"host":%s,"route":%s,"method":%s,"path":%s,"status":%d,'
             '"bytes_in":%d,"bytes_out":%d,"duration_ms":%s' % (
-                _q(iso_time(t) if isinstance(t, (int, float)) else t), _s(r.get("client")), _s(r.get("host")),
-                route_text, _s(r.get("method")), _s(r.get("path")), r.get("status", 0),
-                r.get("bytes_in", 0), r.get("bytes_out", 0), json.dumps(r.get("duration_ms", 0))))
+                time_text,
+                "null" if client is None else _q(client),
+                "null" if host is None else _q(host),
+                route_text,
+                "null" if method is None else _q(method),
+                "null" if path is None else _q(path),
+                status, bytes_in, bytes_out, duration_text))
     reason = r.get("reason")
     if reason is not None:
         line += ',"reason":' + _q(reason)
-    for key, value in r.items():
-        if key not in _KNOWN:
-            line += "," + _q(key) + ":" + json.dumps(value, separators=(",", ":"))
+    extras = _extras_cache.get(tuple(r))
+    if extras is None:
+        extras = _extras(tuple(r))
+    for key, prefix in extras:
+        value = r[key]
+        if type(value) is str:
+            line += prefix + _q(value)
+        elif type(value) is dict and tuple(value) == _DECISION_KEYS:
+            line += prefix + _decision(value)
+        else:
+            line += prefix + _compact(value)
     return line + "}"
 
 
 class JSONLinesObserver:
-    """A twisted.logger observer writing each audit event's line to a stream."""
+    """A twisted.logger observer writing each audit event's line to a stream.
 
-    def __init__(self, stream: IO[str]) -> None:
+    With ``batch`` it keeps the lines and writes them in one piece on :meth:`write_pending`
+    (or once ``batch_lines`` are kept), so a request pays for a list append, not a write.
+    """
+
+    batch_lines = 1024
+
+    def __init__(self, stream: IO[str], batch: bool = False) -> None:
         self.stream = stream
+        self.pending: list[str] | None = [] if batch else None
 
     def __call__(self, event: dict) -> None:
         line = event.get("audit_line")
         if line is not None:
-            self.stream.write(line + "\n")
+            pending = self.pending
+            if pending is None:
+                self.stream.write(line + "\n")
+            else:
+                pending.append(line)
+                if len(pending) >= self.batch_lines:
+                    self.write_pending()
+
+    def write_pending(self) -> None:
+        """Write the kept lines to the stream (not flushed)."""
+        pending = self.pending
+        if pending:
+            self.pending = []
+            pending.append("")
+            self.stream.write("\n".join(pending))
 
 
 @implementer(IAuditSink)
@@ -103,7 +257,8 @@ class AuditLog:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._stream = os.fdopen(fd, "a", buffering=64 * 1024, encoding="utf-8")
             self._owned = True
-        self.publisher = LogPublisher(JSONLinesObserver(self._stream))
+        self._observer = JSONLinesObserver(self._stream, batch=clock is not None)
+        self.publisher = LogPublisher(self._observer)
         self._flush_call = None
 
     def record(self, entry: dict) -> None:
@@ -120,6 +275,7 @@ class AuditLog:
         if call is not None and call.active():
             call.cancel()
         try:
+            self._observer.write_pending()
             self._stream.flush()
         except (OSError, ValueError):
             pass
