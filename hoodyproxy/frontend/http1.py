@@ -17,7 +17,6 @@ closes the connection without reading the rest.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from urllib.parse import unquote
 
@@ -30,6 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from hoodyproxy import errors
+from hoodyproxy.listening import unmapped_ip
 
 SERVER = b"hoodyproxy"
 _date_cache: list = [0, b""]
@@ -65,15 +65,7 @@ def http_date() -> bytes:
 
 def client_ip_of(address) -> str:
     """The client's IP as a string, IPv4-mapped IPv6 addresses unwrapped."""
-    host = getattr(address, "host", "")
-    if host.startswith("::ffff:"):
-        try:
-            mapped = ipaddress.IPv6Address(host).ipv4_mapped
-        except ValueError:
-            mapped = None
-        if mapped is not None:
-            return str(mapped)
-    return host
+    return unmapped_ip(getattr(address, "host", ""))
 
 
 def take_request_line(request) -> None:
@@ -175,9 +167,16 @@ class GatewayRequest(http.Request):
 
     # -- the FrontendRequest API ------------------------------------------------------
 
+    _client_ip: str | None = None
+
     @property
     def client_ip(self) -> str:
-        return client_ip_of(self.client)
+        # Read several times per request; on a dual-stack socket an IPv4 peer is
+        # ::ffff:a.b.c.d, which takes an address parse to unwrap: once is enough.
+        ip = self._client_ip
+        if ip is None:
+            ip = self._client_ip = client_ip_of(self.client)
+        return ip
 
     def pause_body(self) -> None:
         transport = self.channel.transport if self.channel is not None else None

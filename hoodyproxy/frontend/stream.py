@@ -226,9 +226,14 @@ class StreamRequest:
         if body_length == 0 and not websocket and not self._body_forbidden:
             self.body_complete = True
 
+    _client_ip: str | None = None
+
     @property
     def client_ip(self) -> str:
-        return client_ip_of(self.client)
+        ip = self._client_ip  # (unwrapped once per request: see GatewayRequest.client_ip)
+        if ip is None:
+            ip = self._client_ip = client_ip_of(self.client)
+        return ip
 
     def begin(self) -> None:
         """Hand the request to the gateway (at end of the header block)."""
