@@ -151,6 +151,26 @@ class FailedAuthenticationTests(RateLimitTestCase):
         self.assertEqual({line["ratelimited"] for line in limited}, {"auth-address"})
 
 
+    async def test_short_token_guesser_is_stopped(self):
+        """The platform's 15-character example token is accepted (with a warning), so a
+        guesser must be stopped: three wrong bearer tokens are 403s, then 429s (even the
+        right token from the guessing address); the right token from another address is
+        served."""
+        token = "ci-secret-token"
+        code, content = await self.admin("PUT", f"projects/{PROJECT}/proxy/permissions", {
+            "groups": {"ci": {"type": "token", "value": token}},
+            "permissions": {"ci": {"http": True}}, "default": "deny"})
+        self.assertIn(code, (200, 201), content)
+        self.assertIn(b"warnings", content)
+
+        def bearer(value: str) -> str:
+            return f"Authorization: Bearer {value}\r\n"
+        codes = [status_of(await self.get(extra=bearer(f"ci-secret-tok{n:02d}"))) for n in range(5)]
+        self.assertEqual(codes, [403, 403, 403, 429, 429])
+        self.assertEqual(status_of(await self.get(extra=bearer(token))), 429)
+        self.assertEqual(status_of(await self.get(extra=bearer(token), source=OTHER)), 200)
+
+
 class DryRunTests(RateLimitTestCase):
     """A dry run refuses nothing and says what it would have refused."""
 
