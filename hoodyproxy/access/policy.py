@@ -179,11 +179,12 @@ class Policy:
                 matched.add(name)
 
         def finish(_=None) -> Decision:
+            kinds = challenge_kinds(pset, self.registry)
+
             def decide_for(needs: tuple[str, str | None]) -> Decision:
                 return decide(pset, matched, needs[0], needs[1], websocket=websocket,
-                              credentials_offered=credentials.offered,
-                              challenge_kinds=challenge_kinds(pset, self.registry), realm=self.realm,
-                              levels=self.levels)
+                              credentials_offered=credentials.offered, challenge_kinds=kinds,
+                              realm=self.realm, levels=self.levels)
             decision = decide_for((capability, level))
             if credentials.offered and _failed(pset, matched, credentials, self.registry):
                 decision = dataclasses.replace(decision, auth_failed=True)
