@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from bench import loadgen, report
 from bench.procs import Gateway
-from bench.systems import LABELS, SYSTEM_ORDER, VARIANTS, RunDir, Systems
+from bench.systems import LABELS, SYSTEM_ORDER, VARIANTS, RunDir, Systems, upstream_delta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -62,7 +62,13 @@ def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Sc
         Scenario("tls-small", "HTTP/1.1 keep-alive over TLS, small responses", "wrk", "tls", "/", 50, d,
                  notes=f"wrk -t1 -c50 -d{d:g}s, 12-byte body; TLS to the proxy, plain HTTP/1.1 to the backend "
                        "(direct: the backend's own TLS port). The gateway rows have a per-address rate limit "
-                       "that never triggers; a third row has rate limiting off, to price the limiter. The floor row "
+                       "that never triggers; a third row has rate limiting off, to price the limiter. The gateway "
+                       "rows give the container the client's address in forwarding headers (--client-ip-mode "
+                       "headers) but one: 'transparent client IP', what a node run as root does by default, "
+                       "connects to the container from the client's own address (IP_TRANSPARENT, the netfilter "
+                       "rules installed; measured only as root). Upstream connects: the connections the backend "
+                       "accepted during the run (a pool that keeps them opens about one per client connection). "
+                       "The floor row "
                        "(bench/floor_proxy.py) is the least a Twisted TLS proxy costs: httptools parsing, one "
                        "keep-alive upstream connection per client connection, eager writes, no features.",
                  systems=list(SYSTEM_ORDER)),
@@ -175,6 +181,13 @@ class Harness:
         idle = args.idle_conns or (2000 if self.quick else IDLE_TARGET)
         stream = args.stream_mib or (256 if self.quick else 1024)
         self.scenarios = select(make_scenarios(d, dl, idle, stream), args.only)
+        if args.systems:
+            keep = [w.strip() for w in args.systems.split(",") if w.strip()]
+            unknown = [k for k in keep if k not in SYSTEM_ORDER]
+            if unknown:
+                raise SystemExit(f"unknown system(s): {', '.join(unknown)}; known: {', '.join(SYSTEM_ORDER)}")
+            for sc in self.scenarios:  # direct stays: the ratios and added latencies are against it
+                sc.systems = [k for k in sc.systems if k in keep or k == "direct"]
         self.started = time.monotonic()
         self.deadline = self.started + args.max_minutes * 60
         # The single-shot scenarios run last: keep time for them when the load rounds run long.
@@ -258,6 +271,9 @@ class Harness:
                     entry["na"] = reason or "not supported"
                     continue
                 foreign = ForeignCPU()
+                # upstream connections opened (the nginx backend's accepts): a proxy's, not wrk's own
+                counted = sc.kind in ("wrk", "h2load") and s.root_pid is not None
+                before = systems.upstream_counters() if counted else None
                 try:
                     res = loadgen.measured(s.root_pid, lambda: self.one(sc, ep))
                 except loadgen.NoH2 as e:
@@ -265,6 +281,8 @@ class Harness:
                     continue
                 except loadgen.LoadError as e:
                     res = {"error": str(e)}
+                if counted:
+                    res.update(upstream_delta(before, systems.upstream_counters()))
                 cpu, wall = foreign.seconds()
                 res["round"], res["foreign_cpu_pct"] = r, 100 * cpu / max(wall, 0.1)
                 entry["rounds"].append(res)
@@ -424,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="hoodyproxy benchmark harness (make bench)")
     p.add_argument("--quick", action="store_true", help="one round, short runs, smaller heavy scenarios")
     p.add_argument("--only", help="comma-separated scenarios or prefixes (plain, tls, h2, ws, ws-idle, stream...)")
+    p.add_argument("--systems", help="comma-separated systems to measure, direct always among them "
+                   "(e.g. gateway-1,gateway-1-transparent,floor; default: every system a scenario names)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
     p.add_argument("--duration", type=int, default=3, help="seconds per throughput run (default 3)")
     p.add_argument("--latency-duration", type=int, default=2, help="seconds per c=1 run (default 2)")

@@ -76,7 +76,8 @@ def short(sc, res: dict) -> str:
         return f"{res['mps']:.0f}msg/s{cpu}"
     if sc.metric == "rtt":
         return f"rtt={res['rtt_p50_us']:.0f}us{cpu}"
-    return f"{res['rps']:.0f}{cpu}"
+    connects = f"/{res['upstream_connects']}conn" if "upstream_connects" in res else ""
+    return f"{res['rps']:.0f}{cpu}{connects}"
 
 
 # -- per-scenario statistics ------------------------------------------------------------
@@ -102,7 +103,8 @@ def system_stats(sc: dict, table: dict, key: str) -> dict | None:
         added = [r[field] - direct[r.get("round")][field] for r in rounds if r.get("round") in direct]
         st["added"] = _median(added)
         st["added_values"] = added
-    for extra in ("p50_us", "p99_us", "rtt_p50_us", "rtt_p99_us", "rps", "mps", "cpu_us_per_op", "rss_kib"):
+    for extra in ("p50_us", "p99_us", "rtt_p50_us", "rtt_p99_us", "rps", "mps", "cpu_us_per_op", "rss_kib",
+                  "upstream_connects", "time_wait_added"):
         if all(extra in r for r in rounds):
             st[extra] = _median([r[extra] for r in rounds])
     hwm = [r["hwm_kib"] for r in rounds if "hwm_kib" in r]
@@ -136,7 +138,7 @@ def scenario_rows(sc: dict, table: dict) -> list[list[str]]:
         ratios = [_ratio(v, base["direct"]), _ratio(v, base["nginx"])]
         if metric == "rps":
             rows.append([label, _num(v), _spread(st["values"], _num), _us(st.get("p50_us")), _us(st.get("p99_us")),
-                         *ratios, cpu, mem])
+                         *ratios, cpu, mem, _num(st.get("upstream_connects")), _num(st.get("time_wait_added"))])
         elif metric == "mbps":
             rows.append([label, _num(v), _spread(st["values"], _num), *ratios, cpu, mem])
         elif metric == "added":
@@ -153,7 +155,7 @@ def scenario_rows(sc: dict, table: dict) -> list[list[str]]:
 
 HEADERS = {
     "rps": ["system", "req/s (median)", "min - max", "p50", "p99", "x direct", "x nginx", "CPU/request",
-            "RSS (peak)"],
+            "RSS (peak)", "upstream connects", "new TIME-WAIT"],
     "mbps": ["system", "MB/s (median)", "min - max", "x direct", "x nginx", "CPU/response", "RSS (peak)"],
     "added": ["system", "added p50 (median)", "min - max", "p50", "p99", "req/s", "x direct (p50)",
               "x nginx (p50)", "CPU/request", "RSS (peak)"],
@@ -271,6 +273,19 @@ def targets(meta: dict, results: dict) -> list[tuple[str, str, str]]:
     add("rate limiter (a per-address limit that never triggers): < 5 % of a request's CPU", cost,
         cost is not None and cost < 5, f"{cost:+.1f} % ({cpu:,.0f} vs {off_cpu:,.0f} us)" if cost is not None else "",
         ("tls-small", "gateway-1-nolimit"))
+    # transparent client IP, the default as root: the pool keeps one client address's connections
+    tp = st("tls-small", "gateway-1-transparent")
+    tp_cpu = tp and tp.get("cpu_us_per_op")
+    ratio = tp_cpu / cpu if tp_cpu and cpu else None
+    add("transparent client IP (root's default): CPU per request <= 1.2x headers mode's, same run", ratio,
+        ratio is not None and ratio <= 1.2, f"{ratio:.2f}x ({tp_cpu:,.0f} vs {cpu:,.0f} us)" if ratio else "",
+        ("tls-small", "gateway-1-transparent" if not tp_cpu else "gateway-1"))
+    connects = tp and tp.get("upstream_connects")
+    conns = sc["tls-small"]["conns"] if "tls-small" in sc else 50
+    add(f"transparent client IP, {conns} keep-alive connections from one address: at most {2 * conns} upstream "
+        "connects per run", connects, connects is not None and connects <= 2 * conns,
+        f"{connects:,.0f} (headers mode: {_num(s and s.get('upstream_connects'))})" if connects is not None else "",
+        ("tls-small", "gateway-1-transparent"))
     s = st("tls-c1", "gateway-1")
     added = s and s.get("added")
     add("added p50 latency at c=1 (TLS), 1 worker: < 300 us", added, added is not None and added < 300,

@@ -151,13 +151,17 @@ class System:
     na: dict[str, str] = field(default_factory=dict)  # "plain"/"tls"/"ws"/"all" -> why not measured
 
 
-SYSTEM_ORDER = ["direct", "gateway-1", "gateway-2", "gateway-1-nolimit", "floor", "nginx", "haproxy", "caddy",
-                "mitmproxy", "twisted-rpr-ka", "twisted-rpr"]
+SYSTEM_ORDER = ["direct", "gateway-1", "gateway-1-transparent", "gateway-2", "gateway-1-nolimit", "floor", "nginx",
+                "haproxy", "caddy", "mitmproxy", "twisted-rpr-ka", "twisted-rpr"]
 #: Systems that only the scenarios naming them run (a variant measured for one question).
-VARIANTS = ("gateway-1-nolimit",)
+VARIANTS = ("gateway-1-transparent", "gateway-1-nolimit")
+#: The gateway rows forward the client's address in headers (``--client-ip-mode headers``)
+#: unless their key says otherwise; ``-transparent`` is what a node run as root does by
+#: default (docs/real-client-ip.rst).
 LABELS = {
     "direct": "direct to backend",
     "gateway-1": "hoodyproxy, 1 worker",
+    "gateway-1-transparent": "hoodyproxy, 1 worker, transparent client IP (root's default)",
     "gateway-2": "hoodyproxy, 2 workers",
     "gateway-1-nolimit": "hoodyproxy, 1 worker, rate limiting off",
     "floor": "floor: minimal Twisted proxy (httptools, pooled upstream, eager writes)",
@@ -193,6 +197,16 @@ def check_http(system: System, tls: bool) -> None:
         ok = resp.status == 200 and (body == expect if isinstance(expect, bytes) else len(body) == expect)
         if not ok:
             raise StartError(f"GET {path} ({'TLS' if tls else 'plain'}): {resp.status}, {len(body)} bytes")
+
+
+def upstream_delta(before: dict | None, after: dict | None) -> dict:
+    """The figures of one run from two :meth:`Systems.upstream_counters` readings."""
+    if before is None or after is None:
+        return {}
+    # the later reading's own connection is among its accepts
+    return {"upstream_connects": max(0, after["accepts"] - before["accepts"] - 1),
+            # sockets of earlier runs leave TIME-WAIT after 60 s: the difference is a floor
+            "time_wait_end": after["time_wait"], "time_wait_added": max(0, after["time_wait"] - before["time_wait"])}
 
 
 # -- mitmproxy's own venv ---------------------------------------------------------------
@@ -253,7 +267,7 @@ class Systems:
 
     def _start_all(self) -> None:
         rd = self.rundir
-        self.ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port()}
+        self.ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(), "BACKEND_STATUS_PORT": free_port()}
         conf = rd.render("backend-nginx.conf", "backend/nginx.conf", self.ports)
         start_process(self.stack, rd, "backend-nginx",
                       ["nginx", "-p", rd.sub("backend") + "/", "-e", rd.sub("backend", "error.log"), "-c", conf],
@@ -282,6 +296,31 @@ class Systems:
                 system = System(key, LABELS[key], na={"all": str(e)})
             self.systems[key] = system
 
+    def upstream_counters(self) -> dict[str, int] | None:
+        """Connections the backend nginx has accepted so far, and sockets in TIME-WAIT towards its
+        plain port (the proxies' upstream side); None if either cannot be read.
+
+        Taken before and after a run, the difference is how many upstream connections a proxy
+        opened: a pool that keeps its connections opens about one per client connection, one
+        that churns opens one per request.  Reading the status itself is one accepted
+        connection (counted in the later reading; see :func:`upstream_delta`).
+        """
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.ports["BACKEND_STATUS_PORT"], timeout=5)
+            try:
+                conn.request("GET", "/")
+                text = conn.getresponse().read().decode("ascii", "replace")
+            finally:
+                conn.close()
+            accepts = int(re.search(r"requests\s*\n\s*(\d+)", text).group(1))
+            out = subprocess.run(["ss", "-Htan", "state", "time-wait", "dport", "=", f":{self.ports['BACKEND_PORT']}"],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, AttributeError, ValueError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0:
+            return None
+        return {"accepts": accepts, "time_wait": sum(1 for line in out.stdout.splitlines() if line.strip())}
+
     # proxies --------------------------------------------------------------------------
 
     def _gateway(self, key: str, extra: list[str], ratelimit: bool = True) -> System:
@@ -297,6 +336,19 @@ class Systems:
 
     def _start_gateway_1(self) -> System:
         return self._gateway("gateway-1", [])
+
+    def _start_gateway_1_transparent(self) -> System:
+        """The gateway as a root node runs it by default: upstream connections from the client's
+        own address (IP_TRANSPARENT), pooled per client address, netfilter rules installed at
+        start and removed at stop.  Loopback client to loopback backend stays transparent
+        (hoodyproxy.gateway.Gateway._source)."""
+        from hoodyproxy.netfilter import has_net_admin
+        if not has_net_admin():
+            why = ("not root: transparent mode needs CAP_NET_ADMIN (for IP_TRANSPARENT and its netfilter "
+                   "rules); run make bench as root to measure it")
+            self.notes.append(f"{LABELS['gateway-1-transparent']}: {why}.")
+            raise StartError(why)
+        return self._gateway("gateway-1-transparent", ["--client-ip-mode", "transparent"])
 
     def _start_gateway_1_nolimit(self) -> System:
         return self._gateway("gateway-1-nolimit", [], ratelimit=False)
