@@ -528,3 +528,106 @@ class CloseTests(PoolTestCase):
         conn = self.open()
         self.pool.close()
         self.assertFalse(conn.transport.disconnecting)
+
+
+class ArrivingTogetherTests(PoolTestCase):
+    """Many keep-alive clients behind one address arriving at once (a load generator, an
+    office behind NAT): their connections are kept however the connects and the exchanges
+    interleave, and the pool's total bound still holds across clients."""
+
+    CLIENT = TransparentSource("203.0.113.50")
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.pool = self.make_pool(max_idle=256)
+
+    def test_connectsInProgressCountTowardsThePeak(self):
+        """Ten connections in use and forty still opening: the ten finish, then five of the
+        forty open and finish before the rest: fifteen idle, none closed, and once all have
+        finished, fifty."""
+        first = []
+        for _ in range(10):
+            d = self.pool.acquire(ADDRESS, PORT, self.CLIENT)
+            self.establish()
+            first.append(self.successResultOf(d))
+        pending = [self.pool.acquire(ADDRESS, PORT, self.CLIENT) for _ in range(40)]
+        for conn in first:
+            self.exchange(conn)
+        later = []
+        for index, d in enumerate(pending[:5]):
+            self.establish(10 + index)
+            later.append(self.successResultOf(d))
+            self.exchange(later[-1])
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 15)
+        for index, d in enumerate(pending[5:]):
+            self.establish(15 + index)
+            later.append(self.successResultOf(d))
+        for conn in later[5:]:
+            self.exchange(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 50)
+        self.assertFalse(any(c.transport.disconnecting for c in first + later))
+
+    def test_releasesWhileOthersConnectKeepEveryConnection(self):
+        """Exchanges finishing while the rest of a burst is still connecting are never
+        refused back: fifty clients, each connection's exchange done as soon as it opens."""
+        pending = [self.pool.acquire(ADDRESS, PORT, self.CLIENT) for _ in range(50)]
+        conns = []
+        for index, d in enumerate(pending):
+            self.establish(index)
+            conn = self.successResultOf(d)
+            self.exchange(conn)
+            conns.append(conn)
+        self.assertEqual(self.pool.idle_count(ADDRESS, PORT, self.CLIENT), 50)
+        self.assertFalse(any(c.transport.disconnecting for c in conns))
+
+    def test_failedAndCancelledConnectsLeaveNoLoad(self):
+        """A connect that fails, one cancelled, and one completing after its cancel stop
+        counting: once the client is quiet the pool leaves no periodic call."""
+        failed = self.pool.acquire(ADDRESS, PORT, self.CLIENT)
+        self.reactor.tcpClients[0][2].clientConnectionFailed(
+            self.reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.failureResultOf(failed, ConnectionRefusedError)
+        cancelled = self.pool.acquire(ADDRESS, PORT, self.CLIENT)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        self.reactor.tcpClients[1][2].clientConnectionFailed(
+            self.reactor.connectors[1], Failure(ConnectionRefusedError()))
+        late = self.pool.acquire(ADDRESS, PORT, self.CLIENT)
+        late.cancel()
+        self.failureResultOf(late, CancelledError)
+        _, transport = self.establish(2)
+        self.assertTrue(transport.disconnected)
+        for _ in range(3):
+            self.reactor.advance(IDLE_TIMEOUT / 2)
+        self.assertEqual(self.pool.idle_count(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_manyClientsBoundedByTotalCap(self):
+        """Three clients of fifty connections each, 100 idle in all: the client idle longest
+        loses its connections first, least recently used first, and the newcomers are kept."""
+        self.pool.max_idle_total = 100
+        clients = [TransparentSource(f"203.0.113.{n}") for n in (50, 51, 52)]
+        bursts = []
+        for client in clients:
+            pending = [self.pool.acquire(ADDRESS, PORT, client) for _ in range(50)]
+            start = len(self.reactor.tcpClients) - 50
+            for index in range(50):
+                self.establish(start + index)
+            bursts.append([self.successResultOf(d) for d in pending])
+        for burst in bursts:
+            for conn in burst:
+                self.exchange(conn)
+                self.reactor.advance(0.01)
+        self.assertEqual(self.pool.idle_count(), 100)
+        self.assertEqual([self.pool.idle_count(ADDRESS, PORT, c) for c in clients], [0, 50, 50])
+        self.assertTrue(all(c.transport.disconnecting for c in bursts[0]))
+        self.assertFalse(any(c.transport.disconnecting for c in bursts[1] + bursts[2]))
+        # The first client back: each of its releases evicts the oldest of the second client's.
+        back = [self.pool.acquire(ADDRESS, PORT, clients[0]) for _ in range(10)]
+        start = len(self.reactor.tcpClients) - 10
+        for index in range(10):
+            self.establish(start + index)
+        for d in back:
+            self.exchange(self.successResultOf(d))
+        self.assertEqual([self.pool.idle_count(ADDRESS, PORT, c) for c in clients], [10, 40, 50])
+        self.assertEqual([c.transport.disconnecting for c in bursts[1]], [True] * 10 + [False] * 40)

@@ -50,6 +50,16 @@ class _ConnectFactory(ClientFactory):
         self.key = key
         self.deferred = deferred
         self.preamble = preamble
+        #: A client-owned connect counts as in use from the start (see ConnectionPool._want).
+        self.wanted = len(key) == 3
+        if self.wanted:
+            pool._want(key)
+
+    def settle(self) -> None:
+        """The connect ended without handing out a connection: it no longer counts as in use."""
+        if self.wanted:
+            self.wanted = False
+            self.pool._unwant(self.key)
 
     def buildProtocol(self, addr):
         conn = self.pool._new_connection(self.key)
@@ -61,13 +71,16 @@ class _ConnectFactory(ClientFactory):
         if d is not None:
             if self.preamble:
                 conn.transport.write(self.preamble)
-            if len(self.key) == 3:
-                self.pool._busy(conn)
+            if self.wanted:  # already counted in use since the connect began
+                self.wanted = False
+                self.pool._in_use.add(conn)
             d.callback(conn)
         else:
+            self.settle()
             conn.abort()  # the request went away while connecting
 
     def clientConnectionFailed(self, connector, reason) -> None:
+        self.settle()
         d, self.deferred = self.deferred, None
         if d is not None:
             d.errback(reason)
@@ -138,21 +151,33 @@ class ConnectionPool:
         if conn in self._in_use:
             return
         self._in_use.add(conn)
-        load = self._load.get(conn.key)
+        self._want(conn.key)
+
+    def _want(self, key: tuple) -> None:
+        """One more of ``key``'s connections in use, or being opened for a request.
+
+        A connect counts from the moment it begins: while fifty clients arrive at once,
+        most of their connections are still opening, and a peak of only the established
+        ones would let the first releases close connections the rest are about to need.
+        """
+        load = self._load.get(key)
         if load is None:
-            self._load[conn.key] = [1, 1, 0]
+            self._load[key] = [1, 1, 0]
             self._start_sweep()  # the sweep decays the peak, even if nothing goes idle
             return
         load[0] += 1
         if load[0] > load[1]:
             load[1] = load[0]
 
+    def _unwant(self, key: tuple) -> None:
+        load = self._load.get(key)
+        if load is not None:  # (gone only after close())
+            load[0] -= 1
+
     def _unbusy(self, conn: UpstreamConnection) -> None:
         if conn in self._in_use:
             self._in_use.discard(conn)
-            load = self._load.get(conn.key)
-            if load is not None:  # (gone only after close())
-                load[0] -= 1
+            self._unwant(conn.key)
 
     def _limit(self, key: tuple) -> int:
         """How many idle connections ``key`` may keep now."""
@@ -179,6 +204,7 @@ class ConnectionPool:
 
         def cancel(_d):
             factory.deferred = None
+            factory.settle()
             connector.disconnect()
         d._canceller = cancel  # cancellation closes a connect in progress
         return d
