@@ -1049,3 +1049,56 @@ class ListenerAbortTests(UpstreamClientTestCase):
         """abort() from upstream_data of a chunked body: no more data, no exception."""
         self._abortDuring(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", "data")
+
+
+class SharedDeadlineTests(UpstreamClientTestCase):
+    """The response timeout is checked by one sweep per clock, not a timer per request."""
+
+    def _pair(self):
+        clock = MemoryReactorClock()
+        harnesses = []
+        for _ in range(2):
+            h = Harness()
+            h.clock = clock
+            h.conn = UpstreamConnection(("10.1.2.3", 8080), clock)
+            h.conn.makeConnection(h.transport)
+            harnesses.append(h)
+        return clock, harnesses
+
+    def test_waitingExchangesShareOneTimer(self):
+        """Two exchanges waiting for their heads on one clock make one pending call."""
+        clock, (a, b) = self._pair()
+        a.send()
+        b.send()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+
+    def test_timerGoneWhenLastHeadArrives(self):
+        """The sweep stays while one exchange still waits, and goes with the last head."""
+        clock, (a, b) = self._pair()
+        a.send()
+        b.send()
+        a.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        b.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_eachExchangeTimesOutOnItsOwnDeadline(self):
+        """Exchanges started at different times time out at their own deadlines."""
+        clock, (a, b) = self._pair()
+        a.send(timeout=5)
+        clock.advance(3)
+        b.send(timeout=5)
+        clock.advance(2.5)
+        self.assertEqual(a.listener.failures(), [("failed", "timeout", False)])
+        self.assertEqual(b.listener.failures(), [])
+        clock.advance(3)
+        self.assertEqual(b.listener.failures(), [("failed", "timeout", False)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeoutNeverEarly(self):
+        """However the clock is advanced, no exchange fails before its timeout."""
+        h = Harness()
+        h.send(timeout=3)
+        for _ in range(29):
+            h.clock.advance(0.1)
+        self.assertEqual(h.listener.failures(), [])

@@ -5,6 +5,9 @@ The gateway writes a request head it built itself, streams the body with
 listener (:class:`ResponseListener`).  The parser knows exactly what a proxy needs:
 the status, the raw headers, and where the body ends (Content-Length, chunked, until
 close, or none).  After a 101 the connection becomes a byte pipe.  Buffers are bounded.
+
+The response timeout is not a timer per request but a deadline checked by one shared
+sweep (:mod:`hoodyproxy.deadlines`): noticed up to a second late, never early.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Callable, Protocol as TypingProtocol
 
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+
+from hoodyproxy import deadlines
 
 MAX_HEAD = 64 * 1024
 MAX_CHUNK_LINE = 4096
@@ -84,7 +89,10 @@ class UpstreamConnection(Protocol):
         self.requests = 0
         self.last_used = clock.seconds()
         self._buf = b""
-        self._timeout = None
+        self._deadlines = deadlines.shared(clock)
+        self._watched = False
+        self._timeout_period = 0.0
+        self._progress = 0.0
         self._reusable = False
         self._request_done = True
         self._head_request = False
@@ -129,7 +137,8 @@ class UpstreamConnection(Protocol):
         # going up, it is the longest time without progress (a slow upload is not late).
         self._timeout_period = timeout
         self._progress = self.clock.seconds()
-        self._timeout = self.clock.callLater(timeout, self._response_timed_out)
+        self._watched = True
+        self._deadlines.watch(self)
         self.transport.write(head)
 
     def write_body(self, data: bytes) -> None:
@@ -387,19 +396,15 @@ class UpstreamConnection(Protocol):
     # -- failure ----------------------------------------------------------------------
 
     def _cancel_timeout(self) -> None:
-        if self._timeout is not None:
-            if self._timeout.active():
-                self._timeout.cancel()
-            self._timeout = None
+        if self._watched:
+            self._watched = False
+            self._deadlines.unwatch(self)
 
-    def _response_timed_out(self) -> None:
-        self._timeout = None
-        waited = self.clock.seconds() - self._progress
-        if waited < self._timeout_period:
-            # The request body moved (or ended) since: wait the rest from then.
-            self._timeout = self.clock.callLater(self._timeout_period - waited, self._response_timed_out)
-            return
-        self._fail("timeout")
+    def check_deadline(self, now: float) -> None:
+        """The shared sweep's question: has the head been due for ``timeout`` since the
+        last progress of the request (its start, a piece of body, its end)?"""
+        if now - self._progress >= self._timeout_period:
+            self._fail("timeout")
 
     def _fail(self, why: str) -> None:
         self._cancel_timeout()
