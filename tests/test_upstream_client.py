@@ -1102,3 +1102,59 @@ class SharedDeadlineTests(UpstreamClientTestCase):
         for _ in range(29):
             h.clock.advance(0.1)
         self.assertEqual(h.listener.failures(), [])
+
+
+class StrictHeadTests(UpstreamClientTestCase):
+    """What llhttp's parse of the head adds to the rules above, and what stays ours."""
+
+    def test_fieldNameNotATokenFails(self):
+        """A field name with a character outside ``tchar`` (here ``@``) fails."""
+        self.both(b"HTTP/1.1 200 OK\r\nX@Y: z\r\nContent-Length: 0\r\n\r\n", self.assertRejectedHead)
+
+    def test_controlByteInValueFails(self):
+        """A control byte other than tab inside a field value fails."""
+        self.both(b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n", self.assertRejectedHead)
+
+    def test_otherHttpVersionFails(self):
+        """Only HTTP/1.1 and HTTP/1.0 status lines are accepted (llhttp alone would take 2.0 and 0.9)."""
+        for version in (b"HTTP/2.0", b"HTTP/0.9"):
+            self.both(version + b" 200 OK\r\nContent-Length: 0\r\n\r\n", self.assertRejectedHead)
+
+    def test_blankLineBeforeStatusLineFails(self):
+        """A response must start with its status line, not with an empty line."""
+        self.both(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", self.assertRejectedHead)
+
+    def test_trailingWhitespaceStrippedFromValues(self):
+        """Whitespace around a field value is not part of it, on either side."""
+        def check(h):
+            self.assertEqual(h.listener.merged(), [
+                head(200, b"OK", (b"X-A", b"spaced  out"), (b"Content-Length", b"0")), ("end",)])
+        self.both(b"HTTP/1.1 200 OK\r\nX-A: \t spaced  out \t \r\nContent-Length: 0 \r\n\r\n", check)
+
+    def test_obsTextInValueAccepted(self):
+        """Bytes above 0x7f in a value are passed through as they are."""
+        def check(h):
+            self.assertEqual(h.listener.merged(), [
+                head(200, b"OK", (b"X-A", b"caf\xc3\xa9"), (b"Content-Length", b"0")), ("end",)])
+        self.both(b"HTTP/1.1 200 OK\r\nX-A: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n", check)
+
+    def test_repeatedContentLengthWithOtherFlawFails(self):
+        """A repeated Content-Length takes the hand-written parser, which still refuses obs-fold."""
+        self.both(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\nX-A: a\r\n b\r\n\r\nabc",
+                  self.assertRejectedHead)
+
+    def test_contentLengthBesideNonChunkedCodingReadsUntilClose(self):
+        """Content-Length beside a Transfer-Encoding not ending in chunked: the length is
+        ignored, the body runs until close (llhttp refuses the pair; the framing is ours)."""
+        def check(h):
+            h.lose()
+            self.assertEqual(h.listener.body(), b"abcdef")
+            self.assertEqual(h.listener.kinds(), ["head", "data", "end"])
+        self.both(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip\r\n\r\nabcdef", check)
+
+    def test_switchingProtocolsWithoutUpgradeFieldsUpgrades(self):
+        """A 101 to a request that asked to upgrade switches even without Upgrade fields."""
+        def check(h):
+            self.assertEqual(h.listener.kinds()[:2], ["head", "upgraded"])
+            self.assertEqual(h.listener.failures(), [])
+        self.both(b"HTTP/1.1 101 Switching Protocols\r\n\r\nxyz", check, upgrade=True)

@@ -6,6 +6,16 @@ listener (:class:`ResponseListener`).  The parser knows exactly what a proxy nee
 the status, the raw headers, and where the body ends (Content-Length, chunked, until
 close, or none).  After a 101 the connection becomes a byte pipe.  Buffers are bounded.
 
+The head is parsed by llhttp (through httptools), fed exactly the bytes of one head:
+llhttp judges the syntax (status line, field names as tokens, no control bytes or bare
+CR/LF in values, no obs-fold), and the framing is decided here, from the header list,
+by the rules in :meth:`UpstreamConnection._frame`.  Where llhttp's own framing checks
+are stricter than those rules (a Content-Length repeated with one value; Content-Length
+beside Transfer-Encoding), the head is parsed by hand instead, as it always was.  The
+body is framed here too: httptools reports no byte offsets, chunk sizes or extension
+lengths, so through it the bounds on chunk lines, the end of a response to HEAD and
+the bytes that follow a response could not be kept.
+
 The response timeout is not a timer per request but a deadline checked by one shared
 sweep (:mod:`hoodyproxy.deadlines`): noticed up to a second late, never early.
 """
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol as TypingProtocol
 
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -47,7 +58,62 @@ class ResponseListener(TypingProtocol):
     def upstream_upgraded(self, leftover: bytes) -> None: ...
 
 
+_VERSIONS = (b"HTTP/1.1 ", b"HTTP/1.0 ")
+_OWS = frozenset(b" \t")
+
+
+class _HeadCollector:
+    """httptools' callbacks for one head: the reason, the fields, and whether it ended."""
+
+    __slots__ = ("reason", "headers", "complete")
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in _OWS:  # llhttp strips the leading whitespace only
+            value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """Status, reason and fields of ``head`` (one whole head, its blank line included)."""
+    if not head.startswith(_VERSIONS):
+        raise UpstreamProtocolError("bad status line")
+    collector = _HeadCollector()
+    parser = HttpResponseParser(collector)
+    try:
+        parser.feed_data(head)
+    except HttpParserUpgrade:
+        pass  # a 101 with Upgrade fields: llhttp stops after its head, as we do
+    except HttpParserError as e:
+        if not collector.complete:
+            reason = str(e)
+            if "Content-Length" in reason or "Transfer-Encoding" in reason:
+                # llhttp refuses a repeated Content-Length even with one value, and a
+                # Content-Length beside Transfer-Encoding; ours are the framing rules.
+                return _parse_head_by_hand(head[:-4])
+            raise UpstreamProtocolError("bad response head: " + reason) from None
+        # After a complete head: llhttp pausing on a 101 without Upgrade fields.
+    if not collector.complete:
+        raise UpstreamProtocolError("bad response head")
+    status = parser.get_status_code()
+    if status < 100:
+        raise UpstreamProtocolError("bad status code")
+    return status, collector.reason, collector.headers
+
+
+def _parse_head_by_hand(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The head (without its blank line) parsed in Python: the rules llhttp's framing
+    checks would refuse are judged here instead (see :meth:`UpstreamConnection._frame`)."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
@@ -221,7 +287,7 @@ class UpstreamConnection(Protocol):
             if end < 0 or end > MAX_HEAD:
                 self._fail("response head too large")
                 return
-            head, self._buf = self._buf[:end], self._buf[end + 4:]
+            head, self._buf = self._buf[:end + 4], self._buf[end + 4:]
             try:
                 status, reason, headers = _parse_head(head)
                 self._http10 = head.startswith(b"HTTP/1.0")
