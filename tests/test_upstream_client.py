@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from hoodyproxy.upstream.http11 import MAX_CHUNK_LINE, MAX_HEAD, UpstreamConnection
+from hoodyproxy.upstream.http11 import LARGE_READ_SIZE, READ_SIZE
 
 WHOLE = "whole"
 BYTEWISE = "one byte at a time"
@@ -1158,3 +1159,41 @@ class StrictHeadTests(UpstreamClientTestCase):
             self.assertEqual(h.listener.kinds()[:2], ["head", "upgraded"])
             self.assertEqual(h.listener.failures(), [])
         self.both(b"HTTP/1.1 101 Switching Protocols\r\n\r\nxyz", check, upgrade=True)
+
+
+class ReadSizeTests(UpstreamClientTestCase):
+    """Large bodies are read in larger pieces; heads and small bodies in Twisted's."""
+
+    def test_fullReadSwitchesToLargeReads(self):
+        """A body read that fills a whole read switches the transport to LARGE_READ_SIZE."""
+        h = Harness()
+        h.send()
+        h.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * READ_SIZE))
+        self.assertFalse(hasattr(h.transport, "bufferSize") and h.transport.bufferSize == LARGE_READ_SIZE)
+        h.feed(b"x" * READ_SIZE)
+        self.assertEqual(h.transport.bufferSize, LARGE_READ_SIZE)
+
+    def test_completeResponseRestoresReadSize(self):
+        """Once the large response is over, reads are back to READ_SIZE for the next head."""
+        h = Harness()
+        h.send()
+        h.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * READ_SIZE))
+        h.feed(b"x" * READ_SIZE)
+        h.feed(b"x" * READ_SIZE)
+        self.assertEqual(h.listener.kinds(), ["head", "data", "end"])
+        self.assertEqual(h.transport.bufferSize, READ_SIZE)
+
+    def test_smallResponseLeavesReadSizeAlone(self):
+        """A small response never touches the read size."""
+        h = Harness()
+        h.send()
+        h.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertFalse(hasattr(h.transport, "bufferSize"))
+
+    def test_upgradeRestoresReadSize(self):
+        """A tunnel after a 101 reads in READ_SIZE pieces even if its head came in a full read."""
+        h = Harness()
+        h.send(upgrade=True)
+        h.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + b"x" * READ_SIZE)
+        self.assertEqual(h.listener.kinds()[:2], ["head", "upgraded"])
+        self.assertEqual(h.transport.bufferSize, READ_SIZE)
