@@ -67,7 +67,9 @@ def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Sc
                        "headers) but one: 'transparent client IP', what a node run as root does by default, "
                        "connects to the container from the client's own address (IP_TRANSPARENT, the netfilter "
                        "rules installed; measured only as root). Upstream connects: the connections the backend "
-                       "accepted during the run (a pool that keeps them opens about one per client connection). "
+                       "accepted during the run (a pool that keeps them opens about one per client connection); "
+                       "new TIME-WAIT: the proxy's closed connections to the backend still in TIME-WAIT at the end "
+                       "(those the backend closed wait on its side and are not counted). "
                        "The floor row "
                        "(bench/floor_proxy.py) is the least a Twisted TLS proxy costs: httptools parsing, one "
                        "keep-alive upstream connection per client connection, eager writes, no features.",
