@@ -9,7 +9,7 @@
 #                        netfilter rules and routes, which a clean stop removes (README.rst)
 #   make demo            twistd -n hoodyproxy --demo
 #   make bench           run the benchmark harness: python -m bench (ARGS='--quick', '--only tls', ...);
-#                        installs the project with its test and bench extras (httptools),
+#                        installs the project with its test and bench extras,
 #                        and DEBIAN_BENCH_PACKAGES first when run as root
 #   make clean           remove build and test leftovers (distclean: also .venv)
 #
@@ -30,7 +30,7 @@ VENV_PY := $(VENV)/bin/python
 # test` after `make run` must still install them.
 STAMP := $(VENV)/.installed-test
 RUN_STAMP := $(VENV)/.installed-run
-# make bench: the test extras and the bench extras (httptools, for bench/floor_proxy.py).
+# make bench: the test extras and the bench extras.
 BENCH_STAMP := $(VENV)/.installed-bench
 
 # Debian packages the tests need (command-line tools, servers the tests start).

@@ -271,7 +271,9 @@ class Gateway:
         if port is None:
             port = program.port if program.index == "instance" else target.index
 
-        raw = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        pairs = getattr(headers, "pairs", None)  # (HTTP/1.1: the fields in the order sent)
+        raw = (list(pairs) if pairs is not None else
+               [(name, value) for name, values in headers.getAllRawHeaders() for value in values])
         websocket = getattr(request, "websocket", None)
         if websocket is None:  # HTTP/1.1: an Upgrade in the headers
             upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")

@@ -158,10 +158,10 @@ class GatewayStack:
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from hoodyproxy.frontend.http1 import GatewayHTTPFactory
+        from hoodyproxy.frontend.h1 import H1Factory
         from hoodyproxy.frontend.http2 import NegotiatingFactory
         from hoodyproxy.tls import SNIContextFactory
-        factory = GatewayHTTPFactory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
+        factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
         return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, negotiating)
 

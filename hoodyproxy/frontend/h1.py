@@ -1,0 +1,560 @@
+"""The HTTPS port's HTTP/1.1 frontend: llhttp (httptools) parses, one request path serves.
+
+:class:`H1Connection` feeds what the client sends to llhttp, Node.js's parser, in strict
+mode: a request head is parsed in one pass in C and the request model
+(:class:`~hoodyproxy.frontend.h1request.H1Request`) is built from its callbacks, with
+no line-by-line parsing and no per-request objects beyond the request itself.  The
+gateway sees the request at the end of its head (:meth:`hoodyproxy.gateway.Gateway.begin`),
+and the body streams on as it arrives, paused when the container cannot keep up.
+
+What it refuses, before anything reaches the gateway (400, or 431 for a head over
+:data:`MAX_HEAD_BYTES`, and the connection ends): whatever llhttp's strict mode refuses
+(obs-fold, a bare CR or LF, whitespace before a colon, an invalid token or value byte, a
+duplicate or malformed Content-Length, Content-Length with Transfer-Encoding, a bad chunk
+size or terminator), and, stricter than llhttp, any Transfer-Encoding but one field of
+exactly ``chunked`` (RFC 9112 6.3), and HTTP versions other than 1.0 and 1.1.  The first
+refusal stops the parser for good: nothing of a refused request goes anywhere.
+
+Pipelined requests are parsed as they come but served one at a time, in order: one that
+arrives while another is being answered waits (with its body, if it has one in the same
+read), and the connection stops reading until it is served.  One timer per connection
+keeps the idle timeout and the request-head deadline (``[limits] request_head_timeout``:
+408): it notes activity and, when it fires, checks how long the connection has really
+been idle, so nothing is scheduled or cancelled per request.  An answer given before a
+request was read to its end closes the connection after lingering briefly (see
+:meth:`H1Connection.linger_close`).  An upgrade (llhttp stops parsing at the end of its
+head) hands the raw connection to a tunnel when the container answers 101; otherwise
+the connection closes after the answer, since what follows is not known to be HTTP.
+"""
+
+from __future__ import annotations
+
+import httptools
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from hoodyproxy import errors
+from hoodyproxy.frontend.h1request import H1Request
+from hoodyproxy.frontend.http1 import LINGER_BYTES, LINGER_SECONDS, RequestTimeout, error_response
+from hoodyproxy.listening import unmapped_ip
+
+log = Logger()
+
+#: The largest request head (request line and header fields) accepted: 431 beyond it.
+MAX_HEAD_BYTES = 16 * 1024
+#: The most header fields a request head may have: 431 beyond it.
+MAX_FIELDS = 500
+#: The longest an idle keep-alive connection that was asked to close may take to do so.
+CLOSE_GRACE = 15.0
+
+_Upgrade = httptools.HttpParserUpgrade
+_ParserError = httptools.HttpParserError
+_CallbackError = httptools.HttpParserCallbackError
+
+
+class HeadTooLarge(errors.GatewayError):
+    status = 431
+    code = "request_header_fields_too_large"
+    message = "the request head is too large"
+
+
+class VersionNotSupported(errors.GatewayError):
+    status = 505
+    code = "http_version_not_supported"
+    message = "only HTTP/1.1 and HTTP/1.0 are spoken here"
+
+
+class _Refuse(Exception):
+    """Raised in a parser callback: refuse the request being received with ``error``."""
+
+    def __init__(self, error: errors.GatewayError) -> None:
+        self.error = error
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: parse nothing more on this connection."""
+
+
+def _reason_of(problem: str) -> str:
+    """The audit line's reason for a message of llhttp's."""
+    lower = problem.lower()
+    if "transfer-encoding" in lower and "content-length" in lower:
+        return "conflicting framing"
+    if "transfer-encoding" in lower:
+        return "transfer-encoding not chunked"
+    if "content-length" in lower:
+        return "bad content-length"
+    if "chunk" in lower:
+        return "malformed chunked body"
+    return "malformed request"
+
+
+class H1Connection(Protocol):
+    """One HTTP/1.1 client connection: parse, serve in order, pace, close."""
+
+    #: The connection is ending: nothing it receives is parsed any more.
+    closing = False
+    #: Nothing more is parsed (what follows a request that ends the connection).
+    parsing_over = False
+    lost = False
+    persistent = True
+    #: The request whose head or body is being received (None between requests).
+    receiving: H1Request | None = None
+    #: The request being answered (the gateway has it).
+    active: H1Request | None = None
+    #: llhttp stopped at the end of an upgrade's head: what follows is held, not parsed.
+    upgraded = False
+    #: A producer is registered on the transport (see register_producer).
+    producing = False
+    _tunnel = None
+    _timer = None
+    _head_started: float | None = None
+    _head_size = 0
+    _fields = 0
+    _fields_this_read = 0
+    _te_seen = False
+    _length_seen = False
+    _linger_left = 0
+    _serving = False
+
+    def __init__(self, factory: "H1Factory") -> None:
+        self.factory = factory
+        self.gateway = factory.gateway
+        self.alt_svc = factory.gateway.alt_svc
+        self.clock = factory.reactor
+        self.parser = httptools.HttpRequestParser(self)
+        #: Requests received whole (or their heads) while another is being answered.
+        self.waiting: list[H1Request] = []
+        #: Bytes after an upgrade's head, kept for the tunnel.
+        self.held: list[bytes] = []
+        self._paused: set[str] = set()
+        self._last_activity = 0.0
+
+    # -- connection events ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.peer = transport.getPeer()
+        self.local = transport.getHost()
+        self._last_activity = self.clock.seconds()
+        self._sleep(self.factory.timeout or self.factory.head_timeout or 60.0)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.client_data(data)
+            return
+        if self.closing or self.parsing_over:
+            self._drop(len(data))
+            return
+        now = self._last_activity = self.clock.seconds()
+        if self.upgraded:
+            self._hold(data)
+            return
+        if self._head_started is None and self.receiving is None and self.active is None:
+            self._head_started = now  # (the first byte of a request, or of what precedes one)
+        self._fields_this_read = 0
+        try:
+            self.parser.feed_data(data)
+        except _Upgrade as upgrade:
+            self.upgraded = True
+            rest = data[upgrade.args[0]:]
+            if self.closing:
+                self._drop(len(rest))  # (answered and closing already: an upgrade with a body)
+            elif rest:
+                self._hold(rest)
+            if self.active is None and not self.waiting:
+                self.close()  # answered already, and what follows is not known to be HTTP
+        except _CallbackError as failure:
+            self._callback_failed(failure)
+        except _ParserError as failure:
+            self._malformed(str(failure))
+        else:
+            receiving = self.receiving
+            if receiving is not None and self._head_started is not None and not self.closing:
+                # A head still incomplete: llhttp holds at most the field being received.
+                if not self._fields_this_read:
+                    self._head_size += len(data)
+                if self._head_size > MAX_HEAD_BYTES:
+                    self.refuse(HeadTooLarge(reason="request head too large"))
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = True
+        self.closing = True
+        self._stop_timer()
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.client_lost(reason)
+            return
+        active, self.active = self.active, None
+        self.waiting = []
+        self.receiving = None
+        if active is not None and active.exchange is not None and not active.finished:
+            active.exchange.client_gone()
+
+    # -- llhttp's callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing or not self.persistent:
+            raise _Stop()  # (nothing after a request that ends the connection is read)
+        request = H1Request(self)
+        self.receiving = request
+        self._head_size = 0
+        self._fields = 0
+        self._te_seen = self._length_seen = False
+        if self._head_started is None:
+            self._head_started = self._last_activity  # a pipelined head, in the same read
+
+    def on_url(self, piece: bytes) -> None:
+        request = self.receiving
+        request.uri += piece
+        self._head_size += len(piece)
+        self._fields_this_read += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.receiving
+        if request is None or request.method:
+            return  # a chunked body's trailer field: not forwarded
+        self._fields_this_read += 1
+        self._head_size += len(name) + len(value) + 4
+        self._fields += 1
+        if self._head_size > MAX_HEAD_BYTES or self._fields > MAX_FIELDS:
+            raise _Refuse(HeadTooLarge(reason="request head too large"))
+        value = value.rstrip(b" \t")
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            # RFC 9112 6.3: one field, exactly chunked; anything else leaves the length unknown.
+            if self._te_seen or value.lower() != b"chunked":
+                raise _Refuse(errors.BadRequest(reason="transfer-encoding not chunked"))
+            if self._length_seen:
+                raise _Refuse(errors.BadRequest(reason="conflicting framing"))
+            self._te_seen = True
+        elif lname == b"content-length":
+            if not value.isdigit():
+                raise _Refuse(errors.BadRequest(reason="bad content-length"))
+            if self._te_seen or self._length_seen:
+                raise _Refuse(errors.BadRequest(reason="conflicting framing"))
+            self._length_seen = True
+        request.requestHeaders.add(name, value)
+
+    def on_headers_complete(self) -> None:
+        request = self.receiving
+        parser = self.parser
+        self._head_started = None
+        version = parser.get_http_version()
+        if version == "1.0":
+            request.clientproto, request.http_version = b"HTTP/1.0", "1.0"
+        elif version != "1.1":
+            raise _Refuse(VersionNotSupported(reason="http version " + version))
+        request.method = parser.get_method()
+        if self._te_seen:
+            request.body_length = None
+        elif self._length_seen:
+            request.body_length = int(request.requestHeaders.index[b"content-length"][0])
+        else:
+            request.body_complete = True  # (no body; on_message_complete confirms)
+        connection = request.requestHeaders.index.get(b"connection")
+        if version == "1.0" or (connection is not None and any(
+                b"close" in [token.strip() for token in value.lower().split(b",")] for value in connection)):
+            self.persistent = False
+        if self.active is None:
+            self._serve(request)
+        else:
+            self.waiting.append(request)
+            self.pause_reading("waiting")
+
+    def on_body(self, data: bytes) -> None:
+        request = self.receiving
+        request.bytes_in += len(data)
+        if request is not self.active:
+            if request.early_body is None:
+                request.early_body = []
+            request.early_body.append(data)
+            return
+        exchange = request.exchange
+        if exchange is not None:
+            exchange.body_data(data)
+
+    def on_message_complete(self) -> None:
+        request, self.receiving = self.receiving, None
+        if request.body_complete:
+            return  # (a request without a body: complete at the end of its head)
+        request.body_complete = True
+        if request is not self.active:
+            return  # (waiting: its body is handed over when it is served)
+        if request.finished:
+            self._next()  # answered before its body was in: now it is over
+        elif request.exchange is not None:
+            request.exchange.body_end()
+
+    # -- serving in order ----------------------------------------------------------------
+
+    def _serve(self, request: H1Request) -> None:
+        """Hand ``request`` to the gateway, with whatever of its body came meanwhile."""
+        self.active = request
+        self.gateway.begin(request)
+        expect = request.requestHeaders.index.get(b"expect")
+        if (expect is not None and not request.started and request.body_length != 0
+                and not request.body_complete and request.clientproto == b"HTTP/1.1"
+                and expect[0].lower() == b"100-continue"):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        early, request.early_body = request.early_body, None
+        exchange = request.exchange
+        if early is not None and exchange is not None and not request.finished:
+            for chunk in early:
+                exchange.body_data(chunk)
+            if request.body_complete:
+                exchange.body_end()
+
+    def request_done(self, request: H1Request) -> None:
+        """``request``'s answer is complete: close, or serve the next one."""
+        if request is not self.active:
+            return
+        if request.answered_early:
+            self.linger_close()
+            return
+        if not request.body_complete:
+            return  # the rest of its body is read (and dropped) first: on_message_complete
+        self._next()
+
+    def _next(self) -> None:
+        self.active = None
+        if self.closing:
+            return
+        if not self.persistent or self.upgraded:
+            self.close()
+            return
+        self._last_activity = self.clock.seconds()
+        if self._serving:
+            return  # (the loop below is running further up the stack)
+        self._serving = True
+        try:
+            while self.waiting and self.active is None and not self.closing:
+                self._serve(self.waiting.pop(0))
+        finally:
+            self._serving = False
+        if not self.waiting:
+            self.resume_reading("waiting")
+
+    # -- pacing ------------------------------------------------------------------------------
+
+    def pause_reading(self, why: str) -> None:
+        if not self._paused and self.transport is not None and not self.lost:
+            self.transport.pauseProducing()
+        self._paused.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        paused = self._paused
+        if why in paused:
+            paused.discard(why)
+            if not paused and self.transport is not None and not self.lost:
+                self.transport.resumeProducing()
+
+    def register_producer(self, producer, streaming: bool) -> None:
+        """What writes the response (the container's connection) pauses while the client
+        is slow to read it."""
+        if self.transport is not None and not self.lost:
+            self.unregister_producer()
+            self.transport.registerProducer(producer, streaming)
+            self.producing = True
+
+    def unregister_producer(self) -> None:
+        if self.producing:
+            self.producing = False
+            if self.transport is not None:
+                self.transport.unregisterProducer()
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes sent after an upgrade's head for the tunnel (bounded: reading stops)."""
+        self.held.append(data)
+        self.pause_reading("upgrade")
+
+    # -- the one timer -----------------------------------------------------------------------
+
+    def _sleep(self, seconds: float) -> None:
+        head_timeout = self.factory.head_timeout
+        if head_timeout is not None and head_timeout < seconds:
+            seconds = head_timeout
+        self._timer = self.clock.callLater(max(seconds, 0.0), self._check_idle)
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self.closing or self._tunnel is not None:
+            return
+        now = self.clock.seconds()
+        head_left = None
+        started, head_timeout = self._head_started, self.factory.head_timeout
+        if started is not None and head_timeout is not None:
+            head_left = started + head_timeout - now
+            if head_left <= 0:
+                self.refuse(RequestTimeout(reason="request head timeout"))
+                return
+        period = self.factory.timeout
+        active = self.active
+        if period is None or (active is not None and active.body_complete) or "body" in self._paused:
+            # A request is being answered (its response has its own timeout), or the
+            # client is held back for the container's sake: not idle.
+            self._last_activity = now
+            self._sleep(head_left if head_left is not None else (period or 60.0))
+            return
+        idle = now - self._last_activity
+        if idle >= period:
+            self.close()
+        else:
+            self._sleep(period - idle if head_left is None else min(period - idle, head_left))
+
+    # -- refusing and closing ----------------------------------------------------------------
+
+    def _callback_failed(self, failure: Exception) -> None:
+        cause = failure.__context__
+        if isinstance(cause, _Refuse):
+            self.refuse(cause.error)
+        elif isinstance(cause, _Stop):
+            # Nothing more is parsed; the connection closes once its last answer is out.
+            self.persistent = False
+            self.parsing_over = True
+        else:
+            log.failure("HTTP/1.1 request handling failed; connection dropped", None)
+            log.error("{cause!r}", cause=cause)
+            self.abort()
+
+    def _malformed(self, problem: str) -> None:
+        reason = _reason_of(problem)
+        if self.receiving is not None and self.receiving is self.active:
+            # The request is with the gateway (maybe its container) already, which may be
+            # answering: only dropping the connection is safe (the exchange hears of it).
+            self.closing = True
+            self.abort()
+            return
+        self.refuse(errors.BadRequest(reason=reason))
+
+    def refuse(self, error: errors.GatewayError) -> None:
+        """Answer ``error`` to the request being received, and end the connection without
+        reading any more of it."""
+        if self.closing:
+            return
+        if self.active is not None and (self.active.started or not self.active.finished):
+            # An answer is being written: never one inside another.
+            self.closing = True
+            self.abort()
+            return
+        self.transport.writeSequence(error_response(error))
+        self._audit_refusal(error)
+        self.linger_close()
+
+    def _audit_refusal(self, error: errors.GatewayError) -> None:
+        gateway = self.gateway
+        started = self._head_started
+        took = self.clock.seconds() - started if started is not None else 0.0
+        request = self.receiving
+        hosts = request.requestHeaders.index.get(b"host") if request is not None else None
+        method = uri = None
+        version = "1.1"
+        if request is not None:
+            uri = request.uri.decode("latin-1") if request.uri else None
+            try:
+                method = self.parser.get_method().decode("latin-1") if request.uri else None
+            except Exception:  # (no method parsed yet)
+                method = None
+            version = request.http_version
+        gateway.emit_record({
+            "time": gateway.now() - took, "client": unmapped_ip(getattr(self.peer, "host", "")),
+            "host": hosts[0].decode("latin-1") if hosts else None, "route": None,
+            "method": method, "path": uri, "http": version,
+            "status": error.status, "reason": error.reason, "bytes_in": 0, "bytes_out": len(error.body())})
+
+    def close(self) -> None:
+        """End the connection once what is written is out (aborted if that takes more
+        than :data:`CLOSE_GRACE`: a TLS close waits for the peer's close_notify)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._head_started = None
+        self._stop_timer()
+        self._linger_left = LINGER_BYTES
+        self._timer = self.clock.callLater(CLOSE_GRACE, self.abort)
+        self.transport.loseConnection()
+
+    def linger_close(self) -> None:
+        """Stop parsing, close once what is written is out, and meanwhile drop what the
+        client still sends, for at most :data:`LINGER_SECONDS` and :data:`LINGER_BYTES`.
+
+        Closing a socket with unread bytes in it, or that more bytes reach, makes the
+        kernel reset the connection, and a reset can destroy the answer before the client
+        reads it; reading and dropping for a while lets it arrive.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.persistent = False
+        self._head_started = None
+        self._linger_left = LINGER_BYTES
+        self._stop_timer()
+        self._timer = self.clock.callLater(LINGER_SECONDS, self.abort)
+        transport = self.transport
+        self.unregister_producer()
+        self._paused.clear()
+        transport.resumeProducing()  # reading may have been paused
+        if ITCPTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
+            transport.loseWriteConnection()  # FIN after the answer; reading goes on
+        else:
+            transport.loseConnection()  # TLS: close_notify; reading goes on until the peer's
+
+    def _drop(self, size: int) -> None:
+        self._linger_left -= size
+        if self._linger_left < 0:
+            self.abort()
+
+    def abort(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self.lost:
+            self.closing = True
+            self.transport.abortConnection()
+
+    # -- becoming a tunnel ------------------------------------------------------------------
+
+    def become_tunnel(self, head: list[bytes]):
+        """Write the 101 and give the raw connection up: (transport, bytes held)."""
+        if not self.upgraded:
+            # llhttp parsed on past the head: those bytes were taken as HTTP, never tunnel them.
+            self.abort()
+            raise errors.BadGateway(reason="upgrade the parser did not see")
+        self._stop_timer()
+        transport = self.transport
+        self.unregister_producer()
+        transport.writeSequence(head)
+        leftover = b"".join(self.held)
+        self.held = []
+        self.parser = None
+        self.active = self.receiving = None
+        self.waiting = []
+        self._paused.clear()
+        transport.resumeProducing()
+        return transport, leftover
+
+    def attach_tunnel(self, tunnel) -> None:
+        self._tunnel = tunnel
+
+
+class H1Factory(Factory):
+    """The HTTPS port's HTTP/1.1 protocol factory: every request goes to ``gateway``."""
+
+    def __init__(self, gateway, reactor, timeout: float | None = 75.0) -> None:
+        self.gateway = gateway
+        self.reactor = reactor
+        #: The idle timeout of a keep-alive connection (``[client] idle_timeout``).
+        self.timeout = timeout
+
+    @property
+    def head_timeout(self) -> float:
+        """``[limits] request_head_timeout``, as the gateway's settings say now."""
+        return self.gateway.settings.request_head_timeout
+
+    def buildProtocol(self, addr) -> H1Connection:
+        return H1Connection(self)

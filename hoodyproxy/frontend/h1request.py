@@ -1,0 +1,237 @@
+"""One HTTP/1.1 request as the gateway sees it: the request model and its response writer.
+
+:class:`H1Request` speaks the frontend-neutral API the exchange uses
+(:class:`hoodyproxy.upstream.exchange.FrontendRequest`) and carries the same attributes as
+an HTTP/2 or HTTP/3 :class:`~hoodyproxy.frontend.stream.StreamRequest` (``method``,
+``uri``, ``requestHeaders``, ``client``, ``body_length`` ...), so the gateway keeps one
+request path.  Its connection (:class:`hoodyproxy.frontend.h1.H1Connection`) parses,
+paces and closes; the request only turns the gateway's answer into bytes: the status
+line and the header block in one write with the first body bytes, chunked framing when
+the container gave no length, and a JSON error answer that ends the connection when the
+request was not read to its end.
+
+:class:`Fields` is the header block: the pairs as the client sent them (forwarded in
+that order and spelling) and an index by lower-case name, built while parsing, for the
+three questions the gateway asks (``getRawHeaders``, ``hasHeader``,
+``getAllRawHeaders``, as twisted's ``Headers`` answers them).
+"""
+
+from __future__ import annotations
+
+from twisted.web.http import NO_BODY_CODES
+
+from hoodyproxy import errors
+from hoodyproxy.frontend.http1 import REASONS, SERVER, http_date
+from hoodyproxy.listening import unmapped_ip
+
+
+class Fields:
+    """A request's header fields: ``pairs`` in order, ``index`` by lower-case name."""
+
+    __slots__ = ("pairs", "index")
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[bytes, bytes]] = []
+        self.index: dict[bytes, list[bytes]] = {}
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.pairs.append((name, value))
+        key = name.lower()
+        values = self.index.get(key)
+        if values is None:
+            self.index[key] = [value]
+        else:
+            values.append(value)
+
+    def getRawHeaders(self, name: bytes, default=None):
+        values = self.index.get(name.lower())
+        return list(values) if values is not None else default
+
+    def hasHeader(self, name: bytes) -> bool:
+        return name.lower() in self.index
+
+    def getAllRawHeaders(self):
+        seen: dict[bytes, bytes] = {}
+        for name, _ in self.pairs:
+            seen.setdefault(name.lower(), name)
+        for key, name in seen.items():
+            yield name, list(self.index[key])
+
+
+class H1Request:
+    """One request on an HTTP/1.1 connection; speaks the FrontendRequest API."""
+
+    proto = b"https"
+    exchange = None
+    audit_record = None
+    code = 0
+    sentLength = 0
+    bytes_in = 0
+    body_length: int | None = 0
+    body_complete = False
+    #: The status line and headers are written.
+    started = False
+    #: The response is complete (or the request was answered and dropped).
+    finished = False
+    chunked = False
+    method = b""
+    _client_ip: str | None = None
+    _head: tuple | None = None
+    _no_body = False
+    #: An error answer given before the body was in: the connection lingers and closes.
+    answered_early = False
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.client = connection.peer
+        self.host = connection.local
+        self.uri = b""
+        self.requestHeaders = Fields()
+        self.clientproto = b"HTTP/1.1"
+        self.http_version = "1.1"
+        #: Body bytes received before the gateway had the request (a pipelined request).
+        self.early_body: list[bytes] | None = None
+
+    @property
+    def client_ip(self) -> str:
+        ip = self._client_ip
+        if ip is None:
+            ip = self._client_ip = unmapped_ip(getattr(self.client, "host", ""))
+        return ip
+
+    @property
+    def path(self) -> bytes:
+        return self.uri.split(b"?", 1)[0]
+
+    # -- the request body's pace ---------------------------------------------------------
+
+    def pause_body(self) -> None:
+        self.connection.pause_reading("body")
+
+    def resume_body(self) -> None:
+        self.connection.resume_reading("body")
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.connection.register_producer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.connection.unregister_producer()
+
+    # -- the response ---------------------------------------------------------------------
+
+    def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.code = status
+        self._head = (reason, headers)
+
+    def _head_parts(self) -> list[bytes]:
+        """The status line and header block, written once, with the first body bytes."""
+        self.started = True
+        code = self.code
+        reason, headers = self._head
+        self._head = None
+        version = self.clientproto
+        parts = [version, b" %d " % code, reason, b"\r\n"]
+        has_length = has_date = False
+        alt_svc = self.connection.alt_svc
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                has_length = True
+            elif lname == b"date":
+                has_date = True
+            elif lname == b"alt-svc" and alt_svc is not None:
+                continue  # the gateway's own advertisement wins over a container's
+            parts += (name, b": ", value, b"\r\n")
+        if not has_date:
+            parts += (b"Date: ", http_date(), b"\r\n")
+        if alt_svc is not None:
+            parts += (b"Alt-Svc: ", alt_svc, b"\r\n")
+        self._no_body = no_body = self.method == b"HEAD" or code in NO_BODY_CODES
+        if version == b"HTTP/1.1":
+            if not has_length and not no_body:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.chunked = True
+            if not self.connection.persistent:
+                parts.append(b"Connection: close\r\n")
+        elif not has_length and not no_body:
+            self.connection.persistent = False  # an HTTP/1.0 body without a length ends with the connection
+        parts.append(b"\r\n")
+        return parts
+
+    def write(self, data: bytes) -> None:
+        connection = self.connection
+        if self.finished or connection.lost:
+            return
+        parts = self._head_parts() if not self.started else []
+        if data and not self._no_body:
+            self.sentLength += len(data)
+            if self.chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+        if parts:
+            connection.transport.writeSequence(parts)
+
+    def finish_response(self) -> None:
+        connection = self.connection
+        if self.finished or connection.lost:
+            return
+        parts = self._head_parts() if not self.started else []
+        if self.chunked:
+            parts.append(b"0\r\n\r\n")
+        if parts:
+            connection.transport.writeSequence(parts)
+        self.finished = True
+        connection.request_done(self)
+
+    def send_error(self, error: errors.GatewayError) -> None:
+        """Answer with ``error``'s status and JSON body (or abort if a response has begun)."""
+        connection = self.connection
+        if self.finished or connection.lost:
+            return
+        if self.started:
+            self.abort()
+            return
+        body = error.body()
+        self.code = error.status
+        head = [self.clientproto, b" %d " % error.status, REASONS.get(error.status, b"Error"), b"\r\n",
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+                b"Cache-Control: no-store\r\nDate: ", http_date(), b"\r\nServer: ", SERVER, b"\r\n"]
+        alt_svc = connection.alt_svc
+        if alt_svc is not None:
+            head += (b"Alt-Svc: ", alt_svc, b"\r\n")
+        for name, value in error.headers.items():
+            for one in value if isinstance(value, list) else (value,):
+                head += (name, b": ", one, b"\r\n")
+        if not self.body_complete:
+            # The client is still sending a body that will not be read: close after answering.
+            connection.persistent = False
+            self.answered_early = True
+        if not connection.persistent:
+            head.append(b"Connection: close\r\n")
+        head += (b"\r\n", body if self.method != b"HEAD" else b"")
+        self.started = self.finished = True
+        connection.transport.writeSequence(head)
+        connection.request_done(self)
+
+    def abort(self) -> None:
+        """Drop the client's connection at once (never a silently truncated response)."""
+        self.connection.abort()
+
+    # -- WebSocket --------------------------------------------------------------------------
+
+    def take_over(self, headers: list[tuple[bytes, bytes]]):
+        """Answer 101 with ``headers`` and hand the raw connection to a tunnel.
+
+        Returns (client transport, bytes the client already sent after the request).
+        """
+        head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in headers:
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.started = self.finished = True
+        self.exchange = None
+        return self.connection.become_tunnel(head)
+
+    def attach_tunnel(self, tunnel) -> None:
+        self.connection.attach_tunnel(tunnel)
