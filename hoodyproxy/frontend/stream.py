@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import NO_BODY_CODES
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from hoodyproxy import errors
+from hoodyproxy.frontend.fields import Fields
 from hoodyproxy.frontend.http1 import SERVER, client_ip_of, http_date
 
 #: Response headers that are meaningless (and forbidden) on an HTTP/2 or HTTP/3 stream.
@@ -40,6 +41,11 @@ DISCARD_LIMIT = 1024 * 1024
 WEBSOCKET_EARLY_LIMIT = 64 * 1024
 #: Methods forwarded as bodiless when the stream declares no length (see StreamRequest).
 _BODYLESS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+#: A field name the container can parse: an HTTP token (RFC 9110 5.1), lower case as
+#: HTTP/2 and HTTP/3 require.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+#: Request fields the gateway sets itself on a WebSocket stream (the client's are dropped).
+_WEBSOCKET_OWNED = frozenset({b"connection", b"upgrade", b"sec-websocket-key"})
 
 
 class StreamConnection(TypingProtocol):
@@ -96,25 +102,33 @@ def parse_request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> tuple
     """The StreamRequest arguments of a request header block, and what is wrong with it
     (the gateway answers that on its one path, with an audit line).
 
-    Shared by HTTP/2 and HTTP/3: h2 and aioquic have already checked names, duplicate
-    and misplaced pseudo-headers (or ended the connection).
+    Shared by HTTP/2 and HTTP/3: the frontend has already checked what makes a header
+    block malformed (characters, duplicate and misplaced pseudo-headers; or ended the
+    connection).  What is left is what the container must not be sent: a field name
+    that is not a token (RFC 9110 5.1; HTTP/2 allows ``"`` or ``(`` in one).
     """
     pseudo: dict[bytes, bytes] = {}
     regular: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
+    bad_name = False
+    name_ok = _FIELD_NAME.fullmatch
     for name, value in headers:
-        if name.startswith(b":"):
+        if name[:1] == b":":
             pseudo[name] = value
             continue
         if name == b"content-length":
             lengths.add(value.strip())
+        elif name_ok(name) is None:
+            bad_name = True
         regular.append((name, value))
     method = pseudo.get(b":method", b"")
     protocol = pseudo.get(b":protocol")
     path = pseudo.get(b":path")
     websocket = False
     problem: errors.GatewayError | None = None
-    if method == b"CONNECT" and protocol is None:
+    if bad_name:
+        problem = errors.BadRequest("a header name is malformed", reason="bad header name")
+    elif method == b"CONNECT" and protocol is None:
         problem = _not_a_proxy()
     elif method == b"CONNECT" and protocol != b"websocket":
         problem = errors.BadRequest("only the websocket protocol can be tunnelled",
@@ -184,35 +198,37 @@ class StreamRequest:
         self.websocket = websocket
         #: Whether the connection's certificate covers a host name (None: no check).
         self.certificate_covers = covers
-        request_headers = Headers()
-        cookies = []
-        has_host = False
-        for name, value in headers:
+        # The fields as the gateway reads them: a list, and never a copy of it.
+        fields: list[tuple[bytes, bytes]] = []
+        cookies = None
+        for pair in headers:
+            name = pair[0]
             if name == b"cookie":
-                cookies.append(value)  # split crumbs are joined again (RFC 9113 8.2.3)
+                # split crumbs are joined again (RFC 9113 8.2.3)
+                if cookies is None:
+                    cookies = [pair[1]]
+                else:
+                    cookies.append(pair[1])
                 continue
-            if name == b"host":
-                if authority is not None:
-                    continue  # :authority wins (RFC 9113 8.3.1)
-                has_host = True
-            request_headers.addRawHeader(name, value)
-        if cookies:
-            request_headers.addRawHeader(b"cookie", b"; ".join(cookies))
+            if name == b"host" and authority is not None:
+                continue  # :authority wins (RFC 9113 8.3.1); no Host at all: routing answers 400
+            if websocket and name in _WEBSOCKET_OWNED:
+                continue
+            fields.append(pair)
+        if cookies is not None:
+            fields.append((b"cookie", b"; ".join(cookies)))
         if authority is not None:
-            request_headers.addRawHeader(b"host", authority)
-        elif not has_host:
-            pass  # no Host at all: routing answers 400 missing_host
+            fields.append((b"host", authority))
         if websocket:
             # The container gets the HTTP/1.1 Upgrade it understands.
             method = b"GET"
-            request_headers.setRawHeaders(b"connection", [b"Upgrade"])
-            request_headers.setRawHeaders(b"upgrade", [b"websocket"])
-            request_headers.setRawHeaders(b"sec-websocket-key", [base64.b64encode(os.urandom(16))])
+            fields += ((b"connection", b"Upgrade"), (b"upgrade", b"websocket"),
+                       (b"sec-websocket-key", base64.b64encode(os.urandom(16))))
             # The upgrade request itself has no body: the stream's bytes are tunnel bytes,
             # held until the container has switched protocols.
             body_length = 0
             self._early: list[bytes] | None = []
-        self.requestHeaders = request_headers
+        self.requestHeaders = Fields(fields)
         self.method = method
         self.uri = uri
         self.path = uri.split(b"?", 1)[0]
