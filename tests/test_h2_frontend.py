@@ -1,0 +1,355 @@
+"""The HTTP/2 frontend's own header handling, in memory: the request fields the gateway
+reads (:class:`~hoodyproxy.frontend.fields.Fields`), the malformed-block checks made in
+place of h2's, and the HPACK coders that stand in for hpack's on the hot path.
+
+Each replacement is held to what it replaces on random input (hypothesis): the checks to
+h2's ``validate_headers``, the encoder to hpack's decoder, the decoder to hpack's.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import h2.utilities
+from hpack import Decoder, Encoder
+from hpack.exceptions import HPACKError
+from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web.http_headers import Headers
+
+from hoodyproxy.frontend.fields import Fields
+from hoodyproxy.frontend.http2 import H2ServerProtocol, HeaderDecoder, HeaderEncoder, malformed
+from hoodyproxy.frontend.stream import parse_request_head
+
+AUTHORITY = b"app.example.test"
+GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", AUTHORITY)]
+
+
+class FieldsTests(unittest.TestCase):
+    """Fields answers the three questions the gateway asks as twisted's Headers did."""
+
+    PAIRS = [(b"accept", b"*/*"), (b"x-a", b"1"), (b"cookie", b"a=b"), (b"X-A", b"2"), (b"host", b"h")]
+
+    def test_lookups_ignore_case_and_keep_order(self):
+        """getRawHeaders: every value of a name in any case, in the order received."""
+        fields = Fields(list(self.PAIRS))
+        self.assertEqual(fields.getRawHeaders(b"x-a"), [b"1", b"2"])
+        self.assertEqual(fields.getRawHeaders(b"X-a"), [b"1", b"2"])
+        self.assertIsNone(fields.getRawHeaders(b"authorization"))
+        self.assertEqual(fields.getRawHeaders(b"authorization", []), [])
+        self.assertTrue(fields.hasHeader(b"COOKIE"))
+        self.assertFalse(fields.hasHeader(b"upgrade"))
+
+    def test_all_fields_grouped_like_headers(self):
+        """getAllRawHeaders: one entry per name, first-seen order, values as Headers has them
+        (names keep the client's spelling; Headers re-capitalizes them)."""
+        headers = Headers()
+        for name, value in self.PAIRS:
+            headers.addRawHeader(name, value)
+        expected = [(name.lower(), list(values)) for name, values in headers.getAllRawHeaders()]
+        got = [(name.lower(), list(values)) for name, values in Fields(list(self.PAIRS)).getAllRawHeaders()]
+        self.assertEqual(got, expected)
+        self.assertEqual([name for name, _ in Fields(list(self.PAIRS)).getAllRawHeaders()],
+                         [b"accept", b"x-a", b"cookie", b"host"])
+
+
+_FLAGS = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False,
+                                            is_push_promise=False)
+_TRAILER_FLAGS = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=True, is_response_header=False,
+                                                    is_push_promise=False)
+
+
+def _h2_rejects(headers, flags=_FLAGS) -> bool:
+    try:
+        list(h2.utilities.validate_headers(headers, flags))
+    except h2.exceptions.ProtocolError:
+        return True
+    return False
+
+
+_names = st.sampled_from([b":method", b":scheme", b":path", b":authority", b":protocol", b":status", b":x",
+                          b"host", b"te", b"connection", b"upgrade", b"accept", b"x-y", b"X-Y", b"a b",
+                          b"a:b", b"", b"\xff", b"a\"b", b"cookie"])
+_values = st.sampled_from([b"GET", b"CONNECT", b"https", b"/", b"", AUTHORITY, b"other.test", b"trailers",
+                           b"gzip", b" x", b"x\t", b"a\rb", b"a\nb", b"a\x00b", b"websocket", b"v a l"])
+
+
+class MalformedTests(unittest.TestCase):
+    """malformed() refuses exactly what h2's inbound validation refused."""
+
+    def test_well_formed_requests(self):
+        """A GET, a GET with Host equal to :authority, a plain and an extended CONNECT."""
+        for headers in (GET + [(b"user-agent", b"x"), (b"te", b"Trailers")],
+                        GET + [(b"host", AUTHORITY)],
+                        [(b":method", b"CONNECT"), (b":authority", AUTHORITY)],
+                        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+                         (b":path", b"/chat"), (b":authority", AUTHORITY)]):
+            self.assertIsNone(malformed(headers), headers)
+
+    def test_each_rule(self):
+        """One header block per rule, each refused."""
+        cases = {
+            "uppercase name": GET + [(b"User-Agent", b"x")],
+            "space in a name": GET + [(b"a b", b"x")],
+            "colon in a name": GET + [(b"a:b", b"x")],
+            "empty name": GET + [(b"", b"x")],
+            "CR in a value": GET + [(b"x-a", b"a\r\nx-b: c")],
+            "LF in a value": GET + [(b"x-a", b"a\nb")],
+            "NUL in a value": GET + [(b"x-a", b"a\x00b")],
+            "leading space": GET + [(b"x-a", b" a")],
+            "trailing tab": GET + [(b"x-a", b"a\t")],
+            "connection": GET + [(b"connection", b"close")],
+            "transfer-encoding": GET + [(b"transfer-encoding", b"chunked")],
+            "te gzip": GET + [(b"te", b"gzip")],
+            "pseudo after regular": GET[:3] + [(b"accept", b"*/*"), (b":authority", AUTHORITY)],
+            "unknown pseudo": GET + [(b":x", b"1")],
+            "response pseudo": GET + [(b":status", b"200")],
+            "repeated pseudo": GET + [(b":path", b"/again")],
+            "no method": GET[1:],
+            "no path": [h for h in GET if h[0] != b":path"],
+            "empty path": [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b""), (b":authority", AUTHORITY)],
+            ":protocol on GET": GET + [(b":protocol", b"websocket")],
+            "plain CONNECT with a path": [(b":method", b"CONNECT"), (b":path", b"/"), (b":authority", AUTHORITY)],
+            "no authority or host": GET[:3],
+            "two hosts": GET[:3] + [(b"host", AUTHORITY), (b"host", AUTHORITY)],
+            "host differs": GET + [(b"host", b"other.test")],
+        }
+        for label, headers in cases.items():
+            self.assertIsNotNone(malformed(headers), label)
+            self.assertTrue(_h2_rejects(headers), label)  # (h2 refused it too)
+
+    def test_trailers(self):
+        """A trailer block: no pseudo-header field, the same character rules."""
+        self.assertIsNone(malformed([(b"x-checksum", b"abc")], trailers=True))
+        self.assertIsNotNone(malformed([(b":path", b"/")], trailers=True))
+        self.assertIsNotNone(malformed([(b"x-a", b"a\nb")], trailers=True))
+
+    @hsettings(max_examples=400, deadline=None)
+    @given(st.lists(st.tuples(_names, _values), max_size=8), st.booleans())
+    def test_same_verdict_as_h2(self, fields, trailers):
+        """On random blocks, refused by malformed() if and only if h2 refused them."""
+        headers = fields if trailers else GET[:2] + fields
+        flags = _TRAILER_FLAGS if trailers else _FLAGS
+        self.assertEqual(malformed(headers, trailers=trailers) is not None, _h2_rejects(headers, flags), headers)
+
+
+class ParseRequestHeadTests(unittest.TestCase):
+    def test_field_name_not_a_token_is_400(self):
+        """A name HTTP/2 allows but HTTP/1.1 cannot carry (``"``): 400, never forwarded."""
+        fields, problem = parse_request_head(GET + [(b'a"b', b"x")], True)
+        self.assertEqual(problem.status, 400)
+        self.assertEqual(problem.reason, "bad header name")
+
+
+_response_fields = st.lists(st.tuples(
+    st.sampled_from([b":status", b"server", b"date", b"content-type", b"content-length", b"etag", b"x-a",
+                     b"x-" + b"b" * 40, b"set-cookie", b"cache-control"]),
+    st.one_of(st.sampled_from([b"200", b"404", b"nginx", b"text/plain", b"12", b"", b"bytes"]),
+              st.binary(max_size=1300))), min_size=1, max_size=12)
+
+
+class HeaderEncoderTests(unittest.TestCase):
+    """The response encoder: what hpack's decoder reads back is what was encoded."""
+
+    @hsettings(max_examples=150, deadline=None)
+    @given(st.lists(st.tuples(_response_fields, st.sampled_from([None, None, None, 0, 64, 256, 1000, 4096])),
+                    min_size=1, max_size=30))
+    def test_round_trip(self, blocks):
+        """Blocks in sequence, with table size changes between them, decode as sent, and
+        both tables stay the same size."""
+        encoder, decoder = HeaderEncoder(), Decoder()
+        for fields, table_size in blocks:
+            if table_size is not None:
+                decoder.max_allowed_table_size = min(decoder.max_allowed_table_size, table_size)
+                encoder.header_table_size = table_size
+            decoded = decoder.decode(encoder.encode(fields), raw=True)
+            self.assertEqual([tuple(f) for f in decoded], fields)
+            self.assertEqual(decoder.header_table._current_size, encoder._size)
+
+    def test_repeated_fields_are_indexed(self):
+        """A response head sent again is a byte per field."""
+        fields = [(b":status", b"200"), (b"server", b"nginx"), (b"content-type", b"text/plain"),
+                  (b"x-request-kind", b"small")]
+        encoder = HeaderEncoder()
+        encoder.encode(fields)
+        self.assertEqual(len(encoder.encode(fields)), len(fields))
+
+    def test_set_cookie_is_never_indexed(self):
+        """A set-cookie goes as a never-indexed literal, again the second time."""
+        encoder, decoder = HeaderEncoder(), Decoder()
+        for _ in range(2):
+            block = encoder.encode([(b"set-cookie", b"session=secret")])
+            self.assertEqual(block[0] & 0xF0, 0x10)
+            decoder.decode(block, raw=True)
+        self.assertEqual(decoder.header_table._current_size, 0)
+
+
+def _blocks(draw_fields):
+    return st.lists(st.tuples(draw_fields, st.booleans(), st.sampled_from([None, None, 0, 100, 4096, 8192]),
+                              st.one_of(st.none(), st.tuples(st.integers(0, 400), st.integers(0, 255)))),
+                    min_size=1, max_size=15)
+
+
+_request_fields = st.lists(st.tuples(
+    st.sampled_from([b":method", b":path", b"user-agent", b"cookie", b"x-a", b"x-" + b"b" * 40, b"accept"]),
+    st.one_of(st.sampled_from([b"GET", b"/", b"curl", b"a=b", b"", b"*/*"]), st.binary(max_size=600))),
+    min_size=1, max_size=10)
+
+
+class HeaderDecoderTests(unittest.TestCase):
+    """The request decoder: the same fields, or the same error, as hpack's."""
+
+    @staticmethod
+    def _decode_all(decoder, blocks, list_limit, table_limit):
+        decoder.max_header_list_size = list_limit
+        decoder.max_allowed_table_size = table_limit
+        out = []
+        for block in blocks:
+            try:
+                out.append([tuple(f) for f in decoder.decode(block, raw=True)])
+            except (HPACKError, IndexError, TypeError) as e:  # (what h2 turns into a ProtocolError)
+                out.append(type(e).__name__)
+                break
+        return out
+
+    @hsettings(max_examples=200, deadline=None)
+    @given(_blocks(_request_fields), st.sampled_from([65536, 1500]), st.sampled_from([4096, 100]))
+    def test_same_as_hpack(self, spec, list_limit, table_limit):
+        """Blocks from hpack's encoder (some Huffman-coded, some with a table size update,
+        some with a byte changed or cut short) decode to what hpack's decoder says."""
+        encoder, blocks = Encoder(), []
+        for fields, huffman, table_size, damage in spec:
+            if table_size is not None:
+                encoder.header_table_size = table_size
+            block = bytearray(encoder.encode(fields, huffman=huffman))
+            if damage is not None and block:
+                at, byte = damage
+                if at % 3:
+                    block[at % len(block)] = byte
+                else:
+                    del block[at % len(block):]
+            blocks.append(bytes(block))
+        self.assertEqual(self._decode_all(HeaderDecoder(), blocks, list_limit, table_limit),
+                         self._decode_all(Decoder(), blocks, list_limit, table_limit))
+
+
+class _Settings:
+    http2_max_concurrent_streams = 100
+    http2_max_header_list_size = 65536
+    http2_stream_window = 1 << 20
+    client_idle_timeout = 60.0
+    request_head_timeout = 10.0
+    http2_max_resets = 100
+
+
+class _Gateway:
+    """Answers every request at once, with the fields it was given echoed in the body."""
+
+    alt_svc = None
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    def begin(self, request) -> None:
+        self.requests.append(request)
+        body = repr(sorted((n, list(v)) for n, v in request.requestHeaders.getAllRawHeaders())).encode()
+        request.start_response(200, b"OK", [(b"Content-Type", b"text/plain"), (b"Content-Length", b"%d" % len(body)),
+                                            (b"X-Serial", b"%d" % len(self.requests))])
+        request.write(body)
+        request.finish_response()
+
+
+class ServerTests(unittest.TestCase):
+    """H2ServerProtocol in memory, driven by h2's own client."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gateway = _Gateway()
+        self.server = H2ServerProtocol(self.gateway, _Settings(), None, self.clock)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
+                                         hostAddress=IPv4Address("TCP", "127.0.0.1", 443))
+        self.server.makeConnection(self.transport)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
+        self.client = h2.connection.H2Connection(config=config)
+        self.client.initiate_connection()
+        self.exchange()
+
+    def tearDown(self) -> None:
+        self.server.connectionLost(None)
+
+    def exchange(self) -> list:
+        """Client bytes to the server, server bytes to the client; the client's events."""
+        events = []
+        for _ in range(5):
+            data = self.client.data_to_send()
+            if data:
+                self.server.dataReceived(data)
+            self.clock.advance(0)
+            out = self.transport.value()
+            self.transport.clear()
+            if not data and not out:
+                break
+            if out:
+                events += self.client.receive_data(out)
+        return events
+
+    def test_many_requests_decode_in_order(self):
+        """300 requests on one connection, in batches: every response decodes (the two
+        HPACK contexts stay in step), with its own serial number."""
+        serials = []
+        stream_id = 1
+        for batch in range(30):
+            for _ in range(10):
+                self.client.send_headers(stream_id, GET + [(b"x-batch", b"%d" % batch)], end_stream=True)
+                stream_id += 2
+            for event in self.exchange():
+                if isinstance(event, h2.events.ResponseReceived):
+                    serials.append(int(dict(event.headers)[b"x-serial"]))
+        self.assertEqual(serials, list(range(1, 301)))
+
+    def test_split_cookies_are_joined(self):
+        """Cookie crumbs (RFC 9113 8.2.3) reach the gateway as one cookie field."""
+        self.client.send_headers(1, GET + [(b"cookie", b"a=1"), (b"accept", b"*/*"), (b"cookie", b"b=2")],
+                                 end_stream=True)
+        self.exchange()
+        fields = self.gateway.requests[0].requestHeaders
+        self.assertEqual(fields.getRawHeaders(b"cookie"), [b"a=1; b=2"])
+        self.assertEqual(fields.getRawHeaders(b"host"), [AUTHORITY])
+
+    def test_malformed_block_ends_the_connection(self):
+        """A field value carrying CR LF (a header injected into the container's request) is
+        a connection error: GOAWAY PROTOCOL_ERROR, and the gateway never sees it."""
+        self.client.send_headers(1, GET + [(b"x-a", b"1\r\nx-injected: yes")], end_stream=True)
+        events = self.exchange()
+        goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual([e.error_code for e in goaway], [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+        self.assertEqual(self.gateway.requests, [])
+        self.assertTrue(self.server.closed)
+
+    def test_uppercase_name_ends_the_connection(self):
+        """An upper-case field name is malformed in HTTP/2: GOAWAY PROTOCOL_ERROR."""
+        self.client.send_headers(1, GET + [(b"X-A", b"1")], end_stream=True)
+        events = self.exchange()
+        self.assertTrue(any(isinstance(e, h2.events.ConnectionTerminated)
+                            and e.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR for e in events))
+        self.assertEqual(self.gateway.requests, [])
+
+    def test_table_size_zero_from_the_client(self):
+        """A client that allows no dynamic table still decodes every response."""
+        self.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+        self.client.local_settings.acknowledge()  # (the client's own decoder limit)
+        self.exchange()
+        count = 0
+        for stream_id in (1, 3, 5):
+            self.client.send_headers(stream_id, GET, end_stream=True)
+            count += sum(isinstance(e, h2.events.ResponseReceived) for e in self.exchange())
+        self.assertEqual(count, 3)
+        self.assertEqual(self.server.conn.encoder.header_table_size, 0)
