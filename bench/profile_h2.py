@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     rundir = RunDir()
     try:
         with contextlib.ExitStack() as stack:
-            ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port()}
+            # (every port the backend's config may name; render rejects a token left over)
+            ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(),
+                     "BACKEND_STATUS_PORT": free_port()}
             conf = rundir.render("backend-nginx.conf", "backend/nginx.conf", ports)
             start_process(stack, rundir, "backend-nginx",
                           ["nginx", "-p", rundir.sub("backend") + "/", "-e", rundir.sub("backend", "error.log"),
