@@ -82,37 +82,14 @@ def apply(patches: list[str]) -> None:
 
 
 def main() -> None:
-    out = sys.argv[1]
-    sys.argv = ["twistd"] + sys.argv[2:]
     apply([p for p in os.environ.get("HOODY_BENCH_PATCHES", "").split(",") if p])
-    if out == "-":
-        from twisted.scripts.twistd import run
-        run()
+    if sys.argv[1] != "-":
+        import profiled_twistd  # beside this script: the profile written even on SIGTERM
+        profiled_twistd.main()
         return
-    import cProfile
-    profile = cProfile.Profile()
-    written = []
-
-    def dump() -> None:
-        if not written:
-            profile.disable()
-            profile.dump_stats(out)
-            written.append(out)
-
-    from twisted.application import app
-    exit_with_signal = app._exitWithSignal
-
-    def dump_then_exit(sig) -> None:
-        dump()
-        exit_with_signal(sig)
-
-    app._exitWithSignal = dump_then_exit
+    sys.argv = ["twistd"] + sys.argv[2:]
     from twisted.scripts.twistd import run
-    profile.enable()
-    try:
-        run()
-    finally:
-        dump()
+    run()
 
 
 if __name__ == "__main__":
