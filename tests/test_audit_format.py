@@ -14,7 +14,9 @@ route, decision, ``http``), on the 2-core development machine shared with other 
     before: format_record 11.3-13.4 us, AuditLog.record (format + write) 13.2 us
     after:  format_record  4.2-4.6 us,  AuditLog.record (format + batched write) 6.0-7.2 us
 
-of which about 1.2 us is the twisted.logger event and publisher, kept by design.
+of which about 1.2 us was the twisted.logger event and publisher: with no observer but the
+file (the usual case) the line now goes straight to the file's batch (AuditLog.record 6.15 us
+with format_record at 4.99 us in a run where the machine was busy: about 1.2 us apart).
 """
 
 from __future__ import annotations
@@ -307,6 +309,23 @@ class BatchedWriteTests(unittest.TestCase):
         log.record(typical_record())
         self.assertEqual(self.read(path), [old_format_record(typical_record())])
 
+    def test_an_added_observer_sees_every_line_and_the_file_still_gets_them(self):
+        """Another observer (a tap, say) added to the audit log receives each record's
+        line as a twisted.logger event; the file keeps getting every line; once it is
+        removed, lines go straight to the file again."""
+        path = self.path()
+        log = AuditLog(path)
+        self.addCleanup(log.close)
+        seen = []
+        observer = seen.append
+        log.record(dict(typical_record(), status=1))
+        log.add_observer(observer)
+        log.record(dict(typical_record(), status=2))
+        log.remove_observer(observer)
+        log.record(dict(typical_record(), status=3))
+        self.assertEqual([json.loads(event["audit_line"])["status"] for event in seen], [2])
+        self.assertEqual(seen[0]["log_namespace"], "hoodyproxy.audit")
+        self.assertEqual([json.loads(line)["status"] for line in self.read(path)], [1, 2, 3])
 
 # -- the measurement (a script, never a test: speed is not asserted in tests) ----------------
 

@@ -216,13 +216,17 @@ class JSONLinesObserver:
     def __call__(self, event: dict) -> None:
         line = event.get("audit_line")
         if line is not None:
-            pending = self.pending
-            if pending is None:
-                self.stream.write(line + "\n")
-            else:
-                pending.append(line)
-                if len(pending) >= self.batch_lines:
-                    self.write_pending()
+            self.take(line)
+
+    def take(self, line: str) -> None:
+        """Write (or keep, batching) one line."""
+        pending = self.pending
+        if pending is None:
+            self.stream.write(line + "\n")
+        else:
+            pending.append(line)
+            if len(pending) >= self.batch_lines:
+                self.write_pending()
 
     def write_pending(self) -> None:
         """Write the kept lines to the stream (not flushed)."""
@@ -259,12 +263,29 @@ class AuditLog:
             self._owned = True
         self._observer = JSONLinesObserver(self._stream, batch=clock is not None)
         self.publisher = LogPublisher(self._observer)
+        #: No observer but the file's: lines skip the publisher (see add_observer).
+        self._direct = True
         self._flush_call = None
 
+    def add_observer(self, observer) -> None:
+        """Have ``observer`` (a twisted.logger observer) see every audit event too."""
+        self._direct = False
+        self.publisher.addObserver(observer)
+
+    def remove_observer(self, observer) -> None:
+        self.publisher.removeObserver(observer)
+        self._direct = len(getattr(self.publisher, "_observers", ())) <= 1
+
     def record(self, entry: dict) -> None:
-        self.publisher({"log_namespace": NAMESPACE, "log_level": LogLevel.info,
-                        "log_format": "{audit_line}", "log_time": entry["time"],
-                        "audit_line": format_record(entry)})
+        line = format_record(entry)
+        if self._direct:
+            # Only the file is watching: the line goes straight to it, without the
+            # event dict and the publisher's loop (a fifth of the line's cost).
+            self._observer.take(line)
+        else:
+            self.publisher({"log_namespace": NAMESPACE, "log_level": LogLevel.info,
+                            "log_format": "{audit_line}", "log_time": entry["time"],
+                            "audit_line": line})
         if self.clock is None:
             self._stream.flush()
         elif self._flush_call is None:
