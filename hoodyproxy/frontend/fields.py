@@ -19,17 +19,29 @@ _T = TypeVar("_T")
 class Fields:
     """Header fields in the order received; names compared without regard to case."""
 
-    __slots__ = ("_pairs", "_index")
+    __slots__ = ("pairs", "_index")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, pairs: list[tuple[bytes, bytes]] | None = None) -> None:
         """``pairs``: the (name, value) pairs, owned by this object from now on."""
-        self._pairs = pairs
+        #: The (name, value) pairs in the order received, names as sent (what is forwarded).
+        self.pairs = pairs if pairs is not None else []
         #: lower-case name -> (the name as first seen, [values]); built on first use.
         self._index: dict[bytes, tuple[bytes, list[bytes]]] | None = None
 
+    def add(self, name: bytes, value: bytes) -> None:
+        """One more field, as received (HTTP/1.1 builds its fields as llhttp parses them)."""
+        self.pairs.append((name, value))
+        index = self._index
+        if index is not None:
+            entry = index.get(name.lower())
+            if entry is None:
+                index[name.lower()] = (name, [value])
+            else:
+                entry[1].append(value)
+
     def _indexed(self) -> dict[bytes, tuple[bytes, list[bytes]]]:
         index: dict[bytes, tuple[bytes, list[bytes]]] = {}
-        for name, value in self._pairs:
+        for name, value in self.pairs:
             key = name.lower()
             entry = index.get(key)
             if entry is None:
@@ -56,4 +68,4 @@ class Fields:
         return iter(index.values())
 
     def __repr__(self) -> str:
-        return f"Fields({self._pairs!r})"
+        return f"Fields({self.pairs!r})"

@@ -251,10 +251,10 @@ class H1Connection(Protocol):
         if self._te_seen:
             request.body_length = None
         elif self._length_seen:
-            request.body_length = int(request.requestHeaders.index[b"content-length"][0])
+            request.body_length = int(request.requestHeaders.getRawHeaders(b"content-length")[0])
         else:
             request.body_complete = True  # (no body; on_message_complete confirms)
-        connection = request.requestHeaders.index.get(b"connection")
+        connection = request.requestHeaders.getRawHeaders(b"connection")
         if version == "1.0" or (connection is not None and any(
                 b"close" in [token.strip() for token in value.lower().split(b",")] for value in connection)):
             self.persistent = False
@@ -294,7 +294,7 @@ class H1Connection(Protocol):
         """Hand ``request`` to the gateway, with whatever of its body came meanwhile."""
         self.active = request
         self.gateway.begin(request)
-        expect = request.requestHeaders.index.get(b"expect")
+        expect = request.requestHeaders.getRawHeaders(b"expect")
         if (expect is not None and not request.started and request.body_length != 0
                 and not request.body_complete and request.clientproto == b"HTTP/1.1"
                 and expect[0].lower() == b"100-continue"):
@@ -453,7 +453,7 @@ class H1Connection(Protocol):
         started = self._head_started
         took = self.clock.seconds() - started if started is not None else 0.0
         request = self.receiving
-        hosts = request.requestHeaders.index.get(b"host") if request is not None else None
+        hosts = request.requestHeaders.getRawHeaders(b"host") if request is not None else None
         method = uri = None
         version = "1.1"
         if request is not None:

@@ -10,10 +10,8 @@ line and the header block in one write with the first body bytes, chunked framin
 the container gave no length, and a JSON error answer that ends the connection when the
 request was not read to its end.
 
-:class:`Fields` is the header block: the pairs as the client sent them (forwarded in
-that order and spelling) and an index by lower-case name, built while parsing, for the
-three questions the gateway asks (``getRawHeaders``, ``hasHeader``,
-``getAllRawHeaders``, as twisted's ``Headers`` answers them).
+Its header fields are a :class:`~hoodyproxy.frontend.fields.Fields`, as HTTP/2's and
+HTTP/3's are: the pairs as the client sent them (forwarded in that order and spelling).
 """
 
 from __future__ import annotations
@@ -21,41 +19,9 @@ from __future__ import annotations
 from twisted.web.http import NO_BODY_CODES
 
 from hoodyproxy import errors
+from hoodyproxy.frontend.fields import Fields
 from hoodyproxy.frontend.http1 import REASONS, SERVER, http_date
 from hoodyproxy.listening import unmapped_ip
-
-
-class Fields:
-    """A request's header fields: ``pairs`` in order, ``index`` by lower-case name."""
-
-    __slots__ = ("pairs", "index")
-
-    def __init__(self) -> None:
-        self.pairs: list[tuple[bytes, bytes]] = []
-        self.index: dict[bytes, list[bytes]] = {}
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.pairs.append((name, value))
-        key = name.lower()
-        values = self.index.get(key)
-        if values is None:
-            self.index[key] = [value]
-        else:
-            values.append(value)
-
-    def getRawHeaders(self, name: bytes, default=None):
-        values = self.index.get(name.lower())
-        return list(values) if values is not None else default
-
-    def hasHeader(self, name: bytes) -> bool:
-        return name.lower() in self.index
-
-    def getAllRawHeaders(self):
-        seen: dict[bytes, bytes] = {}
-        for name, _ in self.pairs:
-            seen.setdefault(name.lower(), name)
-        for key, name in seen.items():
-            yield name, list(self.index[key])
 
 
 class H1Request:
