@@ -55,6 +55,12 @@ class Options(usage.Options):
         ["no-http2", None, "do not offer HTTP/2 (ALPN h2) on the TLS port"],
     ]
 
+    def postOptions(self) -> None:
+        # Parsed before twistd first imports the reactor: the gateway's own epoll reactor
+        # (hoodyproxy/reactor.py) is installed unless twistd --reactor chose another.
+        from hoodyproxy.reactor import install_unless_chosen
+        install_unless_chosen()
+
     def overrides(self) -> dict:
         return {
             "node.data_dir": self["data-dir"],

@@ -176,6 +176,8 @@ class _Control(protocol.Protocol):
 
 def worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: serve the listed ports until stdin closes."""
+    from hoodyproxy.reactor import install_unless_chosen
+    install_unless_chosen()
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -57,7 +57,7 @@ class Twistd:
     """One ``twistd -n hoodyproxy`` child process and its output."""
 
     def __init__(self, case: unittest.TestCase, data_dir: str, *args: str, https: str = "127.0.0.1:0",
-                 http: str = "127.0.0.1:0", admin: str = "127.0.0.1:0") -> None:
+                 http: str = "127.0.0.1:0", admin: str = "127.0.0.1:0", twistd_args: tuple = ()) -> None:
         self.case = case
         self.data_dir = data_dir
         self.workdir = os.path.abspath(case.mktemp())
@@ -67,7 +67,7 @@ class Twistd:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("HOODYPROXY_DATA_DIR", None)
-        cmd = [TWISTD, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", data_dir,
+        cmd = [TWISTD, *twistd_args, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", data_dir,
                "--https", https, "--http", http, "--admin", admin, *args]
         if not any(a.startswith("--client-ip-mode") for a in args):
             # Leave the host namespace's netfilter rules alone (tests/test_real_client_ip.py
@@ -198,6 +198,15 @@ class StartTests(ProcessTestCase):
         self.assertEqual(headers.get("content-type"), "application/json")
         self.assertTrue(headers.get("retry-after", "").isdigit(), headers)
         self.assertEqual(json.loads(body)["error"], "container_unavailable")
+
+    def test_gateway_reactor_unless_one_is_chosen(self):
+        """``twistd -n hoodyproxy`` runs on the gateway's epoll reactor (no log context per
+        I/O event); ``twistd --reactor poll`` still gets the reactor it asked for."""
+        node = self.start()
+        node.wait_for(r"reactor class: hoodyproxy\.reactor\.GatewayReactor")
+        node.stop()
+        chosen = Twistd(self, self.data_dir(), twistd_args=("--reactor=poll",)).wait_ready()
+        chosen.wait_for(r"reactor class: twisted\.internet\.pollreactor\.PollReactor")
 
     @skipIf(NO_CURL, NO_CURL)
     def test_demo(self):
