@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -244,6 +245,38 @@ class CertificateStore:
         context = self.select(connection.get_servername())
         if context is not connection.get_context():
             connection.set_context(context)
+
+
+def release_idle_buffers(connection: SSL.Connection) -> bool:
+    """Give a memory-BIO ``connection`` a fresh, empty pair of BIOs; True if it did.
+
+    A memory BIO's buffer grows to the largest burst it has carried (the handshake's
+    flights; up to 64 KB of records when Twisted writes what it aggregated) and never
+    shrinks, so an idle connection keeps it for life: 2.6 KB per connection just after
+    the handshake.  ``MODE_RELEASE_BUFFERS`` frees OpenSSL's own record buffers, but
+    nothing frees these, and pyOpenSSL has no call for it; ``SSL_set_bio`` with a new pair
+    frees the old one (OpenSSL re-points its record layers at the new pair).  Done only
+    when neither BIO holds a byte, so nothing in flight is lost; a no-op for a connection
+    on a socket or a pyOpenSSL without these internals.
+    """
+    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
+    ssl = getattr(connection, "_ssl", None)
+    if into is None or out is None or ssl is None:
+        return False
+    if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+        return False
+    new_into = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_into == _ffi.NULL:
+        return False
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_out == _ffi.NULL:
+        _lib.BIO_free(new_into)
+        return False
+    # The SSL object owns its BIOs (pyOpenSSL never frees them itself): the old pair is
+    # freed here, the new one by SSL_free.
+    _lib.SSL_set_bio(ssl, new_into, new_out)
+    connection._into_ssl, connection._from_ssl = new_into, new_out
+    return True
 
 
 def _signature(cert_path: str, key_path: str) -> tuple:
