@@ -40,11 +40,14 @@ def _move(source: SSL.Connection, target: SSL.Connection) -> bool:
     return True
 
 
-def handshaken_pair() -> tuple[SSL.Connection, SSL.Connection]:
+def handshaken_pair(max_version: int | None = None) -> tuple[SSL.Connection, SSL.Connection]:
     """(server, client) pyOpenSSL connections on memory BIOs, past their handshake."""
     server = SSL.Connection(server_context(), None)
     server.set_accept_state()
-    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if max_version is not None:
+        client_context.set_max_proto_version(max_version)
+    client = SSL.Connection(client_context, None)
     client.set_tlsext_host_name(HOST.encode())
     client.set_connect_state()
     for _ in range(10):
@@ -95,6 +98,27 @@ class ReleaseIdleBuffersTests(unittest.TestCase):
         self.assertTrue(release_idle_buffers(server))
         self.assertEqual(_talk(client, server, b"x" * 40000), b"x" * 40000)
         self.assertEqual(_talk(server, client, b"y" * 40000), b"y" * 40000)
+
+    def test_traffic_flows_after_release_on_tls12(self) -> None:
+        """The same on a TLS 1.2 connection (another record layer state)."""
+        server, client = handshaken_pair(SSL.TLS1_2_VERSION)
+        self.assertEqual(server.get_protocol_version_name(), "TLSv1.2")
+        self.assertTrue(release_idle_buffers(server))
+        self.assertEqual(_talk(client, server, b"up" * 10000), b"up" * 10000)
+        self.assertEqual(_talk(server, client, b"down" * 10000), b"down" * 10000)
+
+    def test_half_a_record_read_before_the_release_completes_after_it(self) -> None:
+        """A record cut in two by the network: OpenSSL holds its first half (the BIO is
+        empty, so the release goes ahead) and the second half, in the new BIO, completes it."""
+        server, client = handshaken_pair()
+        client.sendall(b"split record")
+        record = client.bio_read(65536)
+        server.bio_write(record[:10])
+        with self.assertRaises(SSL.WantReadError):
+            server.recv(100)
+        self.assertTrue(release_idle_buffers(server))
+        server.bio_write(record[10:])
+        self.assertEqual(server.recv(100), b"split record")
 
     def test_bytes_waiting_to_be_read_are_never_dropped(self) -> None:
         """Ciphertext received and not yet decrypted keeps the BIOs in place."""
