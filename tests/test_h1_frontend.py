@@ -427,6 +427,30 @@ class UpgradeTests(unittest.TestCase):
         front.close()
         self.assertEqual(received[-1], None)
 
+    def test_tls_layer_is_handed_to_the_tunnel(self):
+        """Under TLS (a wrapper whose wrappedProtocol is the connection) the wrapper then
+        delivers straight to the tunnel: the HTTP/1.1 connection is not kept alive by it."""
+        front = Frontend()
+        front.transport.wrappedProtocol = front.protocol
+        front.send(self.UPGRADE)
+        [request] = front.gateway.begun
+        request.take_over([])
+        received = []
+
+        class Tunnel:
+            def client_data(self, data):
+                received.append(data)
+
+            def client_lost(self, reason=None):
+                received.append(None)
+
+        request.attach_tunnel(Tunnel())
+        end = front.transport.wrappedProtocol
+        self.assertIsNot(end, front.protocol)
+        end.dataReceived(b"frame")
+        end.connectionLost(None)
+        self.assertEqual(received, [b"frame", None])
+
     def test_refused_upgrade_closes_the_connection(self):
         """An upgrade answered without 101: what follows is not known to be HTTP, so the
         connection closes after the answer."""

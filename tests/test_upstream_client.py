@@ -1197,3 +1197,47 @@ class ReadSizeTests(UpstreamClientTestCase):
         h.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + b"x" * READ_SIZE)
         self.assertEqual(h.listener.kinds()[:2], ["head", "upgraded"])
         self.assertEqual(h.transport.bufferSize, READ_SIZE)
+
+
+class StreamingListener(RecordingListener):
+    """A listener that also hears when a response goes on past a read."""
+
+    def upstream_streaming(self):
+        self.events.append(("streaming",))
+
+
+class StreamingNoticeTests(UpstreamClientTestCase):
+    """The listener learns that a response goes on past the read just handled (the
+    exchange then paces it with the client); a response complete in one read never says so."""
+
+    def test_response_in_one_read_is_not_streaming(self):
+        """Head and whole body in one read: head, data, end, and no streaming notice."""
+        h = Harness()
+        h.listener = StreamingListener()
+        h.send()
+        h.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(h.listener.kinds(), ["head", "data", "end"])
+
+    def test_response_longer_than_a_read_is_streaming_once(self):
+        """A body that goes on past the first read: one notice, after that read, and the
+        next response on the connection starts without one."""
+        h = Harness()
+        h.listener = StreamingListener()
+        h.send()
+        h.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        self.assertEqual(h.listener.kinds(), ["head", "data", "streaming"])
+        h.conn.dataReceived(b"wor")
+        h.conn.dataReceived(b"ld")
+        self.assertEqual(h.listener.kinds(), ["head", "data", "streaming", "data", "end"])
+        h.listener = StreamingListener()
+        h.send()
+        h.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(h.listener.kinds(), ["head", "data", "end"])
+
+    def test_head_alone_then_body_is_streaming(self):
+        """A head whose body comes in a later read: the notice follows the head's read."""
+        h = Harness()
+        h.listener = StreamingListener()
+        h.send()
+        h.conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(h.listener.kinds(), ["head", "streaming"])

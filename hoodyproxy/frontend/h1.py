@@ -539,7 +539,29 @@ class H1Connection(Protocol):
         return transport, leftover
 
     def attach_tunnel(self, tunnel) -> None:
-        self._tunnel = tunnel
+        wrapper = self.transport
+        if getattr(wrapper, "wrappedProtocol", None) is self:
+            # The TLS layer talks to the tunnel through a two-method end from now on: this
+            # connection, its parser and its request are not kept for the WebSocket's life.
+            wrapper.wrappedProtocol = _TunnelEnd(tunnel)
+            self.lost = self.closing = True
+        else:
+            self._tunnel = tunnel
+
+
+class _TunnelEnd:
+    """What the client's TLS layer delivers to, once the connection is a tunnel."""
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, tunnel) -> None:
+        self.tunnel = tunnel
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tunnel.client_data(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.tunnel.client_lost(reason)
 
 
 class H1Factory(Factory):

@@ -60,6 +60,9 @@ class ResponseListener(TypingProtocol):
 
     def upstream_end(self) -> None: ...
 
+    # (optional) the response goes on past the read just handled:
+    # def upstream_streaming(self) -> None: ...
+
     def upstream_failed(self, why: str, got_response: bool) -> None: ...
 
     def upstream_upgraded(self, leftover: bytes) -> None: ...
@@ -171,6 +174,7 @@ class UpstreamConnection(Protocol):
         self._head_request = False
         self._upgrade = False
         self._got_response = False
+        self._streaming = False
         self._framing = _NONE
         self._http10 = False
         self._remaining = 0
@@ -202,6 +206,7 @@ class UpstreamConnection(Protocol):
         self.requests += 1
         self._buf = b""
         self._got_response = False
+        self._streaming = False
         self._reusable = reusable
         self._chunked_body = chunked_body
         self._request_done = not has_body
@@ -269,6 +274,8 @@ class UpstreamConnection(Protocol):
             self._set_read_size(True)  # a read that filled the buffer: more is waiting
         if state == BODY and not self._buf:
             self._body(data)
+            if self.state == BODY and not self._streaming:
+                self._now_streaming()
             return
         if state == UPGRADED:
             if self.listener is not None:
@@ -288,6 +295,15 @@ class UpstreamConnection(Protocol):
         elif state == BODY:
             data, self._buf = self._buf, b""
             self._body(data)
+        if self.state == BODY and not self._streaming:
+            self._now_streaming()
+
+    def _now_streaming(self) -> None:
+        """The response goes on past this read: the listener may want to pace it."""
+        self._streaming = True
+        streaming = getattr(self.listener, "upstream_streaming", None)
+        if streaming is not None:
+            streaming()
 
     def _head(self) -> None:
         while self.state == WAITING:
