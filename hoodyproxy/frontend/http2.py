@@ -148,7 +148,7 @@ def malformed(headers, trailers: bool = False) -> str | None:
             if name == b"te" and value.lower() != b"trailers":
                 return "te other than trailers"
             if name == b"host":
-                if host is not None:
+                if host is not None and not trailers:
                     return "more than one host"
                 host = value
         if value and (value[0] in space or value[-1] in space or bad_byte(value) is not None):
@@ -240,6 +240,7 @@ _STATIC_NAMES: dict[bytes, int] = {}
 for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
     _STATIC_FIELDS.setdefault((_name, _value), _index)
     _STATIC_NAMES.setdefault(_name, _index)
+del _index, _name, _value
 #: Index 62 is the dynamic table's newest entry.
 _DYNAMIC_BASE = len(HeaderTable.STATIC_TABLE) + 1
 #: Response fields kept out of any compression context (RFC 7541 7.1.3).
@@ -444,6 +445,8 @@ class H2ServerProtocol(Protocol):
         #: END_STREAM go in one DATA frame, its head, body and end in one TLS write.
         self._dirty: dict[int, None] = {}
         self._flush_call = None
+        #: Received DATA bytes to acknowledge per stream, summed over one read's frames.
+        self._acks: dict[int, int] = {}
         # Inbound blocks are checked by malformed() (one pass) and cookies joined by
         # StreamRequest; outbound blocks are built lower-case and clean by response_fields.
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
@@ -520,6 +523,10 @@ class H2ServerProtocol(Protocol):
                 return
             if self.closed:
                 return
+        if self._acks:
+            acks, self._acks = self._acks, {}
+            for stream_id, length in acks.items():
+                self._ack(length, stream_id)
         self._flush_wire()
 
     def connectionLost(self, reason=None) -> None:
@@ -651,16 +658,18 @@ class H2ServerProtocol(Protocol):
         request.begin()
 
     def _data(self, event) -> None:
-        stream = self.streams.get(event.stream_id)
+        """Request body bytes: acknowledged together at the end of the read (one call to
+        h2 per stream, not per frame), unless the exchange paused this stream's input."""
+        stream_id = event.stream_id
+        stream = self.streams.get(stream_id)
         length = event.flow_controlled_length
-        if stream is None:
-            self._ack(length, event.stream_id)
-            return
-        if stream.paused_input:
+        if stream is not None and stream.paused_input:
             stream.unacked += length
         else:
-            self._ack(length, event.stream_id)
-        stream.request.body_chunk(event.data)
+            acks = self._acks
+            acks[stream_id] = acks.get(stream_id, 0) + length
+        if stream is not None:
+            stream.request.body_chunk(event.data)
 
     def _ack(self, length: int, stream_id: int) -> None:
         if length:
