@@ -87,7 +87,9 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
     named = connection_tokens(headers)
     out = [method, b" ", uri, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     for name, value in headers:
-        key = header_key(name)
+        key = name.lower()
+        if b"_" in key:
+            key = key.replace(b"_", b"-")  # (header_key, inlined: once per field per request)
         if key in _DROPPED or key in named or key in drop:
             continue
         out += (name, b": ", value, b"\r\n")
@@ -114,12 +116,20 @@ def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = Fals
     For a 101 to a WebSocket upgrade, ``Connection`` and ``Upgrade`` are the point of
     the response and are kept (re-written canonically).
     """
-    named = connection_tokens(headers)
-    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
-        # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
-        named.add(b"content-length")
-    out = [(name, value) for name, value in headers
-           if (lname := name.lower()) not in HOP_BY_HOP and lname not in named]
+    # One pass for the names (lower-cased once), one to filter; no hop-by-hop field at all
+    # (a container that sends no Connection) returns the list as it came.
+    lnames = [name.lower() for name, _ in headers]
+    if HOP_BY_HOP.isdisjoint(lnames):
+        out = list(headers) if upgrade else headers
+    else:
+        named: set[bytes] = set()
+        for (name, value), lname in zip(headers, lnames):
+            if lname == b"connection":
+                named.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
+            elif lname == b"transfer-encoding":
+                # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
+                named.add(b"content-length")
+        out = [pair for pair, lname in zip(headers, lnames) if lname not in HOP_BY_HOP and lname not in named]
     if upgrade:
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     return out
