@@ -720,14 +720,11 @@ class DenialTests(PermissionsE2ETestCase):
         the body never reaches the container, and once the body is in the gateway closes
         the connection, as it said it would.
 
-        Bug: the connection stays open until the client idle timeout (75 s by default).
-        ``GatewayRequest.send_error`` (hoodyproxy/frontend/http1.py) leaves the response
-        unfinished and sets ``_finish_on_body`` for ``requestReceived`` to finish it when
-        the body ends; but the gateway has already set ``request.exchange`` (gateway.py,
-        step 4) before ``Exchange.deny``, so ``requestReceived`` calls
-        ``exchange.body_end()`` -- a no-op on an exchange that is over -- instead of
-        ``finish()``.  The same request to a stopped container (a 503 raised before an
-        exchange exists) is closed at once.
+        Regression: the connection used to stay open until the client idle timeout (75 s
+        by default) when the denial came after the gateway had made the request's
+        exchange (the old twisted.web request finished such an answer only from a path
+        that then never ran).  The same request to a stopped container (a 503 raised
+        before an exchange exists) was closed at once; both must be.
         """
         await self.put_set("project", ip_set({"files": "read"}))
         host = host_for(program="files", index=1)

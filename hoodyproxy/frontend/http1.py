@@ -1,18 +1,14 @@
-"""HTTP/1.1 frontend: twisted.web's channel, with a Request that hands itself to the gateway
-at end of headers instead of waiting for the whole body.
+"""HTTP/1.1 on twisted.web for the admin API and the plain-HTTP port, and what the HTTPS
+port's frontend (:mod:`hoodyproxy.frontend.h1`) shares with them.
 
-Stock :class:`twisted.web.http.Request` buffers the body (to memory or a temporary file)
-and renders only when it is complete.  :class:`GatewayRequest` starts the gateway in
-``gotLength`` and passes each body chunk on as it arrives, so a 1 GiB upload streams
-through.  It also offers the small frontend-neutral API the exchange uses
-(:class:`hoodyproxy.upstream.exchange.FrontendRequest`).
-
-:class:`GuardedChannel`, the channel under it (and under the plain-HTTP port and the
-admin API), bounds what a client can make it wait for or hold: one cheap timer per
-connection enforces the idle timeout and the request-head deadline (``[limits]
-request_head_timeout``: 408); the framing of a request is judged, all of its head, before
-the request goes anywhere (400); and an answer given before a request was read to its end
-closes the connection without reading the rest.
+:class:`GuardedChannel`, the channel under the plain-HTTP port and the admin API, bounds
+what a client can make it wait for or hold: one cheap timer per connection enforces the
+idle timeout and the request-head deadline (``[limits] request_head_timeout``: 408); the
+framing of a request is judged, all of its head, before the request goes anywhere (400);
+and an answer given before a request was read to its end closes the connection without
+reading the rest.  The HTTPS port, the hot path, parses with llhttp instead
+(:mod:`hoodyproxy.frontend.h1`) and shares the error answers, the date and the lingering
+close's bounds defined here.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.protocols import basic
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web import http
-from twisted.web.http import NO_BODY_CODES, datetimeToString
-from twisted.web.http_headers import Headers
+from twisted.web.http import datetimeToString
 from twisted.web.server import Site
 
 from hoodyproxy import errors
@@ -39,9 +34,8 @@ _date_cache: list = [0, b""]
 LINGER_SECONDS = 2.0
 #: ... and at most this many bytes; then the connection is aborted.
 LINGER_BYTES = 1024 * 1024
-#: Names read on every request, bound once: ``twisted.web.http`` is a deprecation proxy
-#: module, and each attribute read through it costs about 3 us.
-_request_write = http.Request.write
+#: Read on every line, bound once: ``twisted.web.http`` is a deprecation proxy module, and
+#: each attribute read through it costs about 3 us.
 _channel_line_received = http.HTTPChannel.lineReceived
 #: Reason phrases of RFC 9110 where twisted.web has none or an older one.
 REASONS = {**http.RESPONSES, 408: b"Request Timeout", 413: b"Content Too Large", 422: b"Unprocessable Content"}
@@ -98,216 +92,6 @@ def error_response(error: errors.GatewayError) -> list[bytes]:
         for one in value if isinstance(value, list) else (value,):
             head += (name, b": ", one, b"\r\n")
     return head + [b"Connection: close\r\n\r\n", body]
-
-
-class GatewayRequest(http.Request):
-    """A request that streams: the gateway sees it at end of headers."""
-
-    def __init__(self, channel, queued=None) -> None:
-        # Request.__init__ without a fresh address object per request (the peer does not
-        # change on a kept-alive connection) and without form parsing.
-        self.notifications = []
-        self.channel = channel
-        addresses = getattr(channel, "_addresses", None)
-        if addresses is None:
-            addresses = channel._addresses = (channel.getPeer(), channel.getHost())
-        self.client, self.host = addresses
-        self.requestHeaders = Headers()
-        self.received_cookies = {}
-        self.responseHeaders = Headers()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        self._parsePOSTFormSubmission = False
-
-    exchange = None
-    body_length: int | None = 0
-    body_complete = False
-    bytes_in = 0
-    _finish_on_body = False
-    _head_headers: list[tuple[bytes, bytes]] | None = None
-    _discarded = 0
-    proto = b"https"
-
-    @property
-    def http_version(self) -> str:
-        """"1.1" or "1.0", as the audit trail records it."""
-        return self.clientproto[5:].decode("latin-1") if self.clientproto.startswith(b"HTTP/") else "1.1"
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = None
-        self.body_length = length
-        take_request_line(self)
-        self.channel.factory.gateway.begin(self)
-
-    # -- body events from the channel -------------------------------------------------
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.body_data(data)
-            return
-        self._discarded += len(data)
-        if self._discarded > 1024 * 1024:
-            self.abort()
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.body_complete = True
-        if self._finish_on_body:
-            # Answered (an error) before the body was in: now the answer can end.
-            self.finish()
-        elif self.exchange is not None:
-            self.exchange.body_end()
-
-    def connectionLost(self, reason) -> None:
-        super().connectionLost(reason)
-        if self.exchange is not None:
-            self.exchange.client_gone()
-
-    # -- the FrontendRequest API ------------------------------------------------------
-
-    _client_ip: str | None = None
-
-    @property
-    def client_ip(self) -> str:
-        # Read several times per request; on a dual-stack socket an IPv4 peer is
-        # ::ffff:a.b.c.d, which takes an address parse to unwrap: once is enough.
-        ip = self._client_ip
-        if ip is None:
-            ip = self._client_ip = client_ip_of(self.client)
-        return ip
-
-    def pause_body(self) -> None:
-        transport = self.channel.transport if self.channel is not None else None
-        if transport is not None:
-            transport.pauseProducing()
-
-    def resume_body(self) -> None:
-        transport = self.channel.transport if self.channel is not None else None
-        if transport is not None:
-            transport.resumeProducing()
-
-    def start_response(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self.code = status
-        self.code_message = reason
-        self._head_headers = headers
-
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting and self._head_headers is not None:
-            if self._write_head():
-                return
-        _request_write(self, data)
-
-    def _write_head(self) -> bool:
-        """Write the status line and headers in one go; True if the response has no body.
-
-        Does what ``Request.write`` does on its first call, without building a Headers
-        object from the list the container sent (the hot path of every response).
-        """
-        self.startedWriting = 1
-        code = self.code
-        version = self.clientproto
-        parts = [version, b" %d " % code, self.code_message, b"\r\n"]
-        has_length = has_date = False
-        alt_svc = self.channel.factory.gateway.alt_svc
-        for name, value in self._head_headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                has_length = True
-            elif lname == b"date":
-                has_date = True
-            elif lname == b"alt-svc" and alt_svc is not None:
-                continue  # the gateway's own advertisement wins over a container's
-            parts += (name, b": ", value, b"\r\n")
-        if not has_date:
-            parts += (b"Date: ", http_date(), b"\r\n")
-        if alt_svc is not None:
-            parts += (b"Alt-Svc: ", alt_svc, b"\r\n")
-        no_body = self.method == b"HEAD" or code in NO_BODY_CODES
-        if version == b"HTTP/1.1":
-            if not has_length and not no_body:
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-                self.chunked = 1
-            if not self.channel.persistent:
-                parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        self.channel.writeSequence(parts)
-        if no_body:
-            self.write = lambda data: None
-        return no_body
-
-    def finish_response(self) -> None:
-        if not self._disconnected and not self.finished:
-            self.finish()
-
-    def send_error(self, error: errors.GatewayError) -> None:
-        """Answer with ``error``'s status and JSON body (or abort if a response has begun)."""
-        if self._disconnected or self.finished:
-            return
-        if self.startedWriting:
-            self.abort()
-            return
-        body = error.body()
-        self.code = error.status
-        self.code_message = REASONS.get(error.status, b"Error")
-        headers = Headers()
-        headers.addRawHeader(b"Content-Type", b"application/json")
-        headers.addRawHeader(b"Content-Length", b"%d" % len(body))
-        headers.addRawHeader(b"Cache-Control", b"no-store")
-        headers.addRawHeader(b"Date", http_date())
-        headers.addRawHeader(b"Server", SERVER)
-        alt_svc = self.channel.factory.gateway.alt_svc
-        if alt_svc is not None:
-            headers.addRawHeader(b"Alt-Svc", alt_svc)
-        for name, value in error.headers.items():
-            for one in value if isinstance(value, list) else (value,):
-                headers.addRawHeader(name, one)
-        if not self.body_complete:
-            # The client is still sending a body we will not read: close after answering.
-            self.channel.persistent = False
-            headers.addRawHeader(b"Connection", b"close")
-        self.responseHeaders = headers
-        self.write(body)
-        if self.body_complete:
-            self.finish()
-        else:
-            self._finish_on_body = True
-
-    def abort(self) -> None:
-        """Drop the client's connection at once (never a silently truncated response)."""
-        channel = self.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
-
-    def take_over(self, headers: list[tuple[bytes, bytes]]):
-        """Answer 101 with ``headers`` and hand the raw connection to a tunnel.
-
-        Returns (client transport, bytes the client already sent after the request).
-        The tunnel installs itself with :meth:`attach_tunnel`.
-        """
-        channel = self.channel
-        transport = channel.transport
-        channel.stop_idle_timer()
-        transport.unregisterProducer()
-        head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        for name, value in headers:
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"\r\n")
-        transport.writeSequence(head)
-        leftover = b"".join(channel._dataBuffer)
-        channel._dataBuffer = []
-        self.exchange = None
-        self._channel_for_tunnel = channel
-        return transport, leftover
-
-    def attach_tunnel(self, tunnel) -> None:
-        channel = self._channel_for_tunnel
-        channel.dataReceived = tunnel.client_data
-        channel.connectionLost = tunnel.client_lost
-        if self in channel.requests:
-            channel.requests.remove(self)
-        del self._channel_for_tunnel
 
 
 class GuardedChannel(http.HTTPChannel):
@@ -563,53 +347,3 @@ def early_answer_site(resource, request_factory, reactor, head_timeout: float | 
     site.head_timeout = head_timeout
     site.log = lambda request: None  # (no access log)
     return site
-
-
-class GatewayChannel(GuardedChannel):
-    """The HTTPS port's HTTP/1.1 channel: its refusals are audited like every answer."""
-
-    def refused(self, error: errors.GatewayError) -> None:
-        gateway = self.factory.gateway
-        started = self._head_started
-        took = self._now() - started if started is not None else 0.0
-        request = self.requests[-1] if self.requests else None
-        hosts = request.requestHeaders.getRawHeaders(b"host") if request is not None else None
-        command, path = getattr(self, "_command", None), getattr(self, "_path", None)
-        version = getattr(self, "_version", None) or b"HTTP/1.1"
-        gateway.emit_record({
-            "time": gateway.now() - took, "client": client_ip_of(self.transport.getPeer()),
-            "host": hosts[0].decode("latin-1") if hosts else None, "route": None,
-            "method": command.decode("latin-1") if command else None,
-            "path": path.decode("latin-1") if path else None,
-            "http": version[5:].decode("latin-1") if version.startswith(b"HTTP/") else "1.1",
-            "status": error.status, "reason": error.reason, "bytes_in": 0, "bytes_out": len(error.body())})
-
-    def body_malformed(self, reason: str) -> None:
-        # The request is with the gateway (and maybe its container) already, which may be
-        # answering: only dropping the connection is safe; the exchange learns of it from
-        # connectionLost.
-        self.closing = True
-        self.transport.abortConnection()
-
-
-class GatewayHTTPFactory(http.HTTPFactory):
-    """The HTTP/1.1 server factory: every request goes to ``gateway``."""
-
-    protocol = GatewayChannel
-
-    def __init__(self, gateway, reactor, timeout: float = 75.0) -> None:
-        super().__init__(logPath=None, timeout=timeout, reactor=reactor)
-        self.gateway = gateway
-
-    @property
-    def head_timeout(self) -> float:
-        """``[limits] request_head_timeout``, as the gateway's settings say now."""
-        return self.gateway.settings.request_head_timeout
-
-    def buildProtocol(self, addr):
-        channel = super().buildProtocol(addr)
-        channel.requestFactory = GatewayRequest
-        return channel
-
-    def log(self, request) -> None:
-        """The audit trail replaces the access log."""

@@ -2,7 +2,7 @@
 
 The HTTP/2 and HTTP/3 frontends turn a stream's header block into a
 :class:`StreamRequest` and hand it to :meth:`hoodyproxy.gateway.Gateway.begin`, exactly as
-the HTTP/1.1 frontend hands over its :class:`~hoodyproxy.frontend.http1.GatewayRequest`:
+the HTTP/1.1 frontend hands over its :class:`~hoodyproxy.frontend.h1request.H1Request`:
 the same attributes (``method``, ``uri``, ``requestHeaders``, ``client``, ``body_length``
 ...) and the same :class:`~hoodyproxy.upstream.exchange.FrontendRequest` API.  What
 differs per protocol is only how bytes reach the wire, which the connection object
@@ -246,7 +246,7 @@ class StreamRequest:
 
     @property
     def client_ip(self) -> str:
-        ip = self._client_ip  # (unwrapped once per request: see GatewayRequest.client_ip)
+        ip = self._client_ip  # (unwrapped once per request: see H1Request.client_ip)
         if ip is None:
             ip = self._client_ip = client_ip_of(self.client)
         return ip
