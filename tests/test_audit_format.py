@@ -198,6 +198,18 @@ class FormatTests(unittest.TestCase):
             "time", "client", "host", "route", "method", "path", "status", "bytes_in",
             "bytes_out", "duration_ms", "http", "decision"])
 
+    def test_route_rendered_once_reads_the_same(self):
+        """The gateway's RouteRecord (its JSON rendered once per target) gives the line a
+        plain route dict gives, and is itself that dict."""
+        from hoodyproxy.observe.audit import RouteRecord
+        from hoodyproxy.routing import Target
+        target = Target("67e89abc123def456789abcd", "890abcdef12345678901cdef", "http", 3000, "h")
+        plain = dict(typical_record(), route={"project": target.project, "container": target.container,
+                                              "program": target.program, "index": target.index})
+        cached = dict(plain, route=RouteRecord(target))
+        self.assertEqual(cached["route"], plain["route"])
+        self.assertEqual(format_record(cached), old_format_record(plain))
+
     def test_refusal_shapes(self):
         """The records of the gateway's other paths: refused, limited, dry run, tunnel."""
         base = {"time": 1765071514.5, "client": "2001:db8::1", "host": None, "route": None,
