@@ -162,14 +162,13 @@ class GatewayStack:
 
     def https_factory(self):
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
         from hoodyproxy.frontend.h1 import H1Factory
         from hoodyproxy.frontend.http2 import NegotiatingFactory
         from hoodyproxy.tls import SNIContextFactory
         factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
-        return TLSMemoryBIOFactory(SNIContextFactory(self.certificates), False, negotiating)
+        from hoodyproxy.tls.transport import tls_factory
+        return tls_factory(SNIContextFactory(self.certificates), False, negotiating)
 
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request

@@ -43,6 +43,8 @@ class H1Request:
     method = b""
     _client_ip: str | None = None
     _head: tuple | None = None
+    #: The response's bytes so far, while it has not gone on past one read of the container's.
+    _held: list[bytes] | None = None
     _no_body = False
     #: An error answer given before the body was in: the connection lingers and closes.
     answered_early = False
@@ -78,6 +80,11 @@ class H1Request:
         self.connection.resume_reading("body")
 
     def registerProducer(self, producer, streaming: bool) -> None:
+        # The response goes on past the container's read (see Exchange.upstream_streaming):
+        # what was held of it goes out now, and the rest as it comes.
+        held, self._held = self._held, None
+        if held and not self.connection.lost:
+            self.connection.transport.writeSequence(held)
         self.connection.register_producer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -135,8 +142,24 @@ class H1Request:
                 parts += (b"%x\r\n" % len(data), data, b"\r\n")
             else:
                 parts.append(data)
-        if parts:
+        if not parts:
+            return
+        if connection.producing:
             connection.transport.writeSequence(parts)
+        elif self._held is None:
+            # Until the response turns out longer than one read of the container's, it is
+            # held (at most that read) and written whole when it ends: one TLS record and
+            # one send, in this reactor turn.
+            self._held = parts
+        else:
+            self._held += parts
+
+    def flush(self) -> None:
+        """Write what is held of the response now (it is complete, but the request is not:
+        the answer must not wait for the rest of an upload)."""
+        held, self._held = self._held, None
+        if held and not self.connection.lost:
+            self.connection.transport.writeSequence(held)
 
     def finish_response(self) -> None:
         connection = self.connection
@@ -145,8 +168,15 @@ class H1Request:
         parts = self._head_parts() if not self.started else []
         if self.chunked:
             parts.append(b"0\r\n\r\n")
+        held, self._held = self._held, None
+        if held:
+            parts = held + parts
         if parts:
-            connection.transport.writeSequence(parts)
+            write_now = getattr(connection.transport, "write_now", None)
+            if write_now is not None:
+                write_now(b"".join(parts))
+            else:
+                connection.transport.writeSequence(parts)
         self.finished = True
         connection.request_done(self)
 

@@ -252,8 +252,11 @@ class Exchange:
             self._finish_ok()
         else:
             # The container answered before the body was in: stop forwarding it, drain the
-            # rest from the client (bounded) and finish when it is in.
+            # rest from the client (bounded) and finish when it is in; the answer goes out now.
             self._unregister_body_producer()
+            flush = getattr(self.request, "flush", None)
+            if flush is not None:
+                flush()
 
     def _finish_ok(self) -> None:
         self.request.finish_response()
