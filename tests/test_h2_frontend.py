@@ -25,7 +25,8 @@ from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from hoodyproxy.frontend.fields import Fields
-from hoodyproxy.frontend.http2 import H2ServerProtocol, HeaderDecoder, HeaderEncoder, malformed
+from hoodyproxy.frontend.h2codec import HeaderDecoder, HeaderEncoder, malformed
+from hoodyproxy.frontend.http2 import H2ServerProtocol
 from hoodyproxy.frontend.stream import parse_request_head
 
 AUTHORITY = b"app.example.test"

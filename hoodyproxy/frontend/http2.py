@@ -28,17 +28,15 @@ off the socket, and the connection is aborted past ``GOAWAY_DRAIN`` bytes or
 ``GOAWAY_GRACE`` seconds, so a client that keeps sending never keeps the gateway busy.
 The TLS handshake itself must end within ``request_head_timeout``.
 
-Per request, the costly parts of h2 are replaced, not skipped: header blocks are checked
-by :func:`malformed` (h2's inbound validation, one pass), requests decoded by
-:class:`HeaderDecoder` and responses encoded by :class:`HeaderEncoder` (HPACK with the
-same compression as hpack's, without its per-field search); a connection's responses of
-one reactor turn share one deferred flush.
+Per request, the costly parts of h2 are replaced, not skipped (see
+:mod:`hoodyproxy.frontend.h2codec`): header blocks are checked by ``malformed`` (h2's
+inbound validation, one pass), requests decoded by ``HeaderDecoder`` and responses encoded
+by ``HeaderEncoder`` (HPACK with the same compression as hpack's, without its per-field
+search); a connection's responses of one reactor turn share one deferred flush.
 """
 
 from __future__ import annotations
 
-import binascii
-import re
 from collections import deque
 
 import h2.config
@@ -47,340 +45,18 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack.hpack
-import hyperframe.frame
-from hpack import Decoder
-from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
-from hpack.huffman import HuffmanEncoder
-from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
-from hpack.table import HeaderTable
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from hoodyproxy.frontend.h2codec import DECODER_PARTS, HeaderDecoder, HeaderEncoder, malformed
 from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
 from hoodyproxy.tls.context import name_covered, server_name
 
 log = Logger()
-
-
-def _short_data_repr(data: bytes | None) -> str:
-    """hyperframe's ``_raw_data_repr``, same output, without hex-encoding all of ``data``.
-
-    h2 logs ``repr(frame)`` for every frame it receives, building the string even when
-    nothing logs it, and hyperframe's repr hex-encodes a whole 16 KiB DATA payload only to
-    keep its first 20 characters: about a tenth of the gateway's CPU on an HTTP/2 upload.
-    """
-    if not data:
-        return "None"
-    r = binascii.hexlify(data[:11]).decode("ascii")
-    if len(r) > 20:
-        r = r[:20] + "..."
-    return "<hex:" + r + ">"
-
-
-if getattr(hyperframe.frame, "_raw_data_repr", None) is not None:
-    hyperframe.frame._raw_data_repr = _short_data_repr
-# ... and h2 formats ``repr(frame)`` of every frame it receives, for a trace line its
-# default logger drops (1 % of the CPU of a small request).  Within h2.connection (its
-# only use of repr) the built-in object repr, which costs next to nothing, takes its place.
-h2.connection.repr = object.__repr__
-
-
-class _QuietLog:
-    """Stands in for hpack's module logger: hpack logs every integer and field it codes
-    at debug level (about 15 calls a request, each a logging level check)."""
-
-    @staticmethod
-    def debug(*args, **kwargs) -> None:
-        pass
-
-
-if hasattr(hpack.hpack, "log"):
-    hpack.hpack.log = _QuietLog()
-
-
-# -- receiving: what makes a header block malformed (RFC 9113 8.2 and 8.3) ------------
-
-#: A regular field name: no control, space, upper-case letter, colon, DEL or byte above
-#: 0x7f (RFC 9113 8.2.1; stream.parse_request_head then wants a token).
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x40\x5b-\x7e]+")
-#: NUL, CR and LF, never in a field value; nor is white space at either end (RFC 9113 8.2.1).
-_BAD_VALUE_BYTE = re.compile(rb"[\x00\n\r]")
-_WHITE_SPACE = frozenset(b"\t ")
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-#: Connection-specific fields, never in an HTTP/2 message (RFC 9113 8.2.2; TE apart).
-_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
-                                b"upgrade"})
-
-
-def malformed(headers, trailers: bool = False) -> str | None:
-    """Why a received request header block (or trailer block) is malformed, or None.
-
-    The checks h2 makes with ``validate_inbound_headers`` on, in one pass instead of a
-    chain of seven generators (6 % of the gateway's HTTP/2 CPU per request): field
-    characters, connection-specific fields, ``te`` other than ``trailers``, pseudo-header
-    fields known, single, first and as the method requires, no pseudo-header in
-    trailers, one Host at most and the same as ``:authority``, a ``:path`` not empty.
-    A malformed block is a connection error (PROTOCOL_ERROR), as when h2 made the checks.
-    """
-    pseudo: dict[bytes, bytes] = {}
-    regular = False
-    host = None
-    bad_byte, space = _BAD_VALUE_BYTE.search, _WHITE_SPACE
-    name_ok = _FIELD_NAME.fullmatch
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular:
-                return "pseudo-header field after a regular field"
-            if name not in _REQUEST_PSEUDO or name in pseudo:
-                return "unknown or repeated pseudo-header field"
-            pseudo[name] = value
-        else:
-            regular = True
-            if name_ok(name) is None:
-                return "malformed field name"
-            if name in _CONNECTION_FIELDS:
-                return "connection-specific field"
-            if name == b"te" and value.lower() != b"trailers":
-                return "te other than trailers"
-            if name == b"host":
-                if host is not None and not trailers:
-                    return "more than one host"
-                host = value
-        if value and (value[0] in space or value[-1] in space or bad_byte(value) is not None):
-            return "malformed field value"
-    if trailers:
-        return "pseudo-header field in trailers" if pseudo else None
-    method = pseudo.get(b":method")
-    if method is None:
-        return "no :method"
-    if method == b"CONNECT" and b":protocol" not in pseudo:
-        if b":scheme" in pseudo or b":path" in pseudo:
-            return "CONNECT with :scheme or :path"
-    elif b":scheme" not in pseudo or b":path" not in pseudo:
-        return "no :scheme or :path"
-    elif b":protocol" in pseudo and method != b"CONNECT":
-        return ":protocol without CONNECT"
-    authority = pseudo.get(b":authority")
-    if authority is None:
-        if host is None:
-            return "neither :authority nor host"
-    elif host is not None and host != authority:
-        return ":authority and host differ"
-    if pseudo.get(b":path", b"/") == b"":
-        return "empty :path"
-    return None
-
-
-# -- receiving: HPACK, the common case inline ---------------------------------------
-
-class HeaderDecoder(Decoder):
-    """hpack's decoder with the indexed field (RFC 7541 6.1) decoded inline.
-
-    A client's request fields are mostly in its dynamic table already, each a one-byte
-    index: hpack's decode spends some 10 us a field on slicing, tuple classes and debug
-    logs around the table lookup.  Here an index is looked up in place; literals and
-    table size updates go to hpack's own methods, and every limit stays as hpack sets it
-    (the header list size, the table size, a size update only at the start of a block).
-    The fields come back as plain (name, value) tuples.
-    """
-
-    def decode(self, data: bytes, raw: bool = False):
-        if not raw:
-            return super().decode(data, raw)
-        headers: list[tuple[bytes, bytes]] = []
-        get = self.header_table.get_by_index
-        view = memoryview(data)
-        limit = self.max_header_list_size
-        size = 0
-        at, end = 0, len(data)
-        while at < end:
-            first = data[at]
-            if first & 0x80:
-                if first != 0xFF:
-                    field = get(first & 0x7F)
-                    at += 1
-                else:
-                    field, used = self._decode_indexed(view[at:])
-                    at += used
-            elif first & 0x40:
-                field, used = self._decode_literal_index(view[at:])
-                at += used
-            elif first & 0x20:
-                if headers:
-                    raise HPACKDecodingError("Table size update not at the start of the block")
-                at += self._update_encoding_context(view[at:])
-                continue
-            else:
-                field, used = self._decode_literal_no_index(view[at:])
-                at += used
-            headers.append(field)
-            size += len(field[0]) + len(field[1]) + 32
-            if size > limit:
-                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
-        self._assert_valid_table_size()
-        return headers
-
-
-#: hpack's decoder methods HeaderDecoder relies on (else hpack's decoder is kept).
-_DECODER_PARTS = ("_decode_indexed", "_decode_literal_index", "_decode_literal_no_index",
-                  "_update_encoding_context", "_assert_valid_table_size", "header_table")
-
-
-# -- sending: HPACK with the dynamic table indexed both ways ---------------------------
-
-_huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode
-#: (name, value) -> static table index, and name -> its first static index (RFC 7541 A).
-_STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
-_STATIC_NAMES: dict[bytes, int] = {}
-for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
-    _STATIC_FIELDS.setdefault((_name, _value), _index)
-    _STATIC_NAMES.setdefault(_name, _index)
-del _index, _name, _value
-#: Index 62 is the dynamic table's newest entry.
-_DYNAMIC_BASE = len(HeaderTable.STATIC_TABLE) + 1
-#: Response fields kept out of any compression context (RFC 7541 7.1.3).
-_NEVER_INDEXED = frozenset({b"set-cookie", b"authorization", b"proxy-authorization"})
-#: Encoded string literals, shared by every connection (the encoding depends on the
-#: string alone); cleared when full, and long strings are never kept.
-_STRINGS: dict[bytes, bytes] = {}
-_STRINGS_MAX = 4096
-_STRINGS_MAX_LENGTH = 256
-
-
-def _integer(value: int, prefix_bits: int, first: int) -> bytes:
-    """An HPACK integer (RFC 7541 5.1) with ``first``'s flag bits in its first byte."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-#: Indexed field representations (RFC 7541 6.1) of the indices that fit in one byte.
-_INDEXED = [_integer(i, 7, 0x80) for i in range(127)]
-
-
-def _string(data: bytes) -> bytes:
-    """An HPACK string literal (RFC 7541 5.2), Huffman-coded when that is shorter."""
-    encoded = _STRINGS.get(data)
-    if encoded is None:
-        coded = _huffman(data)
-        if len(coded) < len(data):
-            encoded = _integer(len(coded), 7, 0x80) + coded
-        else:
-            encoded = _integer(len(data), 7, 0x00) + data
-        if len(data) <= _STRINGS_MAX_LENGTH:
-            if len(_STRINGS) >= _STRINGS_MAX:
-                _STRINGS.clear()
-            _STRINGS[data] = encoded
-    return encoded
-
-
-class HeaderEncoder:
-    """The HPACK encoder of a connection's responses, in place of hpack's.
-
-    hpack's encoder searches its dynamic table entry by entry for every field and logs
-    each step: about 5 us a field, most of the cost of sending a response head.  This
-    one keeps the table's entries indexed by field and by name, each numbered by
-    insertion, so that a field already in the table (a response's fields mostly are)
-    costs a dict lookup: its index is the distance from the newest entry.  Fields are
-    added as hpack adds them (RFC 7541 6.2.1), except the never-indexed ones and any
-    larger than a quarter of the table, sent as literals that do not evict the rest.
-
-    h2 sets :attr:`header_table_size` from the client's SETTINGS_HEADER_TABLE_SIZE; the
-    table shrinks to it, with a size update at the start of the next block (RFC 7541
-    4.2), and never grows back (the smaller size stays allowed).
-    """
-
-    def __init__(self) -> None:
-        self._limit = 4096  # SETTINGS_HEADER_TABLE_SIZE's initial value
-        self._max = 4096
-        self._size = 0
-        self._inserted = 0
-        #: (number, name, value, size), oldest first.
-        self._entries: deque[tuple[int, bytes, bytes, int]] = deque()
-        #: (name, value) and name -> number of the newest entry with it.
-        self._fields: dict[tuple[bytes, bytes], int] = {}
-        self._names: dict[bytes, int] = {}
-        self._resized = False
-
-    @property
-    def header_table_size(self) -> int:
-        return self._limit
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        self._limit = value
-        if value < self._max:
-            self._max = value
-            self._evict()
-            self._resized = True
-
-    def encode(self, headers, huffman: bool = True) -> bytes:
-        """The header block of ``headers``, (name, value) pairs of lower-case bytes."""
-        out = []
-        if self._resized:
-            self._resized = False
-            out.append(_integer(self._max, 5, 0x20))
-        static, dynamic, indexed = _STATIC_FIELDS, self._fields, _INDEXED
-        for field in headers:
-            index = static.get(field)
-            if index is None:
-                number = dynamic.get(field)
-                if number is not None:
-                    index = _DYNAMIC_BASE + self._inserted - 1 - number
-            if index is not None:
-                out.append(indexed[index] if index < 127 else _integer(index, 7, 0x80))
-                continue
-            name, value = field[0], field[1]
-            name_index = _STATIC_NAMES.get(name)
-            if name_index is None:
-                number = self._names.get(name)
-                if number is not None:
-                    name_index = _DYNAMIC_BASE + self._inserted - 1 - number
-            size = len(name) + len(value) + 32
-            if name in _NEVER_INDEXED:
-                first, bits, add = 0x10, 4, False
-            elif size * 4 > self._max:
-                first, bits, add = 0x00, 4, False
-            else:
-                first, bits, add = 0x40, 6, True
-            if name_index is None:
-                out.append(bytes((first,)) + _string(name) + _string(value))
-            else:
-                out.append(_integer(name_index, bits, first) + _string(value))
-            if add:  # (after the name's index was taken: the decoder adds after reading)
-                self._add(name, value, size)
-        return b"".join(out)
-
-    def _add(self, name: bytes, value: bytes, size: int) -> None:
-        number = self._inserted
-        self._inserted += 1
-        self._entries.append((number, name, value, size))
-        self._size += size
-        self._fields[(name, value)] = number
-        self._names[name] = number
-        self._evict()
-
-    def _evict(self) -> None:
-        entries, fields, names = self._entries, self._fields, self._names
-        while self._size > self._max:
-            number, name, value, size = entries.popleft()
-            self._size -= size
-            if fields.get((name, value)) == number:
-                del fields[(name, value)]
-            if names.get(name) == number:
-                del names[name]
 
 
 #: Unsent response bytes per stream above which the container's connection is paused.
@@ -457,7 +133,7 @@ class H2ServerProtocol(Protocol):
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.encoder = HeaderEncoder()
         stock = self.conn.decoder
-        if all(hasattr(stock, part) for part in _DECODER_PARTS):
+        if all(hasattr(stock, part) for part in DECODER_PARTS):
             decoder = HeaderDecoder(max_header_list_size=stock.max_header_list_size)
             decoder.max_allowed_table_size = stock.max_allowed_table_size
             self.conn.decoder = decoder
