@@ -145,6 +145,11 @@ _DEFAULTS = {"client": None, "host": None, "route": None, "method": None, "path"
 _MILLIS = tuple('.%03dZ"' % ms for ms in range(1001))
 
 
+#: "%d.5", "%d.25", "%d.125"...: a whole number of milliseconds and its thousandths as
+#: repr writes them (no trailing zeros, at least one decimal).
+_DURATION = ["%d." + (("%03d" % f).rstrip("0") or "0") for f in range(1000)]
+
+
 def format_record(r: dict) -> str:
     """One audit record as a compact JSON object (keys in a fixed order).
 
@@ -187,7 +192,14 @@ def format_record(r: dict) -> str:
         route_text = '{"project":"%s","container":"%s","program":"%s","index":%d}' % (
             route["project"], route["container"], route["program"], route["index"])
     if type(duration) is float and duration - duration == 0.0:
-        duration_text = float.__repr__(duration)
+        # The gateway rounds to whole microseconds; such a value's repr is its three
+        # decimals without trailing zeros, made here without the float-to-text search.
+        micros = int(duration * 1000.0 + 0.5) if 0.0 <= duration < 1e12 else -1
+        if micros >= 0 and micros / 1000.0 == duration:
+            whole, frac = divmod(micros, 1000)
+            duration_text = _DURATION[frac] % whole
+        else:
+            duration_text = float.__repr__(duration)
     elif type(duration) is int:
         duration_text = int.__repr__(duration)
     else:

@@ -230,7 +230,7 @@ class Exchange:
         self.response_started = True
         self.record["status"] = status
         self.request.start_response(status, reason or RESPONSES.get(status, b"Unknown"),
-                                    response_headers(headers))
+                                    response_headers(headers, lnames=getattr(self.conn, "head_lnames", None)))
 
     def upstream_streaming(self) -> None:
         """The response goes on past the container's read just handled: from now on a client

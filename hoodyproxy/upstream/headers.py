@@ -110,15 +110,18 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
     return b"".join(out)
 
 
-def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = False) -> list[tuple[bytes, bytes]]:
+def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = False,
+                     lnames: list[bytes] | None = None) -> list[tuple[bytes, bytes]]:
     """The container's response headers as the client gets them: hop-by-hop removed.
 
     For a 101 to a WebSocket upgrade, ``Connection`` and ``Upgrade`` are the point of
-    the response and are kept (re-written canonically).
+    the response and are kept (re-written canonically).  ``lnames``, the names in lower
+    case when the caller has them already, saves a pass.
     """
     # One pass for the names (lower-cased once), one to filter; no hop-by-hop field at all
     # (a container that sends no Connection) returns the list as it came.
-    lnames = [name.lower() for name, _ in headers]
+    if lnames is None or len(lnames) != len(headers):
+        lnames = [name.lower() for name, _ in headers]
     if HOP_BY_HOP.isdisjoint(lnames):
         out = list(headers) if upgrade else headers
     else:

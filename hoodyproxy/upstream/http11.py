@@ -75,11 +75,13 @@ _OWS = frozenset(b" \t")
 class _HeadCollector:
     """httptools' callbacks for one head: the reason, the fields, and whether it ended."""
 
-    __slots__ = ("reason", "headers", "complete")
+    __slots__ = ("reason", "headers", "lnames", "complete")
 
     def __init__(self) -> None:
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The field names in lower case, computed once here for every later pass.
+        self.lnames: list[bytes] = []
         self.complete = False
 
     def on_status(self, reason: bytes) -> None:
@@ -89,13 +91,15 @@ class _HeadCollector:
         if value and value[-1] in _OWS:  # llhttp strips the leading whitespace only
             value = value.rstrip(b" \t")
         self.headers.append((name, value))
+        self.lnames.append(name.lower())
 
     def on_headers_complete(self) -> None:
         self.complete = True
 
 
-def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """Status, reason and fields of ``head`` (one whole head, its blank line included)."""
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
+    """Status, reason, fields and lower-case field names of ``head`` (one whole head, its
+    blank line included)."""
     if not head.startswith(_VERSIONS):
         raise UpstreamProtocolError("bad status line")
     collector = _HeadCollector()
@@ -118,10 +122,10 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     status = parser.get_status_code()
     if status < 100:
         raise UpstreamProtocolError("bad status code")
-    return status, collector.reason, collector.headers
+    return status, collector.reason, collector.headers, collector.lnames
 
 
-def _parse_head_by_hand(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+def _parse_head_by_hand(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
     """The head (without its blank line) parsed in Python: the rules llhttp's framing
     checks would refuse are judged here instead (see :meth:`UpstreamConnection._frame`)."""
     lines = head.split(b"\r\n")
@@ -141,7 +145,7 @@ def _parse_head_by_hand(head: bytes) -> tuple[int, bytes, list[tuple[bytes, byte
         if b"\r" in value or b"\n" in value or b"\x00" in value:
             raise UpstreamProtocolError("bad header value")
         headers.append((name, value))
-    return status, reason, headers
+    return status, reason, headers, [name.lower() for name, _ in headers]
 
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -152,6 +156,8 @@ class UpstreamConnection(Protocol):
 
     listener: ResponseListener | None = None
     state = IDLE
+    #: The lower-case field names of the last response head (for the exchange's filter).
+    head_lnames: list[bytes] | None = None
     #: Set by the pool: called when this connection can carry another request.
     on_reusable: Callable[["UpstreamConnection"], None] | None = None
     #: Set by the pool: called once when the connection is gone.
@@ -315,7 +321,7 @@ class UpstreamConnection(Protocol):
                 return
             head, self._buf = self._buf[:end + 4], self._buf[end + 4:]
             try:
-                status, reason, headers = _parse_head(head)
+                status, reason, headers, lnames = _parse_head(head)
                 self._http10 = head.startswith(b"HTTP/1.0")
             except UpstreamProtocolError as e:
                 self._fail(str(e))
@@ -337,7 +343,8 @@ class UpstreamConnection(Protocol):
             if 100 <= status < 200:
                 continue  # interim responses (100 Continue, 103) are not forwarded
             self._cancel_timeout()
-            if not self._frame(status, headers):
+            self.head_lnames = lnames
+            if not self._frame(status, headers, lnames):
                 return
             self.state = BODY
             listener = self.listener
@@ -355,12 +362,11 @@ class UpstreamConnection(Protocol):
                 self._body(data)
             return
 
-    def _frame(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _frame(self, status: int, headers: list[tuple[bytes, bytes]], lnames: list[bytes]) -> bool:
         te = None
         lengths = []
         keep_alive = False
-        for name, value in headers:
-            lname = name.lower()
+        for (name, value), lname in zip(headers, lnames):
             if lname == b"transfer-encoding":
                 te = value.lower() if te is None else te + b"," + value.lower()
             elif lname == b"content-length":
