@@ -76,6 +76,9 @@ class _HeadCollector:
     """httptools' callbacks for one head: the reason, the fields, and whether it ended."""
 
     __slots__ = ("reason", "headers", "lnames", "complete")
+    # The callbacks httptools looks up and this collector does not want, found as None
+    # (a failed attribute lookup costs more than a found one, six per response).
+    on_message_begin = on_url = on_body = on_message_complete = on_chunk_header = on_chunk_complete = None
 
     def __init__(self) -> None:
         self.reason = b""
