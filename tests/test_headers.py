@@ -313,3 +313,25 @@ class WebSocketDetectionTests(SynchronousTestCase):
         """
         for value in (b"notwebsocket", b"websocket2", b"x-websocket-tunnel"):
             self.assertFalse(wants_websocket([(b"Connection", b"Upgrade"), (b"Upgrade", value)]), value)
+
+
+class ForwardingBlockCacheTests(SynchronousTestCase):
+    """The forwarding headers are built once per client, host and scheme, and the cache
+    of them stays bounded."""
+
+    def test_each_client_and_host_gets_its_own_block(self):
+        """Two clients and two hosts: four blocks, each naming its own client and host."""
+        from hoodyproxy.upstream.headers import forwarding_block
+        for ip in ("192.0.2.1", "2001:db8::1"):
+            for host in (b"a.example", b"b.example"):
+                block = forwarding_block(ip, host, b"https")
+                self.assertIn(b"X-Forwarded-For: " + ip.encode() + b"\r\n", block)
+                self.assertIn(b"X-Forwarded-Host: " + host + b"\r\n", block)
+                self.assertIs(forwarding_block(ip, host, b"https"), block)
+
+    def test_cache_is_bounded(self):
+        """More clients than the cache holds: it never grows past its size."""
+        from hoodyproxy.upstream import headers
+        for i in range(headers.FORWARDING_CACHE_SIZE + 50):
+            headers.forwarding_block("198.51.100.%d" % (i % 250), b"h%d.example" % i, b"https")
+        self.assertLessEqual(len(headers._forwarding_blocks), headers.FORWARDING_CACHE_SIZE)

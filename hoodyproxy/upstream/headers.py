@@ -74,6 +74,28 @@ def forwarded_for(client_ip: str) -> bytes:
     return client_ip.encode()
 
 
+_forwarding_blocks: dict[tuple[str, bytes, bytes], bytes] = {}
+#: Forwarding blocks kept (one per client address and host in use); then the cache restarts.
+FORWARDING_CACHE_SIZE = 4096
+
+
+def forwarding_block(client_ip: str, host: bytes, proto: bytes) -> bytes:
+    """The gateway's forwarding headers for a client, host and scheme, built once per
+    (client, host, scheme) while they are in use: a client's requests repeat them."""
+    key = (client_ip, host, proto)
+    block = _forwarding_blocks.get(key)
+    if block is None:
+        ip = client_ip.encode()
+        block = b"".join((b"X-Forwarded-For: ", ip, b"\r\nX-Forwarded-Proto: ", proto,
+                          b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Real-IP: ", ip,
+                          b"\r\nForwarded: for=", forwarded_for(client_ip), b";host=\"", host.replace(b'"', b""),
+                          b"\";proto=", proto, b"\r\n"))
+        if len(_forwarding_blocks) >= FORWARDING_CACHE_SIZE:
+            _forwarding_blocks.clear()
+        _forwarding_blocks[key] = block
+    return block
+
+
 def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes, bytes]], *,
                        host: bytes, client_ip: str, proto: bytes = b"https",
                        body_length: int | None, upgrade: bool = False,
@@ -93,11 +115,7 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
         if key in _DROPPED or key in named or key in drop:
             continue
         out += (name, b": ", value, b"\r\n")
-    ip = client_ip.encode()
-    out += (b"X-Forwarded-For: ", ip, b"\r\nX-Forwarded-Proto: ", proto,
-            b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Real-IP: ", ip,
-            b"\r\nForwarded: for=", forwarded_for(client_ip), b";host=\"", host.replace(b'"', b""),
-            b"\";proto=", proto, b"\r\n")
+    out.append(forwarding_block(client_ip, host, proto))
     if instance is not None:
         out += (INSTANCE_HEADER, b": %d\r\n" % instance)
     if upgrade:
