@@ -10,6 +10,10 @@ code changes).
     At take-over, Twisted's TLS protocol delivers to a two-method object calling the
     tunnel instead of to the HTTP/1.1 connection (``hoodyproxy.frontend.h1``), so that
     the connection object (and, with the patch above, the request) can be collected.
+
+Both were measured here (34.4 -> 29 KiB per idle WebSocket) and are now what the gateway
+does (``Exchange.upstream_upgraded``, ``H1Connection.attach_tunnel``); applying them again
+changes nothing.  They stay as the pattern for the next experiment.
 """
 
 from __future__ import annotations
