@@ -200,6 +200,42 @@ class RefusalTests(unittest.TestCase):
         self.assertTrue(front.written.startswith(b"HTTP/1.1 431 "), front.written[:40])
         front.close()
 
+    def test_endless_trailer_field_is_cut_off(self):
+        """A chunked body whose trailer field never ends (httptools would keep it whole):
+        once 16 KiB have gone by with no field ended, the connection is dropped."""
+        front = Frontend()
+        front.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+        [request] = front.gateway.begun
+        for _ in range(40):
+            if front.protocol.closing:
+                break
+            front.send(b"a" * 1000)
+        self.assertTrue(front.protocol.closing)
+        front.close()
+        self.assertTrue(request.exchange.gone)
+
+    def test_many_trailer_fields_are_cut_off(self):
+        """Trailer fields past 16 KiB in all: the connection is dropped."""
+        front = Frontend()
+        front.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+        for i in range(2000):
+            if front.protocol.closing:
+                break
+            front.send(b"X-T%d: value\r\n" % i)
+        self.assertTrue(front.protocol.closing)
+        front.close()
+
+    def test_endless_chunk_extension_is_cut_off(self):
+        """A chunk-size line whose extension never ends: dropped past 16 KiB."""
+        front = Frontend()
+        front.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=")
+        for _ in range(40):
+            if front.protocol.closing:
+                break
+            front.send(b"y" * 1000)
+        self.assertTrue(front.protocol.closing)
+        front.close()
+
     def test_malformed_chunked_body_after_the_head_drops_the_connection(self):
         """A chunked body that turns malformed once the gateway has the request: the
         connection is dropped (an answer may be on its way) and the exchange hears of it."""

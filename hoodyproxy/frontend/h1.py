@@ -114,6 +114,9 @@ class H1Connection(Protocol):
     _head_size = 0
     _fields = 0
     _fields_this_read = 0
+    #: Bytes of a body read that produced nothing (see dataReceived), and trailer bytes.
+    _unproductive = 0
+    _trailer_size = 0
     _te_seen = False
     _length_seen = False
     _linger_left = 0
@@ -172,12 +175,22 @@ class H1Connection(Protocol):
             self._malformed(str(failure))
         else:
             receiving = self.receiving
-            if receiving is not None and self._head_started is not None and not self.closing:
-                # A head still incomplete: llhttp holds at most the field being received.
-                if not self._fields_this_read:
-                    self._head_size += len(data)
-                if self._head_size > MAX_HEAD_BYTES:
-                    self.refuse(HeadTooLarge(reason="request head too large"))
+            if receiving is not None and not self.closing:
+                if self._head_started is not None:
+                    # A head still incomplete: llhttp holds at most the field being received.
+                    if not self._fields_this_read:
+                        self._head_size += len(data)
+                    if self._head_size > MAX_HEAD_BYTES:
+                        self.refuse(HeadTooLarge(reason="request head too large"))
+                elif self._fields_this_read:
+                    self._unproductive = 0
+                else:
+                    # A body read that gave no body byte and ended no field: chunk-size
+                    # lines, extensions, or a trailer field being received (which httptools
+                    # keeps whole until it ends).  Bounded like a head.
+                    self._unproductive += len(data)
+                    if self._unproductive > MAX_HEAD_BYTES:
+                        self._malformed("chunked body framing or trailer too large")
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
@@ -215,7 +228,12 @@ class H1Connection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.receiving
         if request is None or request.method:
-            return  # a chunked body's trailer field: not forwarded
+            # A chunked body's trailer field: not forwarded, and bounded like a head.
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_size > MAX_HEAD_BYTES:
+                raise _Refuse(HeadTooLarge(reason="request trailer too large"))
+            self._fields_this_read += 1
+            return
         self._fields_this_read += 1
         self._head_size += len(name) + len(value) + 4
         self._fields += 1
@@ -267,6 +285,7 @@ class H1Connection(Protocol):
     def on_body(self, data: bytes) -> None:
         request = self.receiving
         request.bytes_in += len(data)
+        self._fields_this_read += 1  # (progress: see dataReceived)
         if request is not self.active:
             if request.early_body is None:
                 request.early_body = []
@@ -278,6 +297,7 @@ class H1Connection(Protocol):
 
     def on_message_complete(self) -> None:
         request, self.receiving = self.receiving, None
+        self._unproductive = self._trailer_size = 0
         if request.body_complete:
             return  # (a request without a body: complete at the end of its head)
         request.body_complete = True
