@@ -366,9 +366,45 @@ class PipeliningTests(unittest.TestCase):
         never reaches the gateway, and the connection closes after the answer."""
         front = Frontend()
         front.send(b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertFalse(front.transport.disconnecting)  # (the answer is still to come)
         answer(front.gateway.begun[0])
         self.assertEqual([r.uri for r in front.gateway.begun], [b"/1"])
         self.assertIn(b"Connection: close", front.written)
+        self.assertTrue(front.transport.disconnecting)
+        front.close()
+
+    def test_pipelining_ahead_is_bounded(self):
+        """A thousand tiny requests in one read while the first is unanswered: at most
+        MAX_PIPELINED wait (not one object per request sent); they are answered in order,
+        then the connection closes, the rest never read."""
+        from hoodyproxy.frontend.h1 import MAX_PIPELINED
+        front = Frontend()
+        front.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(1000)))
+        self.assertEqual(len(front.protocol.waiting), MAX_PIPELINED)
+        while front.gateway.begun and not front.transport.disconnecting:
+            request = front.gateway.begun[-1]
+            if request.finished:
+                break
+            answer(request)
+        self.assertEqual([r.uri for r in front.gateway.begun], [b"/%d" % i for i in range(MAX_PIPELINED + 1)])
+        self.assertTrue(front.transport.disconnecting)
+        self.assertIn(b"Connection: close", front.written.rpartition(b"HTTP/1.1 200")[2])
+        self.assertEqual(front.written.count(b"Connection: close"), 1)  # (the last answer only)
+        front.close()
+
+    def test_a_close_request_behind_another_is_still_served(self):
+        """A, then B with ``Connection: close``, then C, in one read: A is answered without
+        ``Connection: close``, B with it, C is never read, and the connection closes."""
+        front = Frontend()
+        front.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                   b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer(front.gateway.begun[0], body=b"AAA")
+        first = front.written
+        self.assertNotIn(b"Connection: close", first)
+        self.assertFalse(front.transport.disconnecting)
+        answer(front.gateway.begun[1], body=b"BBB")
+        self.assertIn(b"Connection: close", front.written[len(first):])
+        self.assertEqual([r.uri for r in front.gateway.begun], [b"/a", b"/b"])
         self.assertTrue(front.transport.disconnecting)
         front.close()
 

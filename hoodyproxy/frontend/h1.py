@@ -46,6 +46,9 @@ log = Logger()
 MAX_HEAD_BYTES = 16 * 1024
 #: The most header fields a request head may have: 431 beyond it.
 MAX_FIELDS = 500
+#: Pipelined requests parsed ahead of the one being answered; past them the connection
+#: reads no more and closes after answering them.
+MAX_PIPELINED = 32
 #: The longest an idle keep-alive connection that was asked to close may take to do so.
 CLOSE_GRACE = 15.0
 
@@ -99,6 +102,8 @@ class H1Connection(Protocol):
     #: Nothing more is parsed (what follows a request that ends the connection).
     parsing_over = False
     lost = False
+    #: Requests after those parsed so far will be read (False after one that ends the
+    #: connection, or past MAX_PIPELINED waiting): the last answer then says close.
     persistent = True
     #: The request whose head or body is being received (None between requests).
     receiving: H1Request | None = None
@@ -211,6 +216,11 @@ class H1Connection(Protocol):
     def on_message_begin(self) -> None:
         if self.closing or not self.persistent:
             raise _Stop()  # (nothing after a request that ends the connection is read)
+        if len(self.waiting) >= MAX_PIPELINED:
+            # One read can hold thousands of tiny pipelined requests, each an object here:
+            # past this many, the rest is not read; those queued are answered, then the
+            # connection closes (the client sends the others again on a new one).
+            raise _Stop()
         request = H1Request(self)
         self.receiving = request
         self._head_size = 0
@@ -275,6 +285,7 @@ class H1Connection(Protocol):
         connection = request.requestHeaders.getRawHeaders(b"connection")
         if version == "1.0" or (connection is not None and any(
                 b"close" in [token.strip() for token in value.lower().split(b",")] for value in connection)):
+            request.keep_alive = False
             self.persistent = False
         if self.active is None:
             self._serve(request)
@@ -304,7 +315,7 @@ class H1Connection(Protocol):
         if request is not self.active:
             return  # (waiting: its body is handed over when it is served)
         if request.finished:
-            self._next()  # answered before its body was in: now it is over
+            self._next(request)  # answered before its body was in: now it is over
         elif request.exchange is not None:
             request.exchange.body_end()
 
@@ -336,13 +347,14 @@ class H1Connection(Protocol):
             return
         if not request.body_complete:
             return  # the rest of its body is read (and dropped) first: on_message_complete
-        self._next()
+        self._next(request)
 
-    def _next(self) -> None:
+    def _next(self, done: H1Request) -> None:
+        """``done`` is answered: serve the next request waiting, read on, or close."""
         self.active = None
         if self.closing:
             return
-        if not self.persistent or self.upgraded:
+        if self.upgraded or not done.keep_alive:
             self.close()
             return
         self._last_activity = self.clock.seconds()
@@ -354,8 +366,11 @@ class H1Connection(Protocol):
                 self._serve(self.waiting.pop(0))
         finally:
             self._serving = False
-        if not self.waiting:
-            self.resume_reading("waiting")
+        if not self.waiting and not self.closing:
+            if self.persistent:
+                self.resume_reading("waiting")
+            elif self.active is None:
+                self.close()  # (every request read is answered, and no more will be read)
 
     # -- pacing ------------------------------------------------------------------------------
 
@@ -439,12 +454,22 @@ class H1Connection(Protocol):
             # Nothing more is parsed; the connection closes once its last answer is out.
             self.persistent = False
             self.parsing_over = True
+            if self.active is None and not self.waiting:
+                self.close()
         else:
             log.failure("HTTP/1.1 request handling failed; connection dropped", None)
             log.error("{cause!r}", cause=cause)
             self.abort()
 
     def _malformed(self, problem: str) -> None:
+        if problem.startswith("Data after `Connection: close`"):
+            # llhttp reads nothing after a request that ends the connection; neither do we:
+            # what follows is dropped, and the connection closes after the answers due.
+            self.persistent = False
+            self.parsing_over = True
+            if self.active is None and not self.waiting:
+                self.close()
+            return
         reason = _reason_of(problem)
         if self.receiving is not None and self.receiving is self.active:
             # The request is with the gateway (maybe its container) already, which may be

@@ -48,6 +48,9 @@ class H1Request:
     _no_body = False
     #: An error answer given before the body was in: the connection lingers and closes.
     answered_early = False
+    #: The connection may carry another request after this one (False: HTTP/1.0, a
+    #: ``Connection: close``, an answer given before the body was in).
+    keep_alive = True
 
     def __init__(self, connection) -> None:
         self.connection = connection
@@ -124,12 +127,18 @@ class H1Request:
             if not has_length and not no_body:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
                 self.chunked = True
-            if not self.connection.persistent:
+            if self.last_on_connection():
                 parts.append(b"Connection: close\r\n")
         elif not has_length and not no_body:
-            self.connection.persistent = False  # an HTTP/1.0 body without a length ends with the connection
+            self.keep_alive = False  # an HTTP/1.0 body without a length ends with the connection
         parts.append(b"\r\n")
         return parts
+
+    def last_on_connection(self) -> bool:
+        """Whether this answer is the connection's last (it then says ``Connection: close``)."""
+        connection = self.connection
+        return not self.keep_alive or (not connection.persistent and not connection.waiting
+                                       and connection.receiving is None)
 
     def write(self, data: bytes) -> None:
         connection = self.connection
@@ -201,9 +210,10 @@ class H1Request:
                 head += (name, b": ", one, b"\r\n")
         if not self.body_complete:
             # The client is still sending a body that will not be read: close after answering.
+            self.keep_alive = False
             connection.persistent = False
             self.answered_early = True
-        if not connection.persistent:
+        if self.last_on_connection():
             head.append(b"Connection: close\r\n")
         head += (b"\r\n", body if self.method != b"HEAD" else b"")
         self.started = self.finished = True
