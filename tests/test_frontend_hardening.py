@@ -429,3 +429,47 @@ class FramingTests(NodeCase):
                                "5\r\nhello\r\n0\r\n\r\n".encode())
         await until(lambda: client.received.endswith(b"ok"))
         self.assertIn(b"hello", factory.connections[0].received)
+
+
+# -- 5. what one TLS write can make the HTTP/1.1 frontend hold ---------------------------------
+
+class PipeliningAndTrailerTests(NodeCase):
+    """Attacks on the HTTP/1.1 frontend's memory: many requests in one write, a trailer
+    field that never ends.  Both were unbounded before (the frontend parsed every
+    pipelined request into an object at once, and httptools keeps a field whole)."""
+
+    async def test_a_thousand_pipelined_requests_in_one_write(self):
+        """1,000 GETs in one TLS write while none is answered: the container stand-in (a
+        naive server answering each request line it reads) sees at most 33, the client gets
+        that many answers in order, the last saying Connection: close, and the connection
+        closes; the rest is never read."""
+        from hoodyproxy.frontend.h1 import MAX_PIPELINED
+
+        def answer(proto, data):
+            for _ in range(data.count(b"GET /")):
+                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        port, factory = raw_backend(self, answer)
+        host = host_for(index=port)
+        client = await self.https(host)
+        client.transport.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, host.encode())
+                                        for i in range(1000)))
+        await until(lambda: client.lost, timeout=20)
+        h1 = self.node.ports["https"][0].factory.wrappedFactory.h1
+        await until(lambda: not h1.connections)  # (the gateway's side is closed too)
+        seen = b"".join(conn.received for conn in factory.connections)
+        self.assertEqual(seen.count(b"GET /"), MAX_PIPELINED + 1)
+        self.assertEqual(client.received.count(b"HTTP/1.1 200 OK"), MAX_PIPELINED + 1)
+        self.assertEqual(client.received.count(b"Connection: close"), 1)
+        self.assertTrue(client.received.rpartition(b"HTTP/1.1 200 OK")[2].startswith(b"\r\n"))
+
+    async def test_trailer_field_that_never_ends(self):
+        """A chunked upload whose trailer field never ends: the connection is dropped
+        after a bounded amount, not held while the client sends."""
+        port, factory = raw_backend(self, lambda proto, data: None)
+        host = host_for(index=port)
+        client = await self.https(host)
+        client.transport.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"5\r\nhello\r\n0\r\nX-Trailer: " % host.encode())
+        flood = Flood(client.transport, 256 * MiB).start()
+        await until(lambda: client.lost, timeout=20)
+        self.assertLess(flood.written, 16 * MiB)

@@ -144,6 +144,7 @@ class H1Connection(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        self.factory.connections.add(self)
         self.peer = transport.getPeer()
         self.local = transport.getHost()
         self._last_activity = self.clock.seconds()
@@ -201,6 +202,7 @@ class H1Connection(Protocol):
         self.lost = True
         self.closing = True
         self._stop_timer()
+        self.factory.connections.discard(self)
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             tunnel.client_lost(reason)
@@ -451,9 +453,11 @@ class H1Connection(Protocol):
         if isinstance(cause, _Refuse):
             self.refuse(cause.error)
         elif isinstance(cause, _Stop):
-            # Nothing more is parsed; the connection closes once its last answer is out.
+            # Nothing more is parsed; the connection closes once its last answer is out, and
+            # what the client sends meanwhile is dropped (up to LINGER_BYTES).
             self.persistent = False
             self.parsing_over = True
+            self._linger_left = LINGER_BYTES
             if self.active is None and not self.waiting:
                 self.close()
         else:
@@ -467,6 +471,7 @@ class H1Connection(Protocol):
             # what follows is dropped, and the connection closes after the answers due.
             self.persistent = False
             self.parsing_over = True
+            self._linger_left = LINGER_BYTES
             if self.active is None and not self.waiting:
                 self.close()
             return
@@ -523,7 +528,11 @@ class H1Connection(Protocol):
         self._head_started = None
         self._stop_timer()
         self._linger_left = LINGER_BYTES
-        self._timer = self.clock.callLater(CLOSE_GRACE, self.abort)
+        self._timer = self.clock.callLater(CLOSE_GRACE, self._time_is_up)
+        if self._paused:
+            # Reading may have been paused (requests waiting): the peer's close must be seen.
+            self._paused.clear()
+            self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def linger_close(self) -> None:
@@ -541,7 +550,7 @@ class H1Connection(Protocol):
         self._head_started = None
         self._linger_left = LINGER_BYTES
         self._stop_timer()
-        self._timer = self.clock.callLater(LINGER_SECONDS, self.abort)
+        self._timer = self.clock.callLater(LINGER_SECONDS, self._time_is_up)
         transport = self.transport
         self.unregister_producer()
         self._paused.clear()
@@ -556,8 +565,13 @@ class H1Connection(Protocol):
         if self._linger_left < 0:
             self.abort()
 
-    def abort(self) -> None:
+    def _time_is_up(self) -> None:
+        """A close or a linger took too long."""
         self._timer = None
+        self.abort()
+
+    def abort(self) -> None:
+        # (the one timer stays as it is: connectionLost cancels it)
         if self.transport is not None and not self.lost:
             self.closing = True
             self.transport.abortConnection()
@@ -590,6 +604,7 @@ class H1Connection(Protocol):
             # connection, its parser and its request are not kept for the WebSocket's life.
             wrapper.wrappedProtocol = _TunnelEnd(tunnel)
             self.lost = self.closing = True
+            self.factory.connections.discard(self)
         else:
             self._tunnel = tunnel
 
@@ -615,6 +630,8 @@ class H1Factory(Factory):
     def __init__(self, gateway, reactor, timeout: float | None = 75.0) -> None:
         self.gateway = gateway
         self.reactor = reactor
+        #: The connections open now (those that became tunnels leave it).
+        self.connections: set[H1Connection] = set()
         #: The idle timeout of a keep-alive connection (``[client] idle_timeout``).
         self.timeout = timeout
 
