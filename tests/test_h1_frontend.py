@@ -456,6 +456,20 @@ class ResponseTests(unittest.TestCase):
         self.assertEqual(len(front.gateway.begun), 1)
         front.close()
 
+    def test_error_to_a_content_length_0_request_keeps_the_connection(self):
+        """A POST with Content-Length: 0 answered with an error: the body is complete, so
+        the connection stays open for the next request."""
+        front = Frontend()
+        front.gateway.answer_at_once = None
+        front.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        [request] = front.gateway.begun
+        self.assertTrue(request.body_complete)
+        request.send_error(errors.BadRequest("no"))
+        self.assertNotIn(b"Connection: close", front.written)
+        front.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual([r.uri for r in front.gateway.begun], [b"/", b"/next"])
+        front.close()
+
     def test_head_response_has_no_body(self):
         """A HEAD answer carries the head only."""
         front = Frontend()

@@ -282,7 +282,7 @@ class H1Connection(Protocol):
             request.body_length = None
         elif self._length_seen:
             request.body_length = int(request.requestHeaders.getRawHeaders(b"content-length")[0])
-        else:
+        if request.body_length == 0:
             request.body_complete = True  # (no body; on_message_complete confirms)
         connection = request.requestHeaders.getRawHeaders(b"connection")
         if version == "1.0" or (connection is not None and any(
