@@ -482,6 +482,19 @@ class ResponseTests(unittest.TestCase):
         front.close()
 
 
+class RecordingTunnel:
+    """A tunnel's client side that notes what it is given (None: the client went away)."""
+
+    def __init__(self, received: list) -> None:
+        self.received = received
+
+    def client_data(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def client_lost(self, reason=None) -> None:
+        self.received.append(None)
+
+
 class UpgradeTests(unittest.TestCase):
     """An upgrade's raw bytes go to the tunnel, never to the parser."""
 
@@ -499,14 +512,7 @@ class UpgradeTests(unittest.TestCase):
         self.assertIn(b"HTTP/1.1 101 Switching Protocols\r\n", front.written)
         received = []
 
-        class Tunnel:
-            def client_data(self, data):
-                received.append(data)
-
-            def client_lost(self, reason=None):
-                received.append(None)
-
-        request.attach_tunnel(Tunnel())
+        request.attach_tunnel(RecordingTunnel(received))
         front.send(b"more")
         self.assertEqual(received, [b"more"])
         self.assertEqual(len(front.gateway.begun), 1)
@@ -523,14 +529,7 @@ class UpgradeTests(unittest.TestCase):
         request.take_over([])
         received = []
 
-        class Tunnel:
-            def client_data(self, data):
-                received.append(data)
-
-            def client_lost(self, reason=None):
-                received.append(None)
-
-        request.attach_tunnel(Tunnel())
+        request.attach_tunnel(RecordingTunnel(received))
         end = front.transport.wrappedProtocol
         self.assertIsNot(end, front.protocol)
         end.dataReceived(b"frame")

@@ -30,14 +30,12 @@ the connection closes after the answer, since what follows is not known to be HT
 from __future__ import annotations
 
 import httptools
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from hoodyproxy import errors
 from hoodyproxy.frontend.h1request import H1Request
-from hoodyproxy.frontend.http1 import LINGER_BYTES, LINGER_SECONDS, RequestTimeout, error_response
+from hoodyproxy.frontend.http1 import LINGER_BYTES, LINGER_SECONDS, RequestTimeout, end_sending, error_response
 from hoodyproxy.listening import unmapped_ip
 
 log = Logger()
@@ -551,14 +549,9 @@ class H1Connection(Protocol):
         self._linger_left = LINGER_BYTES
         self._stop_timer()
         self._timer = self.clock.callLater(LINGER_SECONDS, self._time_is_up)
-        transport = self.transport
         self.unregister_producer()
         self._paused.clear()
-        transport.resumeProducing()  # reading may have been paused
-        if ITCPTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
-            transport.loseWriteConnection()  # FIN after the answer; reading goes on
-        else:
-            transport.loseConnection()  # TLS: close_notify; reading goes on until the peer's
+        end_sending(self.transport)
 
     def _drop(self, size: int) -> None:
         self._linger_left -= size

@@ -82,6 +82,17 @@ def take_site_request_line(request) -> None:
     request.postpath = list(map(unquote, request.path[1:].split(b"/")))
 
 
+def end_sending(transport) -> None:
+    """End what is sent on ``transport`` once its answer is out, reading on (a lingering
+    close): a FIN on plain TCP, a close_notify under TLS (whose reading goes on until the
+    peer's own)."""
+    transport.resumeProducing()  # reading may have been paused
+    if ITCPTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
 def error_response(error: errors.GatewayError) -> list[bytes]:
     """A complete HTTP/1.1 response for ``error`` that closes the connection."""
     body = error.body()
@@ -292,13 +303,8 @@ class GuardedChannel(http.HTTPChannel):
         self.persistent = False
         self.stop_idle_timer()
         self._linger_timer = self.callLater(LINGER_SECONDS, self._linger_over)
-        transport = self.transport
         self._networkProducer.unregisterProducer()
-        transport.resumeProducing()  # reading may have been paused for backpressure
-        if ITCPTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
-            transport.loseWriteConnection()  # FIN after the answer; reading goes on
-        else:
-            transport.loseConnection()  # TLS: close_notify; reading goes on until the peer's
+        end_sending(self.transport)
 
     def stop_parsing(self) -> None:
         """Parse nothing more on this connection: what arrives is dropped (at most
