@@ -35,8 +35,8 @@ from twisted.logger import Logger
 
 from hoodyproxy import errors
 from hoodyproxy.frontend.h1request import H1Request
-from hoodyproxy.frontend.http1 import LINGER_BYTES, LINGER_SECONDS, RequestTimeout, end_sending, error_response
-from hoodyproxy.listening import unmapped_ip
+from hoodyproxy.frontend.h1guard import H1Guard
+from hoodyproxy.frontend.http1 import LINGER_BYTES
 
 log = Logger()
 
@@ -47,8 +47,6 @@ MAX_FIELDS = 500
 #: Pipelined requests parsed ahead of the one being answered; past them the connection
 #: reads no more and closes after answering them.
 MAX_PIPELINED = 32
-#: The longest an idle keep-alive connection that was asked to close may take to do so.
-CLOSE_GRACE = 15.0
 
 _Upgrade = httptools.HttpParserUpgrade
 _ParserError = httptools.HttpParserError
@@ -92,7 +90,7 @@ def _reason_of(problem: str) -> str:
     return "malformed request"
 
 
-class H1Connection(Protocol):
+class H1Connection(H1Guard, Protocol):
     """One HTTP/1.1 client connection: parse, serve in order, pace, close."""
 
     #: The connection is ending: nothing it receives is parsed any more.
@@ -405,46 +403,7 @@ class H1Connection(Protocol):
         self.held.append(data)
         self.pause_reading("upgrade")
 
-    # -- the one timer -----------------------------------------------------------------------
-
-    def _sleep(self, seconds: float) -> None:
-        head_timeout = self.factory.head_timeout
-        if head_timeout is not None and head_timeout < seconds:
-            seconds = head_timeout
-        self._timer = self.clock.callLater(max(seconds, 0.0), self._check_idle)
-
-    def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _check_idle(self) -> None:
-        self._timer = None
-        if self.closing or self._tunnel is not None:
-            return
-        now = self.clock.seconds()
-        head_left = None
-        started, head_timeout = self._head_started, self.factory.head_timeout
-        if started is not None and head_timeout is not None:
-            head_left = started + head_timeout - now
-            if head_left <= 0:
-                self.refuse(RequestTimeout(reason="request head timeout"))
-                return
-        period = self.factory.timeout
-        active = self.active
-        if period is None or (active is not None and active.body_complete) or "body" in self._paused:
-            # A request is being answered (its response has its own timeout), or the
-            # client is held back for the container's sake: not idle.
-            self._last_activity = now
-            self._sleep(head_left if head_left is not None else (period or 60.0))
-            return
-        idle = now - self._last_activity
-        if idle >= period:
-            self.close()
-        else:
-            self._sleep(period - idle if head_left is None else min(period - idle, head_left))
-
-    # -- refusing and closing ----------------------------------------------------------------
+    # -- what llhttp refuses ----------------------------------------------------------------
 
     def _callback_failed(self, failure: Exception) -> None:
         cause = failure.__context__
@@ -481,93 +440,6 @@ class H1Connection(Protocol):
             self.abort()
             return
         self.refuse(errors.BadRequest(reason=reason))
-
-    def refuse(self, error: errors.GatewayError) -> None:
-        """Answer ``error`` to the request being received, and end the connection without
-        reading any more of it."""
-        if self.closing:
-            return
-        if self.active is not None and (self.active.started or not self.active.finished):
-            # An answer is being written: never one inside another.
-            self.closing = True
-            self.abort()
-            return
-        self.transport.writeSequence(error_response(error))
-        self._audit_refusal(error)
-        self.linger_close()
-
-    def _audit_refusal(self, error: errors.GatewayError) -> None:
-        gateway = self.gateway
-        started = self._head_started
-        took = self.clock.seconds() - started if started is not None else 0.0
-        request = self.receiving
-        hosts = request.requestHeaders.getRawHeaders(b"host") if request is not None else None
-        method = uri = None
-        version = "1.1"
-        if request is not None:
-            uri = request.uri.decode("latin-1") if request.uri else None
-            try:
-                method = self.parser.get_method().decode("latin-1") if request.uri else None
-            except Exception:  # (no method parsed yet)
-                method = None
-            version = request.http_version
-        gateway.emit_record({
-            "time": gateway.now() - took, "client": unmapped_ip(getattr(self.peer, "host", "")),
-            "host": hosts[0].decode("latin-1") if hosts else None, "route": None,
-            "method": method, "path": uri, "http": version,
-            "status": error.status, "reason": error.reason, "bytes_in": 0, "bytes_out": len(error.body())})
-
-    def close(self) -> None:
-        """End the connection once what is written is out (aborted if that takes more
-        than :data:`CLOSE_GRACE`: a TLS close waits for the peer's close_notify)."""
-        if self.closing:
-            return
-        self.closing = True
-        self._head_started = None
-        self._stop_timer()
-        self._linger_left = LINGER_BYTES
-        self._timer = self.clock.callLater(CLOSE_GRACE, self._time_is_up)
-        if self._paused:
-            # Reading may have been paused (requests waiting): the peer's close must be seen.
-            self._paused.clear()
-            self.transport.resumeProducing()
-        self.transport.loseConnection()
-
-    def linger_close(self) -> None:
-        """Stop parsing, close once what is written is out, and meanwhile drop what the
-        client still sends, for at most :data:`LINGER_SECONDS` and :data:`LINGER_BYTES`.
-
-        Closing a socket with unread bytes in it, or that more bytes reach, makes the
-        kernel reset the connection, and a reset can destroy the answer before the client
-        reads it; reading and dropping for a while lets it arrive.
-        """
-        if self.closing:
-            return
-        self.closing = True
-        self.persistent = False
-        self._head_started = None
-        self._linger_left = LINGER_BYTES
-        self._stop_timer()
-        self._timer = self.clock.callLater(LINGER_SECONDS, self._time_is_up)
-        self.unregister_producer()
-        self._paused.clear()
-        end_sending(self.transport)
-
-    def _drop(self, size: int) -> None:
-        self._linger_left -= size
-        if self._linger_left < 0:
-            self.abort()
-
-    def _time_is_up(self) -> None:
-        """A close or a linger took too long."""
-        self._timer = None
-        self.abort()
-
-    def abort(self) -> None:
-        # (the one timer stays as it is: connectionLost cancels it)
-        if self.transport is not None and not self.lost:
-            self.closing = True
-            self.transport.abortConnection()
 
     # -- becoming a tunnel ------------------------------------------------------------------
 
