@@ -25,8 +25,8 @@ import tempfile
 import time
 
 from bench import loadgen
-from bench.procs import Gateway, free_port
-from bench.systems import RunDir, start_process
+from bench.procs import Gateway
+from bench.systems import RunDir, start_backend_nginx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1024 * 1024
@@ -69,12 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="hoodyproxy-large-")
     try:
         with contextlib.ExitStack() as stack:
-            ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(),
-                     "BACKEND_STATUS_PORT": free_port()}
-            conf = rundir.render("backend-nginx.conf", "backend/nginx.conf", ports)
-            start_process(stack, rundir, "backend-nginx",
-                          ["nginx", "-p", rundir.sub("backend") + "/", "-e", rundir.sub("backend", "error.log"),
-                           "-c", conf], [ports["BACKEND_PORT"], ports["BACKEND_TLS_PORT"]])
+            ports = start_backend_nginx(stack, rundir)
             for r in range(args.rounds):
                 for v in variants:
                     prof = os.path.join(workdir, f"{len(results[v])}-{abs(hash(v))}.prof") \

@@ -31,8 +31,8 @@ import tempfile
 import time
 
 from bench import loadgen
-from bench.procs import Gateway, free_port
-from bench.systems import RunDir, start_process
+from bench.procs import Gateway
+from bench.systems import RunDir, start_backend_nginx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rundir = RunDir()
     try:
         with contextlib.ExitStack() as stack:
-            # (every port the backend's config may name; render rejects a token left over)
-            ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(),
-                     "BACKEND_STATUS_PORT": free_port()}
-            conf = rundir.render("backend-nginx.conf", "backend/nginx.conf", ports)
-            start_process(stack, rundir, "backend-nginx",
-                          ["nginx", "-p", rundir.sub("backend") + "/", "-e", rundir.sub("backend", "error.log"),
-                           "-c", conf], [ports["BACKEND_PORT"], ports["BACKEND_TLS_PORT"]])
+            ports = start_backend_nginx(stack, rundir)
             for proto in protos:
                 prof, res, requests = profile_one(proto, ports["BACKEND_PORT"], args, workdir)
                 report(proto, prof, res, requests, args.top)

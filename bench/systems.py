@@ -240,6 +240,17 @@ def mitmdump_path(log=print) -> tuple[str | None, str]:
     return exe, ""
 
 
+def start_backend_nginx(stack: contextlib.ExitStack, rundir: RunDir) -> dict[str, int]:
+    """The nginx backend every scenario proxies to (bench/configs/backend-nginx.conf),
+    stopped with ``stack``; returns its ports (plain, TLS, stub_status)."""
+    ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(), "BACKEND_STATUS_PORT": free_port()}
+    conf = rundir.render("backend-nginx.conf", "backend/nginx.conf", ports)
+    start_process(stack, rundir, "backend-nginx",
+                  ["nginx", "-p", rundir.sub("backend") + "/", "-e", rundir.sub("backend", "error.log"), "-c", conf],
+                  [ports["BACKEND_PORT"], ports["BACKEND_TLS_PORT"]])
+    return ports
+
+
 # -- starting everything ---------------------------------------------------------------
 
 class Systems:
@@ -267,11 +278,7 @@ class Systems:
 
     def _start_all(self) -> None:
         rd = self.rundir
-        self.ports = {"BACKEND_PORT": free_port(), "BACKEND_TLS_PORT": free_port(), "BACKEND_STATUS_PORT": free_port()}
-        conf = rd.render("backend-nginx.conf", "backend/nginx.conf", self.ports)
-        start_process(self.stack, rd, "backend-nginx",
-                      ["nginx", "-p", rd.sub("backend") + "/", "-e", rd.sub("backend", "error.log"), "-c", conf],
-                      [self.ports["BACKEND_PORT"], self.ports["BACKEND_TLS_PORT"]])
+        self.ports = start_backend_nginx(self.stack, rd)
         self.ports.update(WS_BACKEND_PORT=free_port(), WS_BACKEND_TLS_PORT=free_port())
         start_process(self.stack, rd, "ws-backend",
                       [sys.executable, os.path.join(HERE, "ws_echo_backend.py"), "--port", str(self.ports["WS_BACKEND_PORT"]),
