@@ -129,13 +129,8 @@ class H1Guard:
         self.transport.loseConnection()
 
     def linger_close(self) -> None:
-        """Stop parsing, close once what is written is out, and meanwhile drop what the
-        client still sends, for at most :data:`LINGER_SECONDS` and :data:`LINGER_BYTES`.
-
-        Closing a socket with unread bytes in it, or that more bytes reach, makes the
-        kernel reset the connection, and a reset can destroy the answer before the client
-        reads it; reading and dropping for a while lets it arrive.
-        """
+        """Stop parsing and close lingering, as
+        :meth:`hoodyproxy.frontend.http1.GuardedChannel.linger_close` does (and why)."""
         if self.closing:
             return
         self.closing = True
