@@ -19,7 +19,7 @@ import json
 import os
 
 from hyperframe.frame import ContinuationFrame, HeadersFrame
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.trial import unittest
 
 from tests import backends
@@ -61,6 +61,21 @@ class NodeCase(unittest.TestCase):
         self.backend = Backend(self, backends.app())
         register(self.node, self.backend.number)
         self.host = host_for(index=self.backend.number)
+        # (run before the node stops: cleanups are last in, first out)
+        self.addCleanup(self.node_sides_closed)
+
+    async def node_sides_closed(self):
+        """Wait until the node's side of every client connection is closed too.
+
+        These tests end when the client sees its connection end; the node's side may
+        still be lingering (reading the client's last bytes before it closes), and must
+        be gone before the test's reactor check."""
+        ports = {self.node.https_port, self.node.http_port, self.node.admin_port}
+
+        def open_sides():
+            return [r for r in reactor.getReaders() + reactor.getWriters()
+                    if isinstance(r, tcp.Server) and r.getHost().port in ports]
+        await until(lambda: not open_sides(), timeout=10)
 
     async def https(self, host: str | None = None):
         return await tls_client(self, self.node.https_port, host or self.host, self.node.ca_path)
