@@ -13,6 +13,7 @@
     hoodyproxy containers list --project P
     hoodyproxy proxy create --container-id C --alias my-api --program http --index 3000
     hoodyproxy proxy domains add --alias my-api --domain api.yourcompany.com
+    hoodyproxy tap --container C --path /api/ --status 5xx --bodies 4096 --har errors.har
 
 Where it connects (:func:`connect`): ``--admin-url``, ``--token``, ``--data-dir``, the
 environment, and the ``admin.json`` a running node writes into its data directory, in
@@ -24,6 +25,11 @@ alias index that is probably not a port...) also on stderr, one line each.  Exit
 0 on a 2xx; 1 when the API answers an error (its message on stderr, one line:
 ``hoodyproxy: 422 groups.office.range: ...``); 2 on a usage error or when the API cannot
 be reached.  No reactor is involved: one blocking request per run.
+
+``tap`` keeps its request open and shows the events as they come
+(:mod:`hoodyproxy.admin.tapview`) until the tap ends, the node closes the stream, or
+Ctrl-C: exit 0 in each case, with the ``--har`` file written; a connection lost midway is
+exit 2, the HAR of what came still written.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import Any, NoReturn, Sequence
 
 from hoodyproxy.admin.discovery import (ADMIN_FILE, DATA_DIR_ENV, DEFAULT_ADMIN_URL, LOCAL_DATA_DIR, TOKEN_ENV,
                                         TOKEN_FILE, URL_ENV, NoAdminAccess, find_data_dir, find_token, find_url)
+from hoodyproxy.admin.tapview import TapOutput, printable, read_lines
 
 PROG = "hoodyproxy"
 ID = re.compile(r"[0-9a-f]{24}\Z")
@@ -257,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                "or when the API cannot be reached.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection_options(parser, suppress=False)
-    top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy}", required=True)
+    top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy,tap}", required=True)
 
     projects = top.add_parser("projects", help="project-level settings")
     _proxy_settings_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
@@ -284,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(p, suppress=True)
     _proxy_settings_commands(sub, "container")
     _proxy_commands(top)
+    _tap_command(top)
     return parser
 
 
@@ -332,6 +340,102 @@ def _proxy_commands(top) -> None:
             p.add_argument("--domain", metavar="D", type=_domain_name, required=True,
                            help="the custom domain, e.g. api.yourcompany.com")
         _connection_options(p, suppress=True)
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not a whole number of 0 or more")
+    return int(value)
+
+
+def _positive_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not a whole number of 1 or more")
+    return int(value)
+
+
+def _seconds(value: str) -> int | float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not a number of seconds more than 0")
+    return int(seconds) if seconds.is_integer() else seconds
+
+
+STATUS = re.compile(r"[1-5]([0-9][0-9]|xx)\Z")
+METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+
+
+def _comma_list(pattern: re.Pattern, normalize, what: str):
+    """An argument type: one item or several with commas, each normalized and matching ``pattern``."""
+    def parse(value: str) -> list[str]:
+        items = [normalize(item.strip()) for item in value.split(",")]
+        for item in items:
+            if not pattern.match(item):
+                raise argparse.ArgumentTypeError(f"{_one_line(item)[:80]!r} is not {what}")
+        return items
+    return parse
+
+
+_statuses = _comma_list(STATUS, str.lower, "a status (404) or a class (2xx)")  # 2xx, 404, 2xx,404
+_methods = _comma_list(METHOD, str.upper, "a method")  # GET, GET,POST
+
+
+def _header_match(value: str) -> dict[str, str]:
+    """``NAME`` (the header is there) or ``NAME=VALUE`` (with this value)."""
+    name, sep, text = value.partition("=")
+    if not METHOD.match(name):  # a header name is a token too
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not NAME or NAME=VALUE")
+    return {"name": name, "value": text} if sep else {"name": name}
+
+
+def _path_prefix(value: str) -> str:
+    if not value.startswith("/") or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{_one_line(value)[:80]!r} is not a path prefix starting with /")
+    return value
+
+
+def _tap_command(top) -> None:
+    """``tap``: watch the exchanges a match selects, as they finish (``POST /api/v1/taps``)."""
+    p = _leaf(top, "tap", "watch live exchanges through the gateway: one line per request, raw JSON "
+                          "events, or a HAR file (POST /api/v1/taps)", _tap)
+    match = p.add_argument_group("what to watch (every option given must match; none: everything)")
+    match.add_argument("--project", metavar="P", type=_id, help="this project's containers")
+    match.add_argument("--container", metavar="C", type=_id, help="this container")
+    match.add_argument("--program", metavar="NAME", help="this program (http, terminal, ...)")
+    match.add_argument("--index", metavar="N", type=int, help="this index (the port of http)")
+    match.add_argument("--host", metavar="H", type=_domain_name, help="requests for this host name")
+    match.add_argument("--alias", metavar="A", type=_alias_name, help="requests through this alias")
+    match.add_argument("--path", metavar="PREFIX", type=_path_prefix, help="paths starting with PREFIX, e.g. /api/")
+    match.add_argument("--method", metavar="M", type=_methods, action="append", default=[],
+                       help="this method (GET,POST for several); repeatable")
+    match.add_argument("--status", metavar="STATUS", type=_statuses, action="append", default=[],
+                       help="answers with this status (404) or class (2xx); 2xx,404 for several; repeatable")
+    match.add_argument("--ws-only", action="store_true", help="WebSocket exchanges only")
+    match.add_argument("--header", metavar="NAME[=VALUE]", type=_header_match, action="append", default=[],
+                       help="requests with this header (and this value); one --header")
+    capture = p.add_argument_group("what to capture")
+    capture.add_argument("--bodies", metavar="N", type=_count,
+                         help="capture up to N bytes of each request and response body (default: the node's)")
+    capture.add_argument("--no-headers", action="store_true", help="do not capture headers")
+    capture.add_argument("--ws", action="store_true",
+                         help="capture WebSocket frames, and show one line for each")
+    capture.add_argument("--ws-bytes", metavar="N", type=_count,
+                         help="capture up to N bytes of each frame (default: the node's)")
+    tap = p.add_argument_group("the tap")
+    tap.add_argument("--ttl", metavar="SECONDS", type=_seconds,
+                     help="end the tap after this long (default: the node's)")
+    tap.add_argument("--max-events", metavar="N", type=_positive_count, help="end the tap after N events")
+    tap.add_argument("--no-redact", action="store_true",
+                     help="ask the node not to redact credentials (Authorization, Cookie...)")
+    output = p.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print the events as the node sends them, "
+                                                            "one JSON object a line")
+    output.add_argument("--har", metavar="FILE", help="when the tap ends (or on Ctrl-C), write the exchanges "
+                                                      "to FILE as a HAR 1.2 log")
+    _connection_options(p, suppress=True)
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -397,6 +501,98 @@ def _rate_limits_body(parser, args, patch: bool) -> dict[str, Any]:
         parser.error("nothing to change: give --per-client, --per-principal, --per-container, "
                      "--per-project, --per-program, --dry-run/--no-dry-run, --remove or --remove-program")
     return body
+
+
+def tap_body(parser: argparse.ArgumentParser, args) -> dict[str, Any]:
+    """The ``POST /api/v1/taps`` body of ``hoodyproxy tap``'s options: ``match``, and
+    ``capture``, ``ttl_s``, ``max_events``, ``redact`` with only what the options give."""
+    match: dict[str, Any] = {key: getattr(args, key) for key in ("project", "container", "program", "index",
+                                                                 "host", "alias")
+                             if getattr(args, key) is not None}
+    if args.path is not None:
+        match["path_prefix"] = args.path
+    if args.method:
+        match["methods"] = list(dict.fromkeys(m for methods in args.method for m in methods))
+    if args.status:
+        match["status"] = list(dict.fromkeys(s for statuses in args.status for s in statuses))
+    if args.ws_only:
+        match["websocket_only"] = True
+    if len(args.header) > 1:
+        parser.error("argument --header: a tap matches one header; give --header once")
+    if args.header:
+        match["header"] = args.header[0]
+    capture: dict[str, Any] = {}
+    if args.no_headers:
+        capture["headers"] = False
+    if args.bodies is not None:
+        capture["body_bytes"] = args.bodies
+    if args.ws:
+        capture["websocket"] = True
+    if args.ws_bytes is not None:
+        capture["websocket_bytes"] = args.ws_bytes
+    body: dict[str, Any] = {"match": match}
+    if capture:
+        body["capture"] = capture
+    if args.ttl is not None:
+        body["ttl_s"] = args.ttl
+    if args.max_events is not None:
+        body["max_events"] = args.max_events
+    if args.no_redact:
+        body["redact"] = False
+    return body
+
+
+TAPS_PATH = "/api/v1/taps"
+#: The longest event line read (an exchange with large captured bodies); a longer one is skipped.
+MAX_EVENT_LINE = 64 << 20
+
+
+def _tap(client, parser, args):
+    """Open the tap, show its events until it ends, the node closes, or Ctrl-C; then the HAR."""
+    body = tap_body(parser, args)
+    if args.har is not None:
+        directory = os.path.dirname(os.path.abspath(args.har))
+        if not (os.path.isdir(directory) and os.access(directory, os.W_OK)) or os.path.isdir(args.har):
+            parser.error(f"argument --har: cannot write {args.har!r} (not a file in a writable directory)")
+    har = None
+    if args.har is not None:
+        from hoodyproxy.observe.har import HarBuilder
+        har = HarBuilder()
+    output = TapOutput(sys.stdout, sys.stderr, raw=args.json, show_ws=args.ws, har=har, prefix=f"{PROG}: ")
+    stream, lost = None, None
+    try:
+        stream = client.stream("POST", TAPS_PATH, body)  # an error answer raises Failed: no HAR then
+        for line in read_lines(stream.readline, MAX_EVENT_LINE):
+            event = output.handle(line)
+            if event is not None and event.get("type") == "tap" and isinstance(event.get("ttl_s"), (int, float)):
+                # The node ends the tap after ttl_s: until then a quiet tap is no dead node.
+                stream.set_timeout(event["ttl_s"] + client.timeout)
+            if output.end is not None:
+                break
+        else:
+            if not args.json:
+                output.note(f"tap {_tap_id(output)} closed by the node after {output.events} events")
+    except KeyboardInterrupt:
+        if not args.json:
+            output.note(f"tap {_tap_id(output)} stopped (Ctrl-C) after {output.events} events")
+    except StreamLost as gone:
+        lost = client._unreachable(gone.error, "lost", stream.timeout if stream is not None else None)
+    finally:
+        if stream is not None:
+            stream.close()
+    if har is not None:
+        try:
+            entries = har.dump(args.har)
+        except OSError as error:
+            raise Failed(EXIT_USAGE, f"cannot write the HAR to {args.har}: {error.strerror or error}") from None
+        output.note(f"wrote {entries} {'entry' if entries == 1 else 'entries'} to {args.har}")
+    if lost is not None:
+        raise lost
+    return 200, None
+
+
+def _tap_id(output: TapOutput) -> str:
+    return printable((output.tap or {}).get("id", "?"))
 
 
 def _setting_path(args) -> str:
@@ -485,6 +681,45 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+#: How much of an error answer is read (its JSON message is short).
+MAX_ERROR_BODY = 1 << 20
+
+
+class StreamLost(Exception):
+    """Reading an :class:`EventStream` failed (``error``): the connection is gone or silent."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class EventStream:
+    """An open streamed answer (:meth:`Client.stream`): its lines as they come."""
+
+    def __init__(self, connection: http.client.HTTPConnection, sock: socket.socket | None,
+                 response: http.client.HTTPResponse) -> None:
+        self.connection, self.sock, self.response = connection, sock, response
+        self.timeout = connection.timeout
+
+    def readline(self, limit: int) -> bytes:
+        """The next line (at most ``limit`` bytes), b"" at the end of the stream;
+        :class:`StreamLost` if the connection fails or stays silent past the timeout."""
+        try:
+            return self.response.readline(limit)
+        except (OSError, http.client.HTTPException) as error:
+            raise StreamLost(error) from None
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Wait at most ``seconds`` for each further read."""
+        self.timeout = seconds
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
+
+    def close(self) -> None:
+        self.response.close()
+        self.connection.close()
+
+
 class Client:
     """One admin API, one token; :meth:`request` answers (status, parsed body or None).
 
@@ -517,22 +752,57 @@ class Client:
         except urllib.error.HTTPError as error:
             with error:
                 raw = error.read()
-            message = f"{error.code} {self._message(raw, error.reason)}"
-            if error.code == 401 and self.token_source:
-                message += (f" (the token sent: {self.token_source}; for another node give --data-dir DIR "
-                            f"(its --data-dir), set ${DATA_DIR_ENV}, or give --token)")
-            raise Failed(EXIT_API_ERROR, message) from None
+            raise self._refused(error.code, error.reason, raw) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-            reason = error.reason if isinstance(error, urllib.error.URLError) else error
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                why = f"no answer within {self.timeout:g} s"
-            elif isinstance(reason, OSError) and reason.strerror:
-                why = reason.strerror
-            else:
-                why = str(reason) or type(reason).__name__
-            where = f" ({self.url_source})" if self.url_source else ""
-            raise Failed(EXIT_USAGE,
-                         f"cannot reach the admin API at {self.base_url}{where}: {_one_line(why)}") from None
+            raise self._unreachable(error) from None
+
+    def stream(self, method: str, path: str, body: Any) -> EventStream:
+        """Send a request whose 2xx answer is a stream (a tap's events); the open stream.
+
+        Through :mod:`http.client`, which de-chunks the body as it comes; no proxy and no
+        redirect, as for :meth:`request`, and the same errors.
+        """
+        parts = urllib.parse.urlsplit(self.base_url)
+        https = parts.scheme == "https"
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = connection_class(parts.hostname, parts.port or (443 if https else 80), timeout=self.timeout)
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/x-ndjson, application/json",
+                   "Content-Type": "application/json"}
+        try:
+            connection.request(method, parts.path + path, body=json.dumps(body).encode(), headers=headers)
+            sock = connection.sock  # kept: getresponse() drops it when the answer ends the connection
+            response = connection.getresponse()
+            if not 200 <= response.status < 300:
+                raise self._refused(response.status, response.reason, response.read(MAX_ERROR_BODY))
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise self._unreachable(error) from None
+        except BaseException:
+            connection.close()
+            raise
+        return EventStream(connection, sock, response)
+
+    def _refused(self, code: int, reason: Any, raw: bytes) -> Failed:
+        """The API's error answer as the one line to print (a 401 says which token was sent)."""
+        message = f"{code} {self._message(raw, reason)}"
+        if code == 401 and self.token_source:
+            message += (f" (the token sent: {self.token_source}; for another node give --data-dir DIR "
+                        f"(its --data-dir), set ${DATA_DIR_ENV}, or give --token)")
+        return Failed(EXIT_API_ERROR, message)
+
+    def _unreachable(self, error: BaseException, doing: str = "cannot reach",
+                     timeout: float | None = None) -> Failed:
+        """A connection that failed (or timed out after ``timeout``, by default the
+        client's) as the one line to print."""
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            why = f"no answer within {self.timeout if timeout is None else timeout:g} s"
+        elif isinstance(reason, OSError) and reason.strerror:
+            why = reason.strerror
+        else:
+            why = str(reason) or type(reason).__name__
+        where = f" ({self.url_source})" if self.url_source else ""
+        return Failed(EXIT_USAGE, f"{doing} the admin API at {self.base_url}{where}: {_one_line(why)}")
 
     @staticmethod
     def _parse(raw: bytes) -> Any:
@@ -550,7 +820,10 @@ class Client:
         except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict) and isinstance(body.get("message"), str):
-            return _one_line(body["message"])
+            message, field = body["message"], body.get("field")
+            if isinstance(field, str) and field and not message.startswith(field):
+                message = f"{field}: {message}"  # the field named once, whichever way the API put it
+            return _one_line(message)
         return _one_line(str(reason or "error"))
 
 
@@ -622,8 +895,11 @@ VALUE_OPTIONS = frozenset(("--admin-url", "--token", "--data-dir", "--timeout", 
                            "--groups", "--permissions", "--default", "--remove-group", "--remove-permissions",
                            "--address", "--state", "--port", "--container-id", "--alias", "--program",
                            "--index", "--domain", "--per-client", "--per-principal", "--per-container",
-                           "--per-project", "--per-program", "--remove", "--remove-program"))
-OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version", "--dry-run", "--no-dry-run"}
+                           "--per-project", "--per-program", "--remove", "--remove-program", "--host", "--path",
+                           "--method", "--status", "--header", "--bodies", "--ws-bytes", "--ttl",
+                           "--max-events", "--har"))
+OPTIONS = VALUE_OPTIONS | {"-h", "--help", "--version", "--dry-run", "--no-dry-run", "--ws-only", "--no-headers",
+                           "--ws", "--no-redact", "--json"}
 
 
 def _join_values(argv: Sequence[str]) -> list[str]:
