@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from math import copysign
 import sys
 import time
 from json.encoder import encode_basestring_ascii as _q
@@ -194,7 +195,9 @@ def format_record(r: dict) -> str:
     if type(duration) is float and duration - duration == 0.0:
         # The gateway rounds to whole microseconds; such a value's repr is its three
         # decimals without trailing zeros, made here without the float-to-text search.
-        micros = int(duration * 1000.0 + 0.5) if 0.0 <= duration < 1e12 else -1
+        # (-0.0 is left to repr, which keeps its sign as json.dumps does)
+        micros = (int(duration * 1000.0 + 0.5) if 0.0 < duration < 1e12
+                  or (duration == 0.0 and copysign(1.0, duration) > 0.0) else -1)
         if micros >= 0 and micros / 1000.0 == duration:
             whole, frac = divmod(micros, 1000)
             duration_text = _DURATION[frac] % whole
