@@ -99,6 +99,8 @@ class Gateway:
     transparent_ipv6 = True
     #: The ``Alt-Svc`` value HTTP/1.1 and HTTP/2 responses carry (set when HTTP/3 listens).
     alt_svc: bytes | None = None
+    #: The running taps (hoodyproxy.observe.tap.TapHub), or None.
+    taps = None
 
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
                  clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None,
@@ -236,6 +238,26 @@ class Gateway:
             record["bytes_in"] = request.bytes_in
             record["bytes_out"] = request.sentLength
             self.emit_record(record)
+            if self.taps is not None and self.taps.active:
+                self._tap_refusal(request, record)
+
+    def _tap_refusal(self, request, record: dict) -> None:
+        """Show a request refused before it had an exchange to the taps that see its route."""
+        route = record.get("route")
+        if route is None:
+            return  # not addressed to a container of this node
+        try:
+            pairs = getattr(request.requestHeaders, "pairs", None)
+            if pairs is None:
+                pairs = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+            target = Target(route["project"], route["container"], route["program"], route["index"],
+                            split_host(record["host"].encode("latin-1")) if record.get("host") else "")
+            capture = self.taps.begin(request, target, request.method, request.uri, pairs,
+                                      bool(getattr(request, "websocket", None)), record)
+            if capture is not None:
+                capture.finished(record)
+        except Exception:
+            log.failure("tap: a refused request could not be shown")
 
     def _begin(self, request, record: dict) -> None:
         # 0. limit: per client address, before any other work
@@ -290,6 +312,7 @@ class Gateway:
         else:  # HTTP/2 and HTTP/3: only an extended CONNECT is a WebSocket
             upgrade = bool(websocket)
         has_body = request.body_length != 0
+        sent = raw  # (the fields as the client sent them, for a tap)
         if upgrade and has_body:
             # RFC 6455 handshakes carry none; a container would read the body as frames
             # sent before the filter that enforces read-only WebSockets sees any.
@@ -340,6 +363,9 @@ class Gateway:
             # a connection is never given to another request, this client's or another's.
             reusable=not (has_body and request.method in BODYLESS_METHODS))
         request.exchange = exchange
+        taps = self.taps
+        if taps is not None and taps.active:
+            exchange.capture = taps.begin(request, target, request.method, uri, sent, upgrade, record)
         context = (request.client_ip, target, pset, credentials)
         if decision is None:
             exchange.start()

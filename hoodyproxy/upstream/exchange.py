@@ -78,7 +78,7 @@ class Exchange:
                  "timeout", "record", "done", "clock", "tunnel_idle_timeout", "conn", "connecting",
                  "pending", "pending_size", "replay", "replay_size", "attempts", "body_paused",
                  "body_producer", "response_started", "response_done", "discarded", "over", "read_only",
-                 "tunnel", "reusable", "reused", "producing", "switch_headers")
+                 "tunnel", "reusable", "reused", "producing", "switch_headers", "capture")
 
     def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
                  head_request: bool, upgrade: bool, timeout: float, record: dict,
@@ -120,6 +120,8 @@ class Exchange:
         #: upstream_streaming): only for a response longer than one read.
         self.producing = False
         self.switch_headers = None
+        #: A running tap's view of this exchange (hoodyproxy.observe.capture), or None.
+        self.capture = None
 
     # -- connecting -------------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class Exchange:
         conn.send_head(self.head, self, chunked_body=request.body_length is None,
                        has_body=request.body_length != 0, head_request=self.head_request,
                        upgrade=self.upgrade, timeout=self.timeout, reusable=self.reusable)
+        if self.capture is not None:
+            self.capture.sent_upstream()
         for chunk in self.pending:
             conn.write_body(chunk)
         self.pending = []
@@ -173,6 +177,8 @@ class Exchange:
             if self.discarded > DISCARD_LIMIT and not self.over:
                 self.request.abort()
             return
+        if self.capture is not None:
+            self.capture.request_data(data)
         if self.replay is not None:
             self.replay_size += len(data)
             if self.replay_size > REPLAY_LIMIT:
@@ -226,11 +232,15 @@ class Exchange:
         self.head = None  # no retry from here on
         if status == 101:
             self.switch_headers = response_headers(headers, upgrade=True)
+            if self.capture is not None:
+                self.capture.response_head(101, self.switch_headers)
             return  # upstream_upgraded follows at once
         self.response_started = True
         self.record["status"] = status
-        self.request.start_response(status, reason or RESPONSES.get(status, b"Unknown"),
-                                    response_headers(headers, lnames=getattr(self.conn, "head_lnames", None)))
+        forwarded = response_headers(headers, lnames=getattr(self.conn, "head_lnames", None))
+        if self.capture is not None:
+            self.capture.response_head(status, forwarded)
+        self.request.start_response(status, reason or RESPONSES.get(status, b"Unknown"), forwarded)
 
     def upstream_streaming(self) -> None:
         """The response goes on past the container's read just handled: from now on a client
@@ -241,6 +251,8 @@ class Exchange:
             self.request.registerProducer(self.conn, True)
 
     def upstream_data(self, data: bytes) -> None:
+        if self.capture is not None:
+            self.capture.response_data(data)
         self.request.write(data)
 
     def upstream_end(self) -> None:
@@ -294,6 +306,8 @@ class Exchange:
         transport, client_leftover = request.take_over(self.switch_headers)
         tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed,
                         read_only=self.read_only)
+        if self.capture is not None:
+            tunnel.frames = self.capture.frame_readers()
         request.attach_tunnel(tunnel)
         self.tunnel = tunnel
         self.switch_headers = None
@@ -352,3 +366,6 @@ class Exchange:
             record["bytes_out"] = self.request.sentLength
         self.request = None
         self.done(record)
+        if self.capture is not None:
+            capture, self.capture = self.capture, None
+            capture.finished(record)

@@ -45,7 +45,7 @@ class Tunnel:
 
     __slots__ = ("client", "upstream", "clock", "idle_timeout", "on_close", "bytes_up", "bytes_down",
                  "last_activity", "closed", "closed_by", "_idle_call", "read_only", "_uncoupled_budget",
-                 "_release_call")
+                 "_release_call", "frames")
 
     def __init__(self, client_transport, upstream, clock, idle_timeout: float,
                  on_close: Callable[[int, int, str | None], None], read_only: bool = False) -> None:
@@ -65,6 +65,8 @@ class Tunnel:
         #: Bytes left to relay before the producers are registered; None once they are.
         self._uncoupled_budget: int | None = COUPLE_AFTER
         self.read_only = None
+        #: A running tap's frame readers (client side, container side), or None.
+        self.frames = None
         if read_only:
             from hoodyproxy.upstream.readonly import ReadOnlyClientSide
             self.read_only = ReadOnlyClientSide(self._to_upstream, self._client_sent_data)
@@ -109,6 +111,8 @@ class Tunnel:
         self.bytes_up += len(data)
         self.last_activity = self.clock.seconds()
         self._relaying(len(data))
+        if self.frames is not None:
+            self.frames[0].feed(data)
         if self.read_only is not None:
             self.read_only.feed(data)
         else:
@@ -139,6 +143,8 @@ class Tunnel:
         self.bytes_down += len(data)
         self.last_activity = self.clock.seconds()
         self._relaying(len(data))
+        if self.frames is not None:
+            self.frames[1].feed(data)
         self.client.write(data)
 
     def upstream_end(self) -> None:
