@@ -154,6 +154,12 @@ class Settings:
     #: ``http3_retry_threshold``), "always" or "never".
     http3_retry: str = "auto"
     http3_retry_threshold: int = 64
+    #: Taps (``[tap]``; see docs/observe.rst): whether a tap may ask for credentials
+    #: unredacted, and how many may run at once.
+    tap_allow_unredacted: bool = False
+    tap_max_taps: int = 16
+    #: Events held for a tap client that is not reading before events are dropped.
+    tap_queue_events: int = 1000
 
     @property
     def suffix(self) -> str:
@@ -308,6 +314,7 @@ _SCHEMA: dict[str, set[str]] = {
     "client_ip": {"mode", "mark", "table"},
     "http2": {"enabled", "max_concurrent_streams", "max_header_list_size", "stream_window", "max_resets"},
     "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
+    "tap": {"allow_unredacted", "max_taps", "queue_events"},
 }
 
 
@@ -451,6 +458,20 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if retry not in ("auto", "always", "never"):
         raise ConfigError("[http3] retry", "must be auto, always or never")
     kw["http3_retry"] = retry
+    unredacted = get("tap", "allow_unredacted", d.tap_allow_unredacted)
+    if not isinstance(unredacted, bool):
+        raise ConfigError("[tap] allow_unredacted", "must be true or false")
+    kw["tap_allow_unredacted"] = unredacted
+    max_taps = _number("[tap] max_taps", get("tap", "max_taps", d.tap_max_taps), integer=True, minimum=1,
+                       exclusive=False)
+    if max_taps > 1000:
+        raise ConfigError("[tap] max_taps", "must be 1 to 1000")
+    kw["tap_max_taps"] = max_taps
+    queue = _number("[tap] queue_events", get("tap", "queue_events", d.tap_queue_events), integer=True,
+                    minimum=1, exclusive=False)
+    if queue > 1_000_000:
+        raise ConfigError("[tap] queue_events", "must be 1 to 1000000")
+    kw["tap_queue_events"] = queue
     try:
         kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
     except InvalidRateLimit as e:
@@ -488,6 +509,8 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
         "http3": {"enabled": s.http3_enabled, "advertised_port": s.http3_advertised_port,
                   "max_concurrent_streams": s.http3_max_concurrent_streams, "retry": s.http3_retry,
                   "retry_threshold": s.http3_retry_threshold},
+        "tap": {"allow_unredacted": s.tap_allow_unredacted, "max_taps": s.tap_max_taps,
+                "queue_events": s.tap_queue_events},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}

@@ -159,6 +159,9 @@ class GatewayStack:
         self.gateway = Gateway(s, self.directory, self.pool, self.audit, reactor, policy=self.policy,
                                aliases=self.aliases, rate_limits=self.rate_limits)
         self.gateway.alt_svc = s.alt_svc_for(s.https_port)
+        from hoodyproxy.observe.tap import TapHub
+        self.taps = self.gateway.taps = TapHub(reactor, allow_unredacted=s.tap_allow_unredacted,
+                                                max_taps=s.tap_max_taps, queue_events=s.tap_queue_events)
 
     def https_factory(self):
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
@@ -268,6 +271,7 @@ class NodeService(service.MultiService):
     def privilegedStartService(self) -> None:
         from hoodyproxy import listening
         from hoodyproxy.admin.api import AdminAPI, admin_site
+        from hoodyproxy.admin.taps import TapEndpoints
         from hoodyproxy.workers import WorkerPool
 
         self.datadir_lock.write_pid()  # this process's, if twistd has daemonized since
@@ -317,7 +321,8 @@ class NodeService(service.MultiService):
                                     registry=self.stack.registry, aliases=self.stack.aliases,
                                     base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
                                     certificate_status=self.certificate_manager.status,
-                                    rate_limits=self.stack.rate_limits),
+                                    rate_limits=self.stack.rate_limits,
+                                    taps=TapEndpoints(self.stack.taps, self.stack.audit)),
                            r, s.request_head_timeout)
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
@@ -333,7 +338,7 @@ class NodeService(service.MultiService):
         if s.workers > 1:
             # Created after the client IP mode is final: the workers are given these settings.
             self.workers = WorkerPool(r, self.settings, https_bound, http_bound, s.workers,
-                                      limiters=self.gateway.limiters)
+                                      limiters=self.gateway.limiters, taps=self.stack.taps)
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
             self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())
@@ -417,6 +422,7 @@ class NodeService(service.MultiService):
         self.demo_url = url
 
     def stopService(self):
+        self.stack.taps.end_all("shutdown")  # (their clients get an end line)
         if self.demo is not None:
             self.demo.remove()
             self.demo = None

@@ -22,11 +22,12 @@ from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from hoodyproxy.access.model import InvalidPermissions, advise, parse_permission_set, to_json
 from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
                                 check_target, target_advice)
+from hoodyproxy.admin.taps import STREAMING
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 from hoodyproxy.frontend.http1 import REASONS, SERVER, early_answer_site, http_date, take_site_request_line
@@ -106,7 +107,7 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
-                 base_url_for=None, certificate_status=None, rate_limits=None) -> None:
+                 base_url_for=None, certificate_status=None, rate_limits=None, taps=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -116,6 +117,8 @@ class AdminAPI(Resource):
         self.base_url_for = base_url_for
         self.certificate_status = certificate_status
         self.rate_limits = rate_limits
+        #: The tap endpoints (hoodyproxy.admin.taps.TapEndpoints), or None (404).
+        self.taps = taps
 
     @property
     def registry(self):
@@ -131,6 +134,8 @@ class AdminAPI(Resource):
             else:
                 self._authenticate(request)
                 status, body = self._dispatch(request)
+                if body is STREAMING:
+                    return NOT_DONE_YET
         except ApiError as e:
             return self.error_response(request, e)
         except Exception:
@@ -191,6 +196,8 @@ class AdminAPI(Resource):
             return self._rate_limits(request, parts[2][:-1], parts[3])
         if parts[2:4] == ["proxy", "aliases"]:
             return self._alias_endpoints(request, parts[4:])
+        if parts[2] == "taps" and self.taps is not None:
+            return self.taps.dispatch(self, request, parts[3:])
         raise ApiError(404, "not_found", "no such endpoint")
 
     @staticmethod
