@@ -64,7 +64,7 @@ class WorkerPool(service.Service):
     restart_delay = 1.0
 
     def __init__(self, reactor, settings: Settings, https: list[ListenAddress], http: list[ListenAddress],
-                 count: int, limiters=None) -> None:
+                 count: int, limiters=None, taps=None) -> None:
         """``limiters``: worker 0's, whose charges are shared with the other workers' when
         they are sharing (``[ratelimit] shared = true``)."""
         self.reactor = reactor
@@ -72,6 +72,9 @@ class WorkerPool(service.Service):
         self.https, self.http = https, http
         self.limiters = limiters
         self.shared_limits = None
+        #: Worker 0's TapHub: the workers' exchanges reach its taps through a relay.
+        self.taps = taps
+        self.tap_relay = None
         self.use_settings(settings)
         self.processes: dict[int, _WorkerProcess] = {}
         self.stopping = False
@@ -88,6 +91,7 @@ class WorkerPool(service.Service):
             "https": [[a.interface, a.port] for a in self.https],
             "http": [[a.interface, a.port] for a in self.http],
             "ratelimit_socket": self.shared_limits.path if self.shared_limits is not None else None,
+            "tap_socket": self.tap_relay.path if self.tap_relay is not None else None,
         })
 
     def startService(self) -> None:
@@ -98,6 +102,10 @@ class WorkerPool(service.Service):
             self.shared_limits = SharedLimitsHub(self.reactor, self.limiters, path,
                                                  self.settings.ratelimit.shared_sync_ms / 1000, temp_dir)
             self.shared_limits.startService()
+        if self.taps is not None:
+            from hoodyproxy.observe.relay import TapRelayServer
+            self.tap_relay = TapRelayServer(self.reactor, self.taps, self.settings.data_dir)
+            self.tap_relay.startService()
         for number in range(1, self.count):
             self._spawn(number)
 
@@ -151,6 +159,8 @@ class WorkerPool(service.Service):
             # Last, so that no worker logs that it lost it while stopping.
             if self.shared_limits is not None:
                 await self.shared_limits.stopService()
+            if self.tap_relay is not None:
+                await self.tap_relay.stopService()
         return defer.ensureDeferred(wait_all())
 
 
@@ -209,6 +219,12 @@ def worker_main(argv: list[str]) -> None:
                                     settings.ratelimit.shared_sync_ms / 1000, int(number))
         shared.startService()
         reactor.addSystemEventTrigger("before", "shutdown", shared.stopService)
+    if spec.get("tap_socket"):
+        from hoodyproxy.observe.relay import TapRelayClient
+        stack.taps.set_worker(int(number))
+        relay = TapRelayClient(reactor, stack.taps, spec["tap_socket"])
+        relay.start()
+        reactor.addSystemEventTrigger("before", "shutdown", relay.stop)
     stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
     reactor.addSystemEventTrigger("before", "shutdown", stack.close)
