@@ -1,6 +1,7 @@
 """The gateway's own Python cost per request, in process: no sockets, no TLS, no kernel.
 
     PYTHONPATH=. python bench/gateway_inproc.py [--requests N] [--fields small|browser] [--profile]
+                                                [--tap none|other|all]
 
 A node's GatewayStack (its real directory, policy, limits, audit file) serves HTTP/1.1
 requests from an H1Connection on a StringTransport; the pool's connections are
@@ -9,6 +10,9 @@ response, delivered after the client's read, as a container's would be.  What is
 is the gateway's own work per request (parse, route, locate, decide, forward, the
 response, the audit line): the part of ``make bench``'s CPU per request that is ours
 and not TLS's, the kernel's or the reactor's.  ``--profile`` prints cProfile's table.
+``--tap other`` runs with a tap on another container (every request is matched against
+it, none is captured); ``--tap all``, with a tap capturing every exchange (headers and
+4 KiB of each body; its events are made, serialized and thrown away).
 """
 
 from __future__ import annotations
@@ -88,10 +92,15 @@ def build(data_dir: str):
     return stack, client, transport, upstreams, clock
 
 
-def run(requests: int, fields: str, profile: bool) -> float:
+def run(requests: int, fields: str, profile: bool, tap: str = "none") -> float:
     data_dir = tempfile.mkdtemp(prefix="hoodyproxy-inproc-")
     try:
         stack, client, transport, upstreams, clock = build(data_dir)
+        if tap != "none":
+            from hoodyproxy.observe.tap import TapSpec
+            match = {"container": "0" * 24} if tap == "other" else {}
+            stack.taps.add(TapSpec.from_json({"match": match, "max_events": 10_000_000}), lambda line: None,
+                           lambda: None)
         host = b"%s-%s-http-3000.node-us.containers.example.com" % (PROJECT.encode(), CONTAINER.encode())
         request = b"GET /api/items?x=1 HTTP/1.1\r\nHost: " + host + b"\r\n" + (BROWSER if fields == "browser" else b"") + b"\r\n"
 
@@ -128,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--fields", choices=("small", "browser"), default="small")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tap", choices=("none", "other", "all"), default="none")
     args = parser.parse_args(argv)
     if args.profile:
-        run(args.requests, args.fields, True)
+        run(args.requests, args.fields, True, args.tap)
         return 0
-    best = min(run(args.requests, args.fields, False) for _ in range(3))
-    print(f"{best:.1f} us of the gateway's own CPU per request ({args.fields} fields; best of 3 runs of "
-          f"{args.requests:,})")
+    best = min(run(args.requests, args.fields, False, args.tap) for _ in range(3))
+    print(f"{best:.1f} us of the gateway's own CPU per request ({args.fields} fields; tap: {args.tap}; best of 3 "
+          f"runs of {args.requests:,})")
     return 0
 
 

@@ -90,6 +90,31 @@ def _redact_set_cookie(value: str) -> str:
     return (name + "=" + REDACTED if eq else first) + semi + attributes
 
 
+#: How each header field name is shown (cached by name: a tap sees the same few names).
+_FIELD_KIND: dict[bytes, int] = {}
+_PLAIN, _SECRET, _COOKIE, _SET_COOKIE, _URL = range(5)
+
+
+def _field_kind(lower: bytes) -> int:
+    kind = _FIELD_KIND.get(lower)
+    if kind is None:
+        if lower in _SECRET_FIELDS:
+            kind = _SECRET
+        elif lower == b"cookie":
+            kind = _COOKIE
+        elif lower == b"set-cookie":
+            kind = _SET_COOKIE
+        elif lower in _URL_FIELDS:
+            kind = _URL
+        elif lower not in (b"sec-websocket-key", b"sec-websocket-accept") and _secret_name(lower.decode("latin-1")):
+            kind = _SECRET
+        else:
+            kind = _PLAIN
+        if len(_FIELD_KIND) < 4096:
+            _FIELD_KIND[lower] = kind
+    return kind
+
+
 def redact_headers(pairs, redact: bool = True) -> list[list[str]]:
     """Header fields as ``[[name, value], ...]`` text, credentials replaced when ``redact``."""
     out = []
@@ -97,15 +122,14 @@ def redact_headers(pairs, redact: bool = True) -> list[list[str]]:
         text_name = name.decode("latin-1") if isinstance(name, bytes) else name
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         if redact:
-            lower = text_name.lower().encode("latin-1")
-            if lower in _SECRET_FIELDS or (lower not in (b"cookie", b"set-cookie") and _secret_name(text_name)
-                                           and lower not in (b"sec-websocket-key", b"sec-websocket-accept")):
+            kind = _field_kind(name.lower() if isinstance(name, bytes) else name.lower().encode("latin-1"))
+            if kind == _SECRET:
                 text = REDACTED
-            elif lower == b"cookie":
+            elif kind == _COOKIE:
                 text = _redact_cookie(text)
-            elif lower == b"set-cookie":
+            elif kind == _SET_COOKIE:
                 text = _redact_set_cookie(text)
-            elif lower in _URL_FIELDS:
+            elif kind == _URL:
                 text = redact_target(text)
         out.append([text_name, text])
     return out
@@ -313,6 +337,7 @@ class Capture:
         self.segments = 0
         self.last_segment = 0.0
         self.segment_call = None
+        self.streaming = False
         self.done = False
         self.failed = False
         self.path_text: str | None = None
@@ -358,13 +383,25 @@ class Capture:
         if room > 0:
             self.segment_data += data[:room]
         self.segment_length += len(data)
-        if self.segment_call is None and not self.done:
-            now = self.hub.now()
-            due = max((self.first_byte or now) + SEGMENT_AFTER, self.last_segment + SEGMENT_INTERVAL)
-            if now >= due and self.segments:
-                self._segment()
-            else:
-                self.segment_call = self.hub.clock.callLater(max(0.0, due - now), self._segment_due)
+        if self.streaming and self.segment_call is None and not self.done:
+            self._schedule_segment()
+
+    @_guarded
+    def stream_goes_on(self) -> None:
+        """The response goes on past one read from the container (most end within one:
+        they get no segment timer)."""
+        if not self.streaming:
+            self.streaming = True
+            if self.segment_length and self.segment_call is None and not self.done:
+                self._schedule_segment()
+
+    def _schedule_segment(self) -> None:
+        now = self.hub.now()
+        due = max((self.first_byte or now) + SEGMENT_AFTER, self.last_segment + SEGMENT_INTERVAL)
+        if now >= due and self.segments:
+            self._segment()
+        else:
+            self.segment_call = self.hub.clock.callLater(max(0.0, due - now), self._segment_due)
 
     @_guarded
     def _segment_due(self) -> None:

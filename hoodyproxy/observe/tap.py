@@ -21,13 +21,13 @@ count rides on the next event delivered (``dropped``) and on the ``end`` event.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import time
 from collections import deque
 from typing import Any, Callable
 
+import orjson
 from twisted.logger import Logger
 
 log = Logger()
@@ -380,7 +380,9 @@ class Tap:
 
 
 def dumps(event: dict) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    """One NDJSON line (orjson: a tap capturing every exchange serializes one event per
+    request, with bodies; the standard library's encoder costs several times more)."""
+    return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class TapHub:

@@ -246,6 +246,8 @@ class Exchange:
         """The response goes on past the container's read just handled: from now on a client
         slow to read pauses the container's connection.  (A response that ends within one
         read, most of them, never registers: what one read wrote is bounded by its size.)"""
+        if self.capture is not None:
+            self.capture.stream_goes_on()
         if not self.producing and self.conn is not None:
             self.producing = True
             self.request.registerProducer(self.conn, True)
