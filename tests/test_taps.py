@@ -539,3 +539,51 @@ class WorkersTests(unittest.SynchronousTestCase):
                                      method="DELETE", headers={"Authorization": f"Bearer {gateway.token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             self.assertEqual(r.status, 204)
+
+
+class CommandTests(TapTestCase):
+    """``hoodyproxy tap`` against a real node: found through the node's data directory."""
+
+    def command(self, *args: str):
+        from twisted.internet.threads import deferToThread
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env.pop("HOODYPROXY_DATA_DIR", None)
+        argv = [sys.executable, "-m", "hoodyproxy.admin.cli", "tap", "--data-dir", self.node.data_dir, *args]
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process, deferToThread(process.communicate, timeout=60)
+
+    async def started(self, count: int = 1) -> None:
+        await until(lambda: len(self.node.stack.taps.taps) == count)
+
+    async def test_readable_lines_and_a_har_file_a_har_reader_reads(self):
+        from haralyzer import HarParser
+        har = os.path.join(self.node.data_dir, "tap.har")
+        process, done = self.command("--container", CONTAINER, "--bodies", "64", "--max-events", "2",
+                                     "--har", har)
+        await self.started()
+        await self.get("/headers")
+        await curl(self.node, "-s", "-o", "/dev/null", "-d", "hello",
+                   f"https://{self.host()}:{self.node.https_port}/digest", host=self.host())
+        out, err = await done
+        self.assertEqual(process.returncode, 0, err)
+        lines = out.decode().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn(f"GET {self.host()}:{self.node.https_port}/headers -> 200", lines[0])
+        self.assertIn("POST", lines[1])
+        self.assertIn(b"max_events", err)
+        with open(har) as f:
+            parsed = HarParser(json.load(f))
+        entries = parsed.har_data["entries"]
+        self.assertEqual([e["request"]["method"] for e in entries], ["GET", "POST"])
+        self.assertEqual(entries[1]["request"]["postData"]["text"], "hello")
+        self.assertEqual(entries[0]["response"]["status"], 200)
+
+    async def test_json_prints_the_raw_events(self):
+        process, done = self.command("--json", "--max-events", "1")
+        await self.started()
+        await self.get("/headers")
+        out, err = await done
+        self.assertEqual(process.returncode, 0, err)
+        kinds = [json.loads(line)["type"] for line in out.decode().splitlines()]
+        self.assertEqual(kinds, ["tap", "exchange", "end"])
