@@ -99,13 +99,13 @@ SOCKET_NAME = "ratelimit.sock"
 MAX_SOCKET_PATH = 100
 
 
-def socket_path(data_dir: str) -> tuple[str, str | None]:
+def socket_path(data_dir: str, name: str = SOCKET_NAME) -> tuple[str, str | None]:
     """Where worker 0 listens: ``(path, temporary directory to remove or None)``."""
-    path = os.path.join(os.path.abspath(data_dir), SOCKET_NAME)
+    path = os.path.join(os.path.abspath(data_dir), name)
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path, None
     directory = tempfile.mkdtemp(prefix="hoodyproxy-")  # 0700
-    return os.path.join(directory, SOCKET_NAME), directory
+    return os.path.join(directory, name), directory
 
 
 def _same_user(transport) -> bool:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 
 from twisted.application import service
 from twisted.internet import defer
@@ -33,24 +32,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from hoodyproxy.limits.shared import _same_user
+from hoodyproxy.limits.shared import _same_user, socket_path
 from hoodyproxy.observe.tap import InvalidTap, TapSpec, dumps
 
 log = Logger()
 
 SOCKET_NAME = "tap.sock"
-MAX_SOCKET_PATH = 100
 #: The longest line either side accepts (an event with two 1 MiB bodies in base64 fits).
 MAX_LINE = 8 * 1024 * 1024
-
-
-def socket_path(data_dir: str) -> tuple[str, str | None]:
-    """Where worker 0 listens: ``(path, temporary directory to remove or None)``."""
-    path = os.path.join(os.path.abspath(data_dir), SOCKET_NAME)
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
-        return path, None
-    directory = tempfile.mkdtemp(prefix="hoodyproxy-tap-")  # 0700
-    return os.path.join(directory, SOCKET_NAME), directory
 
 
 class _WorkerSide(LineOnlyReceiver):
@@ -99,7 +88,7 @@ class TapRelayServer(service.Service):
     def __init__(self, reactor, hub, data_dir: str) -> None:
         self.reactor = reactor
         self.hub = hub
-        self.path, self.temp_dir = socket_path(data_dir)
+        self.path, self.temp_dir = socket_path(data_dir, SOCKET_NAME)
         self.connections: set[_WorkerSide] = set()
         self.port = None
 
