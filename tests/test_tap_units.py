@@ -10,7 +10,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from hoodyproxy.observe.capture import FrameReader, body_json, redact_headers, redact_target
+from hoodyproxy.observe.capture import body_json
+from hoodyproxy.observe.frames import FrameReader
+from hoodyproxy.observe.redact import redact_headers, redact_target
 from hoodyproxy.observe.tap import InvalidTap, Tap, TapHub, TapSpec
 from hoodyproxy.routing import Target
 

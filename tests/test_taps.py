@@ -22,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from tests import backends
 from tests.h3client import connect, within
-from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, curl, host_for, register, start_node, until,
+from tests.support import (CONTAINER, Backend, audit_lines, curl, host_for, register, start_node, until,
                            wait)
 
 OTHER_CONTAINER = "aaaaaaaaaaaaaaaaaaaaaaaa"

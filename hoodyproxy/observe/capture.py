@@ -18,153 +18,20 @@ Credentials are redacted before an event is made (:func:`redact_headers`,
 from __future__ import annotations
 
 import base64
-import json
 import re
-from urllib.parse import unquote_plus
 
-from twisted.logger import Logger
+from hoodyproxy.observe._guard import guarded as _guarded
+from hoodyproxy.observe.frames import FrameReader
+from hoodyproxy.observe.redact import redact_body, redact_headers, redact_target
 
-from hoodyproxy.access.policy import TOKEN_NAME
-
-log = Logger()
-
-REDACTED = "[redacted]"
 #: A long response shows ``segment`` events once it has run this long (seconds) ...
 SEGMENT_AFTER = 0.5
 #: ... at most this often.
 SEGMENT_INTERVAL = 0.5
 
-#: Header fields whose whole value is a credential.
-_SECRET_FIELDS = frozenset((b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"apikey",
-                            b"x-auth-token", b"x-access-token", b"x-amz-security-token", b"x-csrf-token",
-                            b"x-xsrf-token", b"proxy-authentication-info", b"authentication-info"))
-#: Header fields that name a URL whose query may hold a credential.
-_URL_FIELDS = frozenset((b"referer", b"location", b"content-location", b"refresh"))
-#: Query parameters, form fields and header names that look like credentials.
-_SECRET_NAME = re.compile(r"(token|secret|passw|pwd|api[-_]?key|apikey|^key$|^auth|signature|^sig$|session|"
-                          r"jwt|credential|^code$|private)", re.IGNORECASE)
-_TOKEN_TEXT = TOKEN_NAME.decode("ascii")
 #: Control characters that make a body binary (text has tabs, line ends and, from a
 #: terminal, escape sequences).
 _BINARY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")
-
-
-def _secret_name(name: str) -> bool:
-    return name.lower() == _TOKEN_TEXT or _SECRET_NAME.search(name) is not None
-
-
-def redact_query(query: str) -> str:
-    """A query string with the values of credential-like parameters replaced."""
-    if not query:
-        return query
-    parts = []
-    for part in query.split("&"):
-        name, eq, _value = part.partition("=")
-        if eq and _secret_name(unquote_plus(name)):
-            parts.append(name + "=" + REDACTED)
-        else:
-            parts.append(part)
-    return "&".join(parts)
-
-
-def redact_target(target: str) -> str:
-    """A request target (``/path?query``) or URL with its credential-like query values replaced."""
-    path, mark, query = target.partition("?")
-    if not mark:
-        return target
-    query, hash_mark, fragment = query.partition("#")
-    return path + "?" + redact_query(query) + hash_mark + fragment
-
-
-def _redact_cookie(value: str) -> str:
-    out = []
-    for crumb in value.split(";"):
-        name, eq, _rest = crumb.partition("=")
-        out.append(name + "=" + REDACTED if eq else crumb)
-    return ";".join(out)
-
-
-def _redact_set_cookie(value: str) -> str:
-    first, semi, attributes = value.partition(";")
-    name, eq, _rest = first.partition("=")
-    return (name + "=" + REDACTED if eq else first) + semi + attributes
-
-
-#: How each header field name is shown (cached by name: a tap sees the same few names).
-_FIELD_KIND: dict[bytes, int] = {}
-_PLAIN, _SECRET, _COOKIE, _SET_COOKIE, _URL = range(5)
-
-
-def _field_kind(lower: bytes) -> int:
-    kind = _FIELD_KIND.get(lower)
-    if kind is None:
-        if lower in _SECRET_FIELDS:
-            kind = _SECRET
-        elif lower == b"cookie":
-            kind = _COOKIE
-        elif lower == b"set-cookie":
-            kind = _SET_COOKIE
-        elif lower in _URL_FIELDS:
-            kind = _URL
-        elif lower not in (b"sec-websocket-key", b"sec-websocket-accept") and _secret_name(lower.decode("latin-1")):
-            kind = _SECRET
-        else:
-            kind = _PLAIN
-        if len(_FIELD_KIND) < 4096:
-            _FIELD_KIND[lower] = kind
-    return kind
-
-
-def redact_headers(pairs, redact: bool = True) -> list[list[str]]:
-    """Header fields as ``[[name, value], ...]`` text, credentials replaced when ``redact``."""
-    out = []
-    for name, value in pairs:
-        text_name = name.decode("latin-1") if isinstance(name, bytes) else name
-        text = value.decode("latin-1") if isinstance(value, bytes) else value
-        if redact:
-            kind = _field_kind(name.lower() if isinstance(name, bytes) else name.lower().encode("latin-1"))
-            if kind == _SECRET:
-                text = REDACTED
-            elif kind == _COOKIE:
-                text = _redact_cookie(text)
-            elif kind == _SET_COOKIE:
-                text = _redact_set_cookie(text)
-            elif kind == _URL:
-                text = redact_target(text)
-        out.append([text_name, text])
-    return out
-
-
-def redact_body(data: bytes, content_type: str | None, complete: bool) -> bytes:
-    """A captured form or JSON body with credential-like fields replaced (other bodies as they are)."""
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    if kind == "application/x-www-form-urlencoded":
-        try:
-            return redact_query(data.decode("ascii")).encode("ascii")
-        except UnicodeDecodeError:
-            return data
-    if complete and (kind == "application/json" or kind.endswith("+json")):
-        try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return data
-        changed = [False]
-
-        def walk(node):
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    if isinstance(key, str) and _secret_name(key) and isinstance(value, (str, int, float)):
-                        node[key] = REDACTED
-                        changed[0] = True
-                    else:
-                        walk(value)
-            elif isinstance(node, list):
-                for item in node:
-                    walk(item)
-        walk(document)
-        if changed[0]:
-            return json.dumps(document, ensure_ascii=False).encode("utf-8")
-    return data
 
 
 def body_json(data: bytes, truncated: bool) -> dict:
@@ -187,122 +54,6 @@ def body_json(data: bytes, truncated: bool) -> dict:
         return {"encoding": "text", "data": text, "bytes": len(data), "truncated": truncated}
     return {"encoding": "base64", "data": base64.b64encode(data).decode("ascii"), "bytes": len(data),
             "truncated": truncated}
-
-
-def _guarded(method):
-    """A capture's hook never fails the exchange it watches: a failure is logged and the
-    capture stops watching."""
-    def guarded(self, *args):
-        if self.failed:
-            return None
-        try:
-            return method(self, *args)
-        except Exception:
-            self.failed = True
-            log.failure("tap: capturing an exchange failed; its events are left out")
-            return None
-    guarded.__name__ = method.__name__
-    guarded.__doc__ = method.__doc__
-    return guarded
-
-
-class FrameReader:
-    """RFC 6455 frames out of one direction of a WebSocket's bytes, for observation only.
-
-    It reads the frame headers (and unmasks at most ``keep`` bytes of each payload); it
-    never refuses anything (whatever the extensions, reserved bits or opcodes: checking
-    is not its job) and never holds more than a frame header plus ``keep`` bytes.
-    ``on_frame(opcode, fin, length, data)`` is called once per frame, when its captured
-    part is in (for a long frame, before the rest of its payload has passed).
-    """
-
-    __slots__ = ("keep", "on_frame", "_head", "_need", "_opcode", "_fin", "_length", "_mask", "_data",
-                 "_reported", "broken", "failed")
-
-    def __init__(self, keep: int, on_frame) -> None:
-        self.keep = keep
-        self.on_frame = on_frame
-        self._head = b""
-        self._need = 0  # payload bytes still to pass of the current frame (0: reading a header)
-        self._opcode = self._length = 0
-        self._fin = True
-        self._mask = b""
-        self._data = bytearray()
-        self._reported = True
-        self.broken = False
-        self.failed = False
-
-    @_guarded
-    def feed(self, data: bytes) -> None:
-        if self.broken:
-            return
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._need:
-                take = min(self._need, end - pos)
-                room = self.keep - len(self._data)
-                if room > 0:
-                    self._data += data[pos:pos + min(room, take)]
-                self._need -= take
-                pos += take
-                if self._need == 0 or len(self._data) >= self.keep:
-                    self._report()
-                continue
-            before = len(self._head)
-            chunk = data[pos:pos + 14 - before]  # (a frame header is at most 14 bytes)
-            self._head += chunk
-            size = self._parse_head()
-            if size is None:
-                pos += len(chunk)
-                continue
-            pos += size - before
-            self._head = b""
-
-    def _parse_head(self):
-        head = self._head
-        if len(head) < 2:
-            return None
-        first, second = head[0], head[1]
-        length = second & 0x7F
-        offset = 2
-        if length == 126:
-            if len(head) < 4:
-                return None
-            length = int.from_bytes(head[2:4], "big")
-            offset = 4
-        elif length == 127:
-            if len(head) < 10:
-                return None
-            length = int.from_bytes(head[2:10], "big")
-            offset = 10
-        masked = second & 0x80
-        if masked:
-            if len(head) < offset + 4:
-                return None
-            self._mask = head[offset:offset + 4]
-            offset += 4
-        else:
-            self._mask = b""
-        self._fin = bool(first & 0x80)
-        self._opcode = first & 0x0F
-        self._length = length
-        self._need = length
-        self._data = bytearray()
-        self._reported = False
-        if length == 0:
-            self._report()
-        return offset
-
-    def _report(self) -> None:
-        if self._reported:
-            return
-        self._reported = True
-        data = bytes(self._data)
-        if self._mask and data:
-            size = len(data)
-            mask = (self._mask * (size // 4 + 1))[:size]
-            data = (int.from_bytes(data, "big") ^ int.from_bytes(mask, "big")).to_bytes(size, "big")
-        self.on_frame(self._opcode, self._fin, self._length, data)
 
 
 class Capture:
@@ -534,5 +285,4 @@ def url_of(host: str | None, path: str | None) -> str:
     return "https://%s%s" % (host or "", path or "/")
 
 
-__all__ = ["Capture", "FrameReader", "REDACTED", "body_json", "redact_body", "redact_headers", "redact_query",
-           "redact_target", "url_of"]
+__all__ = ["Capture", "body_json", "url_of"]
