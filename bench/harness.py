@@ -39,12 +39,12 @@ IDLE_TARGET = 10_000
 class Scenario:
     key: str
     title: str
-    kind: str                 # wrk | h2load | ws | ws-idle | stream
+    kind: str                 # wrk | h2load | ws | ws-idle | stream | tap
     transport: str = "tls"    # plain | tls | ws (WebSocket over TLS)
     path: str = "/"
     conns: int = 50
     duration: float = 3.0
-    metric: str = "rps"       # rps | mbps | added | mps | rtt | idle | stream
+    metric: str = "rps"       # rps | mbps | added | mps | rtt | idle | stream | tap
     notes: str = ""
     systems: list[str] = field(default_factory=lambda: [k for k in SYSTEM_ORDER if k not in VARIANTS])
     streams: int = 1          # h2load: concurrent streams per connection (-m)
@@ -93,6 +93,15 @@ def make_scenarios(d: int, dl: int, idle_conns: int, stream_mib: int) -> list[Sc
                        f"{d:g}s; backend: the demo's autobahn echo (direct: its own TLS port)."),
         Scenario("ws-c1", "WebSocket round trip over TLS, one connection", "ws", "ws", "/echo", 1, dl, "rtt",
                  notes=f"bench/ws_client.py: 1 connection, one message in flight, {dl:g}s."),
+        Scenario("tap", "Tap cost: HTTP/1.1 keep-alive over TLS, small responses, 1 worker", "tap", "tls", "/", 50,
+                 d, "tap", systems=["gateway-1"],
+                 notes=f"wrk -t1 -c50 -d{d:g}s, 12-byte body, as the TLS small row, against one gateway of its own "
+                       "(1 worker, the same settings) in three states, interleaved (the order turns each round): "
+                       "no tap; a tap on another container (every exchange matched against it, none captured); "
+                       "a tap matching every exchange, capturing heads and 4 KiB of each body, its client (a "
+                       "thread of the harness) reading the NDJSON stream line by line and discarding it. Each "
+                       "tap is opened before its run and ended (DELETE) after it (bench/tap_cost.py). *x no tap*: "
+                       "ratio of the medians; *paired*: the same ratio within each round, min - max."),
         Scenario("ws-idle", f"{idle_conns:,} idle WebSockets through the gateway", "ws-idle", conns=idle_conns,
                  metric="idle", systems=["gateway-1", "gateway-2"],
                  notes="A fresh gateway per round; bench/ws_client.py idle opens the connections over TLS "
@@ -235,6 +244,8 @@ class Harness:
                             self.run_idle(sc, systems)
                         elif sc.kind == "stream":
                             self.run_stream(sc)
+                        elif sc.kind == "tap":
+                            self.run_tap(sc, systems)
                     except Deadline:
                         self.log(f"{sc.key}: stopped at the time bound ({self.args.max_minutes:g} min)")
                         self.results.setdefault(sc.key, {})["_deadline"] = True
@@ -298,6 +309,52 @@ class Harness:
         if sc.kind == "h2load":
             return loadgen.h2load(f"https://127.0.0.1:{ep.port}{sc.path}", ep.host, sc.conns, sc.streams, sc.duration)
         return loadgen.ws_echo(ep.port, ep.host or "localhost", sc.conns, sc.duration, tls=True)
+
+    # what a tap costs --------------------------------------------------------------------
+
+    def run_tap(self, sc: Scenario, systems: Systems) -> None:
+        """One gateway of its own, no tap / a tap elsewhere / a tap capturing everything, interleaved."""
+        from bench import tap_cost
+        table = self.results.setdefault(sc.key, {})
+        if "gateway-1" not in sc.systems:
+            self.log(f"{sc.key}: not run (--systems leaves out gateway-1)")
+            return
+        try:
+            gw = Gateway([])
+        except RuntimeError as e:
+            for state in tap_cost.STATES:
+                table[state] = {"na": f"gateway did not start: {e}", "rounds": []}
+            return
+        with gw:
+            try:
+                host = gw.register(systems.ports["BACKEND_PORT"])
+            except OSError as e:
+                for state in tap_cost.STATES:
+                    table[state] = {"na": f"the container could not be registered: {e}", "rounds": []}
+                return
+            url = f"https://127.0.0.1:{gw.https_port}{sc.path}"
+
+            def load() -> dict:
+                return loadgen.wrk(url, host, sc.conns, sc.duration)
+            # not recorded: pools, caches, lazy imports, the tap code's first events
+            with contextlib.suppress(loadgen.LoadError, tap_cost.TapError):
+                tap_cost.measured_with_tap(gw, "all", lambda: loadgen.wrk(url, host, 10, 1), loadgen.measured)
+            for r in range(self.rounds):
+                line = []
+                turn = r % len(tap_cost.STATES)
+                for state in tap_cost.STATES[turn:] + tap_cost.STATES[:turn]:
+                    self.check_deadline(load=True)
+                    entry = table.setdefault(state, {"rounds": []})
+                    foreign = ForeignCPU()
+                    try:
+                        res = tap_cost.measured_with_tap(gw, state, load, loadgen.measured)
+                    except (loadgen.LoadError, tap_cost.TapError) as e:
+                        res = {"error": str(e)}
+                    cpu, wall = foreign.seconds()
+                    res["round"], res["foreign_cpu_pct"] = r, 100 * cpu / max(wall, 0.1)
+                    entry["rounds"].append(res)
+                    line.append(f"{state}={report.short(sc, res)}")
+                self.log(f"{sc.key} round {r + 1}/{self.rounds}: " + "  ".join(line))
 
     # 10,000 idle WebSockets --------------------------------------------------------------
 
@@ -443,7 +500,8 @@ def environment() -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="hoodyproxy benchmark harness (make bench)")
     p.add_argument("--quick", action="store_true", help="one round, short runs, smaller heavy scenarios")
-    p.add_argument("--only", help="comma-separated scenarios or prefixes (plain, tls, h2, ws, ws-idle, stream...)")
+    p.add_argument("--only", help="comma-separated scenarios or prefixes (plain, tls, h2, ws, ws-idle, stream, "
+                   "tap...)")
     p.add_argument("--systems", help="comma-separated systems to measure, direct always among them "
                    "(e.g. gateway-1,gateway-1-transparent,floor; default: every system a scenario names)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")

@@ -7,6 +7,8 @@ import re
 import statistics
 
 from bench.systems import LABELS, SYSTEM_ORDER
+from bench.tap_cost import LABELS as TAP_LABELS
+from bench.tap_cost import STATES as TAP_STATES
 
 BEGIN, END = ".. BEGIN GENERATED", ".. END GENERATED"
 
@@ -214,6 +216,75 @@ def stream_rows(table: dict) -> list[list[str]]:
              rate("download_s")]]
 
 
+def _tap_stats(table: dict) -> dict[str, dict]:
+    """Per tap state (bench/tap_cost.py): the rounds measured and their medians."""
+    out = {}
+    for state in TAP_STATES:
+        rounds = _ok_rounds(table.get(state))
+        cpu = [r["cpu_us_per_op"] for r in rounds if "cpu_us_per_op" in r]
+        if not cpu:
+            continue
+        out[state] = {"n": len(rounds), "cpu": _median(cpu), "cpu_values": cpu,
+                      "by_round": {r.get("round"): r["cpu_us_per_op"] for r in rounds if "cpu_us_per_op" in r},
+                      "rps": _median([r["rps"] for r in rounds]), "p99_us": _median([r.get("p99_us") for r in rounds]),
+                      "events": _median([r.get("tap_events_read") for r in rounds]),
+                      "dropped": sum(r.get("tap_dropped") or 0 for r in rounds)}
+    return out
+
+
+def tap_ratio(table: dict, state: str) -> tuple[float | None, list[float]]:
+    """``state``'s CPU per request over no tap's: (ratio of the medians, ratio within each round)."""
+    stats = _tap_stats(table)
+    base, mine = stats.get("off"), stats.get(state)
+    if not base or not mine or not base["cpu"]:
+        return None, []
+    paired = [mine["by_round"][r] / base["by_round"][r] for r in mine["by_round"] if base["by_round"].get(r)]
+    return mine["cpu"] / base["cpu"], paired
+
+
+def tap_rows(table: dict) -> list[list[str]]:
+    stats = _tap_stats(table)
+    rows = []
+    for state in TAP_STATES:
+        entry = table.get(state)
+        if entry is None:
+            continue
+        failed = [r["error"] for r in entry.get("rounds", []) if "error" in r]
+        st = stats.get(state)
+        label = TAP_LABELS[state]
+        if st is None:
+            why = entry.get("na") and f"n/a: {entry['na']}" or (
+                f"failed: {failed[0][:120]}" if failed else "not measured")
+            rows.append([label, why[:160]] + ["-"] * (len(TAP_HEADERS) - 2))
+            continue
+        if failed:
+            label += f" ({len(failed)} of {len(failed) + st['n']} rounds failed: {failed[0][:80]})"
+        ratio, paired = tap_ratio(table, state) if state != "off" else (None, [])
+        rows.append([label, _us(st["cpu"]), _spread(st["cpu_values"], _us), _ratio(ratio, 1) if ratio else "-",
+                     _spread(paired, lambda x: f"{x:.2f}x"), _num(st["rps"]), _us(st["p99_us"]),
+                     "-" if state == "off" else _num(st["events"]), "-" if state == "off" else _num(st["dropped"])])
+    return rows
+
+
+TAP_HEADERS = ["state", "CPU/request (median)", "min - max", "x no tap", "paired, min - max", "req/s",
+               "p99", "tap events read per run", "dropped (all runs)"]
+
+
+def tap_summary(table: dict) -> str:
+    """One sentence: CPU per request with no tap, a tap elsewhere, a tap capturing everything."""
+    stats = _tap_stats(table)
+    if "off" not in stats:
+        return ""
+    parts = [f"{_us(stats['off']['cpu'])} of CPU per request with no tap"]
+    for state, what in (("elsewhere", "with a tap on another container"),
+                        ("all", "with a tap capturing every exchange")):
+        ratio, paired = tap_ratio(table, state)
+        if ratio is not None:
+            spread = f", {min(paired):.2f}-{max(paired):.2f}x paired" if len(paired) > 1 else ""
+            parts.append(f"{_us(stats[state]['cpu'])} {what} ({ratio:.2f}x{spread})")
+    return "Taps, 1 worker, TLS small responses: " + ", ".join(parts) + "."
+
+
 # -- targets ---------------------------------------------------------------------------
 
 def targets(meta: dict, results: dict) -> list[tuple[str, str, str]]:
@@ -273,6 +344,15 @@ def targets(meta: dict, results: dict) -> list[tuple[str, str, str]]:
     add("rate limiter (a per-address limit that never triggers): < 5 % of a request's CPU", cost,
         cost is not None and cost < 5, f"{cost:+.1f} % ({cpu:,.0f} vs {off_cpu:,.0f} us)" if cost is not None else "",
         ("tls-small", "gateway-1-nolimit"))
+    tap = results.get("tap") or {}
+    ratio, paired = tap_ratio(tap, "elsewhere")
+    cost = (ratio - 1) * 100 if ratio is not None else None
+    tstats = _tap_stats(tap)
+    within = (f"; paired {(min(paired) - 1) * 100:+.1f} to {(max(paired) - 1) * 100:+.1f} %" if len(paired) > 1
+              else "")
+    add("tap off or elsewhere: <5 % (nothing measurable)", cost, cost is not None and cost < 5,
+        f"{cost:+.1f} % ({tstats['elsewhere']['cpu']:,.0f} vs {tstats['off']['cpu']:,.0f} us with no tap{within})"
+        if cost is not None else "")
     # transparent client IP, the default as root: the pool keeps one client address's connections
     tp = st("tls-small", "gateway-1-transparent")
     tp_cpu = tp and tp.get("cpu_us_per_op")
@@ -384,6 +464,10 @@ def markdown(meta: dict, results: dict) -> str:
         elif sc["metric"] == "stream":
             out.append(_md_table(["transfer", "gateway RSS before", "peak RSS during", "throughput"],
                                  stream_rows(table)))
+        elif sc["metric"] == "tap":
+            out.append(_md_table(TAP_HEADERS, tap_rows(table)))
+            if tap_summary(table):
+                out += ["", tap_summary(table)]
         else:
             out.append(_md_table(HEADERS[sc["metric"]], scenario_rows(sc, table)))
     h2_headers, h2_rows, h2_text = http2_summary(meta, results)
@@ -549,6 +633,8 @@ def doc_block(meta: dict, results: dict, results_path: str) -> str:
                      f"({r['size_mib'] / r['upload_s']:,.0f} MiB/s) and a {r['size_mib']} MiB download at "
                      f"{_mib(r['download_peak_kib'])} ({r['size_mib'] / r['download_s']:,.0f} MiB/s), from "
                      f"{_mib(r['rss_before_kib'])} before.")
+    if tap_summary(results.get("tap") or {}):
+        extra.append(tap_summary(results["tap"]))
     if extra:
         lines += [""] + [" ".join(extra)]
     lines += ["", END]
