@@ -248,6 +248,8 @@ def reopen_audit_log(stack) -> None:
         stack.audit.reopen()
     except OSError as e:
         log.error("cannot reopen the audit log {path}: {problem}", path=stack.audit.path, problem=e.strerror)
+    else:
+        log.info("audit log reopened")
 
 
 def _handle_signals(stack, reactor) -> None:
