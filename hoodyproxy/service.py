@@ -279,6 +279,8 @@ class NodeService(service.MultiService):
         self.ready = False
         #: twistd's log file, when the node opened it (hoodyproxy.observe.logs), else None.
         self.diagnostic_log = None
+        #: Made at privileged start.
+        self.certificate_manager = self.admin_api = self.admin_site = None
         self.configured = settings
         self._has_net_admin = has_net_admin
         settings = self._resolve_client_ip(settings, has_net_admin)
@@ -465,6 +467,10 @@ class NodeService(service.MultiService):
             log.error("hoodyproxy reload: config rejected, the one in force stays: {key}: {problem}",
                       key=e.key, problem=e.problem)
             raise
+        except Exception:
+            self.reloads["failed"] += 1
+            log.failure("hoodyproxy reload: failed; what was applied before the failure stays")
+            raise
         self.reloads["ok"] += 1
         self.reloads["last_success"] = time.time()
         log.info("hoodyproxy reload: {changed}{not_applied}",
@@ -489,17 +495,16 @@ class NodeService(service.MultiService):
         self.configured, self.settings = configured, s
         for port in self.ports["http3"]:
             port.protocol.use_settings(s)
-        admin_site = getattr(self, "admin_site", None)
-        if admin_site is not None:
-            admin_site.head_timeout = s.request_head_timeout
+        if self.admin_site is not None:
+            self.admin_site.head_timeout = s.request_head_timeout
         if s.admin_token != old.admin_token:
             self.token = admin_token(s)
-            if admin_site is not None:
+            if self.admin_api is not None:
                 self.admin_api.token = self.token.encode()
                 from hoodyproxy.admin.discovery import publish_admin_api
                 publish_admin_api(self)  # (its token_file follows the token)
         acme = ("acme_directory", "acme_email", "acme_challenge", "acme_ca_bundle", "acme_verify_cname")
-        manager = getattr(self, "certificate_manager", None)
+        manager = self.certificate_manager
         if manager is not None and any(getattr(s, k) != getattr(old, k) for k in acme):
             from hoodyproxy.tls.manager import CnameVerifier
             manager.issuer = self._acme_issuer(s)  # (issuances under way finish with the old one)

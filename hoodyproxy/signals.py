@@ -22,13 +22,12 @@ def handle_signals(node, reactor) -> Callable[[], None]:
     """Install the SIGHUP and SIGUSR1 handlers for ``node``; returns what puts the
     previous handlers back."""
     def reload() -> None:
-        from hoodyproxy.config import ConfigError
         from hoodyproxy.reload import NoConfigFile
         try:
             node.reload()
         except NoConfigFile as e:
             log.warn("hoodyproxy reload (SIGHUP): {problem}", problem=str(e))
-        except ConfigError:
+        except Exception:
             pass  # logged by reload, in one line
 
     handlers = {signal.SIGHUP: reload, signal.SIGUSR1: node.reopen_logs}

@@ -376,6 +376,32 @@ class ReloadAppliesTests(NodeTestCase):
         self.assertFalse(await deferToThread(handshake, self.node.ca_path))
 
 
+    async def test_admin_token_changes_for_the_next_request(self):
+        """A new [admin] token: the old one is refused, the new one let in."""
+        old = self.node.token
+        write(self.path, '[admin]\ntoken = "a-new-admin-token-0123456789"\n')
+        self.node.reload()
+        self.assertEqual((await self.admin("GET", "/api/v1/containers", token=old))[0], 401)
+        self.assertEqual((await self.admin("GET", "/api/v1/containers", token="a-new-admin-token-0123456789"))[0],
+                         200)
+
+    async def test_http2_off_is_offered_no_more(self):
+        """[http2] enabled = false: the next handshake offers only HTTP/1.1 by ALPN."""
+        import socket
+        import ssl
+
+        def negotiated() -> str | None:
+            context = ssl.create_default_context(cafile=self.node.ca_path)
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection(("127.0.0.1", self.node.https_port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname=self.host) as tls:
+                    return tls.selected_alpn_protocol()
+        self.assertEqual(await deferToThread(negotiated), "h2")
+        write(self.path, "[http2]\nenabled = false\n")
+        self.assertEqual(self.node.reload().changed, ("[http2] enabled",))
+        self.assertEqual(await deferToThread(negotiated), "http/1.1")
+
+
 class LogReopenTests(NodeTestCase):
 
     async def test_reopen_after_rename(self):
