@@ -212,6 +212,30 @@ class ControlLineTests(unittest.SynchronousTestCase):
         self.assertEqual(calls, [("settings", 7), "reopen"])
 
 
+class WorkerPoolReloadTests(unittest.SynchronousTestCase):
+
+    def test_workers_started_later_get_the_new_settings(self):
+        """After a reload, a worker (re)started gets the settings in force, and every
+        running worker is sent them as one JSON line."""
+        from hoodyproxy.config import ListenAddress
+        from hoodyproxy.workers import WorkerPool
+        pool = WorkerPool(reactor, settings(), [ListenAddress("127.0.0.1", 1)], [], 2)
+        written = []
+
+        class Transport:
+            write = staticmethod(written.append)
+
+        class Process:
+            transport = Transport
+        pool.processes[1] = Process
+        new = settings({"upstream": {"response_timeout": 9}})
+        pool.reload(new)
+        self.assertEqual(json.loads(pool.spec)["settings"]["upstream"]["response_timeout"], 9)
+        self.assertEqual(len(written), 1)
+        self.assertTrue(written[0].endswith(b"\n"))
+        self.assertEqual(settings_from_mapping(json.loads(written[0])["settings"]), new)
+
+
 # -- a node in this process ----------------------------------------------------------------
 
 def reloadable(case, node, text: str) -> str:
