@@ -105,7 +105,6 @@ class Gateway:
     def __init__(self, settings: Settings, directory: IContainerDirectory, pool, audit: IAuditSink,
                  clock, *, now: Callable[[], float] = time.time, policy=None, aliases=None,
                  rate_limits=None) -> None:
-        self.settings = settings
         self.policy = policy
         self.aliases = aliases
         #: Where per-project and per-container rate limits come from (``effective(project,
@@ -113,20 +112,31 @@ class Gateway:
         self.rate_limits = rate_limits
         self.limiters = Limiters(settings.ratelimit, clock=clock, workers=settings.workers)
         self._dry_run_said: dict[str, float] = {}
-        self.router = Router(settings.node, settings.zone, settings.programs)
         self.directory = directory
         self.pool = pool
         self.audit = audit
         self.clock = clock
         self.now = now
+        self._take_settings(settings)
+
+    def _take_settings(self, settings: Settings) -> None:
+        self.settings = settings
+        self.router = Router(settings.node, settings.zone, settings.programs)
         self._routes: dict[bytes, Target] = {}
         #: The audit record's "route" per Target, made (and its JSON text rendered) once.
         self._route_records: dict[Target, RouteRecord] = {}
         #: Each program's service kind with the program's method and path sets applied.
-        kinds = policy.kinds if policy is not None else {}
+        kinds = self.policy.kinds if self.policy is not None else {}
         self.kinds = {name: configured_kind(p.kind, p.kind_options, kinds) if kinds else p.kind
                       for name, p in settings.programs.items()}
         self.configure_client_ip(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Serve the very next request with ``settings`` (a config reload): programs,
+        timeouts, the node's rate limits, client IP modes.  Requests in flight keep the
+        values they started with."""
+        self.limiters.reconfigure(settings.ratelimit)
+        self._take_settings(settings)
 
     def configure_client_ip(self, settings: Settings) -> None:
         """Take the node's client IP mode and the programs' overrides from ``settings``.
@@ -297,7 +307,9 @@ class Gateway:
             raise errors.ContainerUnavailable(reason="container belongs to another project")
         if not container.running:
             raise errors.ContainerUnavailable(reason="container stopped")
-        program = self.settings.programs[target.program]
+        program = self.settings.programs.get(target.program)
+        if program is None:  # an alias to a program a reload has removed since
+            raise errors.UnknownHost(reason="alias: program no longer configured")
         port = container.port_override(target.program, target.index)
         if port is None:
             port = program.port if program.index == "instance" else target.index

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import time
 
 from twisted.application import service
 from twisted.internet.error import CannotListenError
@@ -119,30 +120,27 @@ class GatewayStack:
         from hoodyproxy.directory import SQLiteDirectory, open_database
         from hoodyproxy.gateway import Gateway
         from hoodyproxy.observe.audit import AuditLog
-        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
+        from hoodyproxy.tls import CertificateStore
         from hoodyproxy.upstream.pool import ConnectionPool
 
         s = self.settings = settings
         self.reactor = reactor
+        self.generate_certificates = generate_certificates
+        #: What :meth:`https_factory` and :meth:`redirect_factory` built, for reloads.
+        self._tls_factories: list = []
+        self._plain_sites: list[Site] = []
+        #: The HTTPS port number HTTP/3 is advertised beside (see :meth:`advertise_http3`).
+        self._https_port: int | None = None
         os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
         self.directory = SQLiteDirectory(open_database(os.path.join(s.data_dir, "hoodyproxy.db")))
-        if s.tls_certificate:
-            cert, key, self.ca_path = s.tls_certificate, s.tls_key, None
-        elif generate_certificates:
-            dev = ensure_dev_certificates(os.path.join(s.data_dir, "tls"), s.node, s.zone)
-            cert, key, self.ca_path = dev.cert_path, dev.key_path, dev.ca_path
-        else:
-            tls_dir = os.path.join(s.data_dir, "tls")
-            cert, key = os.path.join(tls_dir, "wildcard.pem"), os.path.join(tls_dir, "wildcard-key.pem")
-            self.ca_path = os.path.join(tls_dir, "ca.pem")
+        cert, key = self._certificate_paths(s)
         from hoodyproxy.aliases import AliasStore
         from hoodyproxy.tls.challenges import HTTP01Responder, TLSALPN01Responder
         # Files under the data directory let every worker answer a challenge worker 0 started.
         challenges_dir = os.path.join(s.data_dir, "acme", "challenges")
         self.http01 = HTTP01Responder(os.path.join(challenges_dir, "http-01"))
         self.tlsalpn01 = TLSALPN01Responder(os.path.join(challenges_dir, "tls-alpn-01"))
-        alpn = (b"h2", b"http/1.1") if s.http2_enabled else (b"http/1.1",)
-        self.certificates = CertificateStore(cert, key, alpn=alpn, challenges=self.tlsalpn01)
+        self.certificates = CertificateStore(cert, key, alpn=_alpn(s), challenges=self.tlsalpn01)
         self.audit = AuditLog(None if s.audit_file == "-" else s.audit_file, clock=reactor)
         self.pool = ConnectionPool(reactor, connect_timeout=s.connect_timeout,
                                    idle_timeout=s.pool_idle_timeout, max_idle=s.pool_max_idle)
@@ -163,6 +161,22 @@ class GatewayStack:
         self.taps = self.gateway.taps = TapHub(reactor, allow_unredacted=s.tap_allow_unredacted,
                                                 max_taps=s.tap_max_taps, queue_events=s.tap_queue_events)
 
+    def _certificate_paths(self, s: Settings) -> tuple[str, str]:
+        """The default certificate and key: ``[tls]``'s, else the generated development
+        ones (made here unless ``generate_certificates`` is False: a worker's, which
+        worker 0 made).  Sets ``ca_path`` (the development CA, or None)."""
+        if s.tls_certificate:
+            self.ca_path = None
+            return s.tls_certificate, s.tls_key
+        tls_dir = os.path.join(s.data_dir, "tls")
+        if self.generate_certificates:
+            from hoodyproxy.tls import ensure_dev_certificates
+            dev = ensure_dev_certificates(tls_dir, s.node, s.zone)
+            self.ca_path = dev.ca_path
+            return dev.cert_path, dev.key_path
+        self.ca_path = os.path.join(tls_dir, "ca.pem")
+        return os.path.join(tls_dir, "wildcard.pem"), os.path.join(tls_dir, "wildcard-key.pem")
+
     def https_factory(self):
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
         from hoodyproxy.frontend.h1 import H1Factory
@@ -170,6 +184,7 @@ class GatewayStack:
         from hoodyproxy.tls import SNIContextFactory
         factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
+        self._tls_factories.append(negotiating)
         from hoodyproxy.tls.transport import tls_factory
         return tls_factory(SNIContextFactory(self.certificates), False, negotiating)
 
@@ -177,22 +192,95 @@ class GatewayStack:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request
         head (a body is never read)."""
         from hoodyproxy.frontend.redirect import RedirectToHTTPS, plain_http_site
-        return plain_http_site(RedirectToHTTPS(https_port, http01=self.http01), self.reactor,
+        site = plain_http_site(RedirectToHTTPS(https_port, http01=self.http01), self.reactor,
                                self.settings.request_head_timeout)
+        self._plain_sites.append(site)
+        return site
+
+    def advertise_http3(self, https_port: int) -> None:
+        """Responses advertise HTTP/3 beside ``https_port`` (the port actually bound), as
+        the settings say (``[http3] enabled``, ``advertised_port``)."""
+        self._https_port = https_port
+        self.gateway.alt_svc = self.settings.alt_svc_for(https_port)
+
+    def apply_settings(self, s: Settings) -> None:
+        """Serve from the very next request and connection with ``s`` (a config reload;
+        the keys :data:`hoodyproxy.reload.RESTART_KEYS` names are expected unchanged).
+
+        The one step that can fail comes first, so that a failure changes nothing: a new
+        ``[tls]`` certificate that cannot be loaded raises ConfigError.  Then every
+        holder of a setting takes its new value: the gateway (programs, timeouts,
+        rate limits, client IP modes), the upstream pool, the TLS and plain-HTTP
+        factories, the taps, the aliases' program table, the audit file, Alt-Svc.
+        """
+        old = self.settings
+        audit_path = None if s.audit_file == "-" else s.audit_file
+        audit = None
+        if s.audit_file != old.audit_file:
+            try:
+                audit = self.audit.open_stream(audit_path)
+            except OSError as e:
+                raise ConfigError("[audit] path", f"cannot open {s.audit_file}: {e.strerror}") from None
+        if (s.tls_certificate, s.tls_key) != (old.tls_certificate, old.tls_key):
+            cert, key = self._certificate_paths(s)
+            try:
+                self.certificates.set_default(cert, key)
+            except Exception as e:
+                self._certificate_paths(old)  # (ca_path as it was)
+                if audit is not None and audit[1]:
+                    audit[0].close()
+                raise ConfigError("[tls] certificate", f"cannot be used: {e}") from None
+        if audit is not None:
+            self.audit.move_to(audit_path, audit)
+        self.certificates.reload_if_changed()  # (the [tls] files re-read if replaced)
+        self.certificates.set_alpn(_alpn(s))
+        self.settings = s
+        self.gateway.reconfigure(s)
+        self.pool.configure(connect_timeout=s.connect_timeout, idle_timeout=s.pool_idle_timeout,
+                            max_idle=s.pool_max_idle)
+        for negotiating in self._tls_factories:
+            negotiating.use_settings(s)
+            negotiating.h1.timeout = s.client_idle_timeout
+        for site in self._plain_sites:
+            site.head_timeout = s.request_head_timeout
+        self.taps.configure(allow_unredacted=s.tap_allow_unredacted, max_taps=s.tap_max_taps,
+                            queue_events=s.tap_queue_events)
+        self.aliases.programs = s.programs
+        if self._https_port is not None:
+            self.advertise_http3(self._https_port)
 
     def close(self) -> None:
         self.pool.close()
         self.audit.close()
 
 
+def _alpn(s: Settings) -> tuple[bytes, ...]:
+    """The protocols the TLS port offers by ALPN."""
+    return (b"h2", b"http/1.1") if s.http2_enabled else (b"http/1.1",)
+
+
 class NodeService(service.MultiService):
     """A whole node: stores, gateway and listeners.  Listening happens at privileged start."""
 
-    def __init__(self, settings: Settings, reactor=None, *, has_net_admin: bool | None = None) -> None:
+    def __init__(self, settings: Settings, reactor=None, *, has_net_admin: bool | None = None,
+                 config_source=None) -> None:
+        """``config_source``: where a reload reads the settings again (a
+        :class:`hoodyproxy.reload.ConfigSource`: the ``--config`` file and the command-line
+        options on top); None: the node has no config file to reload."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.config_source = config_source
+        #: Config reloads so far, for metrics: applied, rejected, and when the last one
+        #: applied (``time.time()``; None: none yet).
+        self.reloads: dict = {"ok": 0, "failed": 0, "last_success": None}
+        #: True once started (certificates and the live map loaded) until stopping.
+        self.ready = False
+        #: twistd's log file, when the node opened it (hoodyproxy.observe.logs), else None.
+        self.diagnostic_log = None
+        #: Made at privileged start.
+        self.certificate_manager = self.admin_api = self.admin_site = None
         self.configured = settings
         self._has_net_admin = has_net_admin
         settings = self._resolve_client_ip(settings, has_net_admin)
@@ -250,9 +338,7 @@ class NodeService(service.MultiService):
     def _client_ip_unavailable(self, why: str) -> None:
         """``auto`` cannot be transparent after all: fall back to forwarding headers."""
         self.settings = resolve_client_ip(self.configured, False)
-        self.stack.settings = self.settings
-        self.gateway.settings = self.settings
-        self.gateway.configure_client_ip(self.settings)
+        self.stack.apply_settings(self.settings)
         if self.workers is not None:
             self.workers.use_settings(self.settings)
         self.client_ip_warning = (f"{why}, so containers see the gateway's address as the peer and the "
@@ -302,30 +388,25 @@ class NodeService(service.MultiService):
                 self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
                                                         certificates=self.stack.certificates, settings=s,
                                                         v6only=listening.v6only_for(addr, https_bound)))
-        self.gateway.alt_svc = s.alt_svc_for(https_bound[0].port)
+        self.stack.advertise_http3(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
-        issuer = None
-        if s.acme_directory:
-            from hoodyproxy.tls.acme import AcmeIssuer
-            issuer = AcmeIssuer(s.acme_directory, s.data_dir, is_allowed=self.stack.aliases.is_attached,
-                                challenge=s.acme_challenge, email=s.acme_email, ca_bundle=s.acme_ca_bundle,
-                                http01=self.stack.http01, tlsalpn01=self.stack.tlsalpn01, reactor=r)
         self.certificate_manager = CertificateManager(
-            self.stack.certificates, self.stack.aliases, issuer, s.data_dir, reactor=r,
+            self.stack.certificates, self.stack.aliases, self._acme_issuer(s), s.data_dir, reactor=r,
             cname=CnameVerifier() if s.acme_verify_cname else None,
             on_issued=lambda domain: self.workers.notify_change() if self.workers else None)
         self.certificate_manager.setServiceParent(self)
         https_port = https_bound[0].port
-        admin = admin_site(AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
-                                    registry=self.stack.registry, aliases=self.stack.aliases,
-                                    base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
-                                    certificate_status=self.certificate_manager.status,
-                                    rate_limits=self.stack.rate_limits,
-                                    taps=TapEndpoints(self.stack.taps, self.stack.audit)),
-                           r, s.request_head_timeout)
+        self.admin_api = AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
+                                  registry=self.stack.registry, aliases=self.stack.aliases,
+                                  base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
+                                  certificate_status=self.certificate_manager.status,
+                                  rate_limits=self.stack.rate_limits,
+                                  taps=TapEndpoints(self.stack.taps, self.stack.audit),
+                                  readiness=self.readiness, reload=self.reload)
+        self.admin_site = admin_site(self.admin_api, r, s.request_head_timeout)
         for addr in s.admin:
-            self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))
+            self.ports["admin"].append(r.listenTCP(addr.port, self.admin_site, interface=addr.interface))
         # The netfilter rules go in once every port is bound (a port in use ends the start).
         super().privilegedStartService()
         if self.netfilter is not None and self.netfilter.failed is not None:
@@ -343,6 +424,109 @@ class NodeService(service.MultiService):
             self.directory.subscribe(self.workers.notify_change)
             self.stack.permissions.subscribe(lambda scope, set_id: self.workers.notify_change())
             self.stack.aliases.subscribe(lambda kind, name: self.workers.notify_change())
+
+    def _acme_issuer(self, s: Settings):
+        """The ACME issuer ``[acme]`` asks for, or None (serve what is stored, issue nothing)."""
+        if not s.acme_directory:
+            return None
+        from hoodyproxy.tls.acme import AcmeIssuer
+        return AcmeIssuer(s.acme_directory, s.data_dir, is_allowed=self.stack.aliases.is_attached,
+                          challenge=s.acme_challenge, email=s.acme_email, ca_bundle=s.acme_ca_bundle,
+                          http01=self.stack.http01, tlsalpn01=self.stack.tlsalpn01, reactor=self.reactor)
+
+    # -- reload, log reopening, readiness --------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): ready once started (certificates and the live map loaded), not
+        while starting, stopping or draining."""
+        if getattr(self, "draining", False):
+            return False, "draining"
+        if not self.ready:
+            return False, "starting"
+        return True, "ready"
+
+    def reload(self):
+        """Read the config again and put in force what can change live (``SIGHUP``,
+        ``POST /api/v1/reload``); returns the :class:`hoodyproxy.reload.ReloadPlan` applied.
+
+        One log line says what changed and what needs a restart.  Raises
+        :class:`hoodyproxy.reload.NoConfigFile` without a config file, and ConfigError
+        (logged in one line, counted, the settings in force left as they were) for a
+        config that does not validate or cannot be applied.
+        """
+        from hoodyproxy.reload import NoConfigFile, plan_reload
+        if self.config_source is None:
+            raise NoConfigFile()
+        try:
+            new = self.config_source.load()
+            plan = plan_reload(self.configured, new, transparent_rules=self.netfilter is not None,
+                               can_be_transparent=self._can_be_transparent())
+            self._apply(plan.settings)
+        except ConfigError as e:
+            self.reloads["failed"] += 1
+            log.error("hoodyproxy reload: config rejected, the one in force stays: {key}: {problem}",
+                      key=e.key, problem=e.problem)
+            raise
+        except Exception:
+            self.reloads["failed"] += 1
+            log.failure("hoodyproxy reload: failed; what was applied before the failure stays")
+            raise
+        self.reloads["ok"] += 1
+        self.reloads["last_success"] = time.time()
+        log.info("hoodyproxy reload: {changed}{not_applied}",
+                 changed="applied " + ", ".join(plan.changed) if plan.changed else "nothing to apply",
+                 not_applied="; needs a restart, left as it was: " + ", ".join(plan.not_applied)
+                 if plan.not_applied else "",
+                 reload_changed=list(plan.changed), reload_not_applied=list(plan.not_applied))
+        return plan
+
+    def _can_be_transparent(self) -> bool:
+        if self._has_net_admin is not None:
+            return self._has_net_admin
+        from hoodyproxy.netfilter import has_net_admin
+        return has_net_admin()
+
+    def _apply(self, configured: Settings) -> None:
+        """Put ``configured`` (keys needing a restart unchanged) in force in this process,
+        then in the workers."""
+        old = self.settings
+        s = resolve_client_ip(configured, self.netfilter is not None)
+        self.stack.apply_settings(s)  # (first: the step that may refuse)
+        self.configured, self.settings = configured, s
+        for port in self.ports["http3"]:
+            port.protocol.use_settings(s)
+        if self.admin_site is not None:
+            self.admin_site.head_timeout = s.request_head_timeout
+        if s.admin_token != old.admin_token:
+            self.token = admin_token(s)
+            if self.admin_api is not None:
+                self.admin_api.token = self.token.encode()
+                from hoodyproxy.admin.discovery import publish_admin_api
+                publish_admin_api(self)  # (its token_file follows the token)
+        acme = ("acme_directory", "acme_email", "acme_challenge", "acme_ca_bundle", "acme_verify_cname")
+        manager = self.certificate_manager
+        if manager is not None and any(getattr(s, k) != getattr(old, k) for k in acme):
+            from hoodyproxy.tls.manager import CnameVerifier
+            manager.issuer = self._acme_issuer(s)  # (issuances under way finish with the old one)
+            manager.cname = CnameVerifier() if s.acme_verify_cname else None
+            if manager.running:
+                manager.reconcile()
+        if self.workers is not None:
+            self.workers.reload(s)
+
+    def reopen_logs(self) -> None:
+        """Open the audit log and the diagnostic log (twistd's ``--logfile``) again by
+        name, here and in every worker (``SIGUSR1``, after logrotate moved them)."""
+        try:
+            self.audit.reopen()
+        except OSError as e:
+            log.error("hoodyproxy: cannot reopen the audit log {path}: {problem}", path=self.audit.path,
+                      problem=e.strerror)
+        if self.diagnostic_log is not None:
+            self.diagnostic_log.reopen()
+        if self.workers is not None:
+            self.workers.reopen_logs()
+        log.info("hoodyproxy: logs reopened (audit log {audit})", audit=self.audit.path or "stdout")
 
     #: Seconds between checks for replaced certificate files.
     certificate_check_interval = 10.0
@@ -372,6 +556,7 @@ class NodeService(service.MultiService):
         from hoodyproxy.admin.discovery import publish_admin_api
         publish_admin_api(self)  # <data-dir>/admin.json, for the hoodyproxy command
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
+        self.ready = True
 
     def _check_capability_kept(self) -> None:
         """Transparent sockets need CAP_NET_ADMIN on every connect, not only at start: twistd's
@@ -422,6 +607,7 @@ class NodeService(service.MultiService):
         self.demo_url = url
 
     def stopService(self):
+        self.ready = False
         self.stack.taps.end_all("shutdown")  # (their clients get an end line)
         if self.demo is not None:
             self.demo.remove()
@@ -454,8 +640,12 @@ def makeService(options: Options) -> service.IService:
     except ConfigError as e:
         sys.stderr.write(f"hoodyproxy: config error: {e}\n")
         raise SystemExit(2)
+    from hoodyproxy.reload import ConfigSource
+    source = ConfigSource(options["config"], options.overrides()) if options["config"] else None
+    from hoodyproxy.observe.logs import diagnostic_log
     try:
-        node = NodeService(settings)
+        node = NodeService(settings, config_source=source)
+        node.diagnostic_log = diagnostic_log(getattr(options, "parent", None))
     except (OSError, StartError) as e:
         sys.stderr.write(f"hoodyproxy: cannot start: {e}\n")
         raise SystemExit(1)
@@ -463,13 +653,36 @@ def makeService(options: Options) -> service.IService:
 
 
 class _ExitOnListenError(service.MultiService):
-    """Turns a port that cannot be bound (or netfilter rules that cannot be installed when
-    transparent mode is required) into one clear line and a non-zero exit."""
+    """The node as twistd runs it: SIGHUP reloads and SIGUSR1 reopens the logs
+    (:mod:`hoodyproxy.signals`); the log file twistd writes is the node's own (see
+    :mod:`hoodyproxy.observe.logs`).  A port that cannot be bound (or netfilter rules that
+    cannot be installed when transparent mode is required) is one clear line and a
+    non-zero exit."""
 
     def __init__(self, node: NodeService) -> None:
         super().__init__()
         self.node = node
         node.setServiceParent(self)
+        self._restore_signals = None
+
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        diagnostic = self.node.diagnostic_log
+        if diagnostic is not None and hasattr(parent, "setComponent"):
+            # twistd logs through the application's ILogObserver component when it has one.
+            from twisted.logger import ILogObserver
+            parent.setComponent(ILogObserver, diagnostic.observer)
+
+    def startService(self) -> None:
+        from hoodyproxy.signals import handle_signals
+        self._restore_signals = handle_signals(self.node, self.node.reactor)
+        super().startService()
+
+    def stopService(self):
+        if self._restore_signals is not None:
+            self._restore_signals()
+            self._restore_signals = None
+        return super().stopService()
 
     def privilegedStartService(self) -> None:
         from hoodyproxy.netfilter import NetfilterError

@@ -8,10 +8,20 @@ all read the same state (the SQLite store).  Workers need no coordination on the
 path.  With ``[ratelimit] shared = true`` worker 0 also relays, every few tens of
 milliseconds, what each worker's rate limiters charged to the others, over a UNIX socket
 (:mod:`hoodyproxy.limits.shared`); the checks themselves stay local.  The admin API runs
-in worker 0 only; after each change it writes a byte to every worker's stdin and the
-worker re-reads the live map at once (without that, a worker sees another process's
-writes within 50 ms).  A worker whose stdin closes (worker 0 died) exits; a worker that
-dies is started again.
+in worker 0 only.
+
+Worker 0 talks to each worker over its stdin, one line at a time (:class:`_Control`):
+
+- an empty line (a lone ``\n``): the store changed, re-read the live map at once
+  (without it, a worker sees another process's writes within 50 ms);
+- ``{"settings": {...}}``: a config reload, the settings (``settings_to_mapping``) to
+  serve with from now on; the worker logs ``settings reloaded`` once it has;
+- ``{"reopen": "logs"}``: open the audit log again by name (``SIGUSR1``).
+
+A worker ignores ``SIGHUP`` (worker 0 reloads and tells it) and reopens its audit log on
+``SIGUSR1`` itself too, for a signal sent to the whole group.  A worker whose stdin
+closes (worker 0 died) exits; a worker that dies is started again, with the settings in
+force.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from twisted.application import service
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from hoodyproxy.config import ListenAddress, Settings, settings_from_mapping, settings_to_mapping
+from hoodyproxy.config import ConfigError, ListenAddress, Settings, settings_from_mapping, settings_to_mapping
 from hoodyproxy.listening import v6only_for
 
 log = Logger()
@@ -82,6 +92,22 @@ class WorkerPool(service.Service):
     def use_settings(self, settings: Settings) -> None:
         """The settings workers started from now on get (before ``startService``: all of them)."""
         self.settings = settings
+
+    def reload(self, settings: Settings) -> None:
+        """Every worker serves with ``settings`` from now on (a config reload), and so do
+        the workers started later."""
+        self.use_settings(settings)
+        self._tell({"settings": settings_to_mapping(settings)})
+
+    def reopen_logs(self) -> None:
+        """Every worker opens its audit log again by name."""
+        self._tell({"reopen": "logs"})
+
+    def _tell(self, command: dict) -> None:
+        line = json.dumps(command, separators=(",", ":")).encode() + b"\n"
+        for proto in self.processes.values():
+            if proto.transport is not None:
+                proto.transport.write(line)
 
     @property
     def spec(self) -> str:
@@ -165,23 +191,72 @@ class WorkerPool(service.Service):
 
 
 class _Control(protocol.Protocol):
-    """A worker's stdin: a byte means 'the store changed'; end of file means 'exit'."""
+    """A worker's stdin: worker 0's lines (see the module's docstring); end of file means 'exit'."""
+
+    #: The longest line kept (a settings mapping is a few kilobytes).
+    max_line = 1 << 20
 
     def __init__(self, stack, reactor, certificates=None) -> None:
         self.stack = stack
         self.reactor = reactor
         self.certificates = certificates
+        self._partial = b""
 
     def dataReceived(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > self.max_line:
+            log.error("control line over {n} bytes dropped", n=self.max_line)
+            self._partial = b""
+        if any(not line.strip() for line in lines):
+            self.refresh()
+        for line in lines:
+            if line.strip():
+                self.command(line)
+
+    def refresh(self) -> None:
+        """The store changed: read it again now."""
         self.stack.directory.refresh()
         self.stack.permissions.refresh()
         self.stack.aliases.refresh()
         if self.certificates is not None:
             self.certificates.reconcile()
 
+    def command(self, line: bytes) -> None:
+        try:
+            command = json.loads(line)
+            if "settings" in command:
+                self.stack.apply_settings(settings_from_mapping(command["settings"]))
+                log.info("settings reloaded")
+            elif command.get("reopen") == "logs":
+                reopen_audit_log(self.stack)
+            else:
+                log.error("unknown control line ignored")
+        except ConfigError as e:
+            log.error("settings not reloaded, the ones in force stay: {key}: {problem}", key=e.key,
+                      problem=e.problem)
+        except Exception:
+            log.failure("control line failed")
+
     def connectionLost(self, reason=None) -> None:
         if self.reactor.running:
             self.reactor.stop()
+
+
+def reopen_audit_log(stack) -> None:
+    """Open a worker's audit log again by name (a line from worker 0, or SIGUSR1)."""
+    try:
+        stack.audit.reopen()
+    except OSError as e:
+        log.error("cannot reopen the audit log {path}: {problem}", path=stack.audit.path, problem=e.strerror)
+    else:
+        log.info("audit log reopened")
+
+
+def _handle_signals(stack, reactor) -> None:
+    """SIGHUP is worker 0's to act on; SIGUSR1 reopens this worker's audit log."""
+    import signal
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(reopen_audit_log, stack))
 
 
 def worker_main(argv: list[str]) -> None:
@@ -199,7 +274,7 @@ def worker_main(argv: list[str]) -> None:
     settings = settings_from_mapping(spec["settings"])
     stack = GatewayStack(settings, reactor, generate_certificates=False)
     # Worker 0 serves HTTP/3 on the HTTPS port number actually bound; say so here too.
-    stack.gateway.alt_svc = settings.alt_svc_for(spec["https"][0][1])
+    stack.advertise_http3(spec["https"][0][1])
     ports = []
     every = [ListenAddress(i, p) for i, p in spec["https"] + spec["http"]]
     for interface, port in spec["https"]:
@@ -226,6 +301,7 @@ def worker_main(argv: list[str]) -> None:
         relay.start()
         reactor.addSystemEventTrigger("before", "shutdown", relay.stop)
     stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
+    _handle_signals(stack, reactor)
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
     reactor.addSystemEventTrigger("before", "shutdown", stack.close)
     reactor.run()

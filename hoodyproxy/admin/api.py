@@ -1,6 +1,7 @@
 """The admin REST API (a twisted.web Resource): containers, permission sets, rate limits, aliases and domains.
 
-Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
+Every request needs ``Authorization: Bearer <admin token>``, but the health paths
+(:data:`HEALTH_PATHS`: ``/healthz``, ``/livez``, ``/readyz``).  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
 wrong; a traceback never reaches the client.
 
@@ -28,18 +29,21 @@ from hoodyproxy.access.model import InvalidPermissions, advise, parse_permission
 from hoodyproxy.aliases import (AliasExists, DomainExists, InvalidAlias, NoSuchAlias, alias_url, check_alias,
                                 check_target, target_advice)
 from hoodyproxy.admin.taps import STREAMING
+from hoodyproxy.config import ConfigError
 from hoodyproxy.directory import InvalidContainer, container_from_json
 from hoodyproxy.directory._model import CONTAINER_ID
 from hoodyproxy.frontend.http1 import REASONS, SERVER, early_answer_site, http_date, take_site_request_line
 from hoodyproxy.limits import InvalidRateLimit, merge_rate_limits, parse_rate_limits
+from hoodyproxy.reload import NoConfigFile
 
 log = Logger()
 MAX_BODY = 1024 * 1024
 #: A refused request's body, announced at most this long, is read and dropped before the
 #: answer (the connection stays usable); a longer one is never read.
 DRAIN_BODY = 2 * MAX_BODY
-#: Paths answered without a token.
-HEALTH_PATHS = (b"/healthz", b"/api/v1/health")
+#: Paths answered without a token: health (the process answers), liveness (the same),
+#: readiness (200 once started, 503 while starting or draining).
+HEALTH_PATHS = (b"/healthz", b"/api/v1/health", b"/livez", b"/readyz")
 
 
 class ApiError(Exception):
@@ -101,13 +105,16 @@ class AdminAPI(Resource):
     :meth:`hoodyproxy.tls.manager.CertificateManager.status`) adds a domain's certificate
     state to the domain reads.  ``rate_limits`` is a
     :class:`hoodyproxy.limits.store.RateLimitStore` (without one the rate-limit endpoints
-    answer 404).
+    answer 404).  ``readiness()`` answers ``(ready, why)`` for ``GET /readyz`` (None:
+    always ready); ``reload()`` reads the config again for ``POST /api/v1/reload`` (a
+    :meth:`hoodyproxy.service.NodeService.reload`; None: 404).
     """
 
     isLeaf = True
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
-                 base_url_for=None, certificate_status=None, rate_limits=None, taps=None) -> None:
+                 base_url_for=None, certificate_status=None, rate_limits=None, taps=None,
+                 readiness=None, reload=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -119,6 +126,8 @@ class AdminAPI(Resource):
         self.rate_limits = rate_limits
         #: The tap endpoints (hoodyproxy.admin.taps.TapEndpoints), or None (404).
         self.taps = taps
+        self.readiness = readiness
+        self.reload = reload
 
     @property
     def registry(self):
@@ -130,7 +139,7 @@ class AdminAPI(Resource):
     def render(self, request) -> bytes:
         try:
             if request.path in HEALTH_PATHS:
-                status, body = 200, {"status": "ok"}
+                status, body = self._health(request.path)
             else:
                 self._authenticate(request)
                 status, body = self._dispatch(request)
@@ -142,6 +151,15 @@ class AdminAPI(Resource):
             log.failure("admin API request failed")
             status, body = 500, {"error": "internal_error", "message": "internal error"}
         return self._response(request, status, body)
+
+    def _health(self, path: bytes) -> tuple[int, Any]:
+        """``/readyz``: 200 when the node is ready, else 503 saying why (``starting``,
+        ``draining``); the others: 200 whenever the process answers at all."""
+        if path == b"/readyz" and self.readiness is not None:
+            ready, why = self.readiness()
+            if not ready:
+                return 503, {"status": why}
+        return 200, {"status": "ok"}
 
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
@@ -198,7 +216,20 @@ class AdminAPI(Resource):
             return self._alias_endpoints(request, parts[4:])
         if parts[2] == "taps" and self.taps is not None:
             return self.taps.dispatch(self, request, parts[3:])
+        if parts[2:] == ["reload"] and self.reload is not None:
+            return self._reload(request)
         raise ApiError(404, "not_found", "no such endpoint")
+
+    def _reload(self, request) -> tuple[int, Any]:
+        """``POST /api/v1/reload``: read the config file again, as SIGHUP does."""
+        self._allow(request, b"POST")
+        try:
+            plan = self.reload()
+        except NoConfigFile as e:
+            raise ApiError(409, "no_config", str(e)) from None
+        except ConfigError as e:
+            raise ApiError(422, "invalid_config", str(e), field=e.key) from None
+        return 200, plan.to_json()
 
     @staticmethod
     def _allow(request, *methods: bytes) -> None:

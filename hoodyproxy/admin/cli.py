@@ -14,6 +14,7 @@
     hoodyproxy proxy create --container-id C --alias my-api --program http --index 3000
     hoodyproxy proxy domains add --alias my-api --domain api.yourcompany.com
     hoodyproxy tap --container C --path /api/ --status 5xx --bodies 4096 --har errors.har
+    hoodyproxy reload
 
 Where it connects (:func:`connect`): ``--admin-url``, ``--token``, ``--data-dir``, the
 environment, and the ``admin.json`` a running node writes into its data directory, in
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                "or when the API cannot be reached.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection_options(parser, suppress=False)
-    top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy,tap}", required=True)
+    top = parser.add_subparsers(dest="command", metavar="{projects,containers,proxy,tap,reload}", required=True)
 
     projects = top.add_parser("projects", help="project-level settings")
     _proxy_settings_commands(projects.add_subparsers(dest="project_command", metavar="proxy", required=True),
@@ -292,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     _proxy_settings_commands(sub, "container")
     _proxy_commands(top)
     _tap_command(top)
+    p = _leaf(top, "reload", "read the node's config file again and apply what can change live, as "
+                             "SIGHUP does; prints the keys changed and those needing a restart (POST)",
+              _reload)
+    _connection_options(p, suppress=True)
     return parser
 
 
@@ -670,6 +675,10 @@ def _domain_list(client, parser, args):
 
 def _domain_delete(client, parser, args):
     return client.request("DELETE", f"{ALIASES_PATH}/{args.alias}/domains/{args.domain}")
+
+
+def _reload(client, parser, args):
+    return client.request("POST", "/api/v1/reload")
 
 
 # -- talking to the API -------------------------------------------------------------------

@@ -592,9 +592,13 @@ class NegotiatingFactory(Factory):
     def __init__(self, h1_factory, gateway, settings, certificates, reactor) -> None:
         self.h1 = h1_factory
         self.gateway = gateway
-        self.settings = settings
         self.certificates = certificates
         self.reactor = reactor
+        self.use_settings(settings)
+
+    def use_settings(self, settings) -> None:
+        """Connections from now on take ``settings`` (``[http2]``, timeouts)."""
+        self.settings = settings
         self.h2_enabled = settings.http2_enabled
         # The handshake is the head of a TLS connection: it gets the request head's deadline.
         self.handshake_timeout = settings.request_head_timeout

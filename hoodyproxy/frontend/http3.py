@@ -532,6 +532,11 @@ class HTTP3Listener(DatagramProtocol):
             certificate_chain=list(chain), private_key=key, idle_timeout=settings.client_idle_timeout,
             max_stream_data=STREAM_WINDOW, max_data=4 * STREAM_WINDOW)
 
+    def use_settings(self, settings) -> None:
+        """Connections from now on take ``settings`` (``[http3]`` limits, timeouts)."""
+        self.settings = settings
+        self.configuration.idle_timeout = settings.client_idle_timeout
+
     @property
     def sessions(self) -> set[H3Session]:
         """Each live connection once."""

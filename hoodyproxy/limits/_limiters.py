@@ -44,6 +44,16 @@ class Limiters:
         if clock is None:
             clock = time.monotonic
         self._now: Callable[[], float] = getattr(clock, "seconds", clock)
+        self._ipv6_keys: dict[str, Hashable] = {}
+        #: Whether the tables note their charges for the other workers (fixed at start:
+        #: the exchange among workers is set up, or not, once).
+        self.sharing = settings.shared and settings.enabled and workers > 1
+        self._workers = workers
+        self._lag = max(1.0, _LAG_INTERVALS * settings.shared_sync_ms / 1000)
+        self._take_settings(settings)
+        self._build_tables(settings.table_size)
+
+    def _take_settings(self, settings: RateLimitSettings) -> None:
         self.settings = settings
         self._enabled = settings.enabled
         self._dry_run = settings.dry_run
@@ -51,11 +61,23 @@ class Limiters:
         self._per_address = settings.per_address
         self._failed_auth = settings.failed_auth
         self._failed_auth_user = settings.failed_auth_user
-        self._ipv6_keys: dict[str, Hashable] = {}
-        #: Whether the tables note their charges for the other workers.
-        self.sharing = settings.shared and settings.enabled and workers > 1
-        size = settings.table_size
-        lag = max(1.0, _LAG_INTERVALS * settings.shared_sync_ms / 1000)
+
+    def reconfigure(self, settings: RateLimitSettings) -> None:
+        """Take the node's new ``[ratelimit]`` (a config reload) for the very next check.
+
+        What each key has counted so far is kept, and judged by the new rates and bursts;
+        a new ``table_size`` rebuilds the tables empty (every count starts over).
+        ``shared`` and ``shared_sync_ms`` are kept as at start.
+        """
+        rebuild = settings.table_size != self.settings.table_size
+        if settings.ipv6_prefix != self._prefix:
+            self._ipv6_keys.clear()  # (IPv6 address -> key, by the old prefix)
+        self._take_settings(settings)
+        if rebuild:
+            self._build_tables(settings.table_size)
+
+    def _build_tables(self, size: int) -> None:
+        workers, lag = self._workers, self._lag
 
         def table(name: str) -> GcraTable:
             return SharedGcraTable(name, size, workers, lag) if self.sharing else GcraTable(name, size)

@@ -284,21 +284,46 @@ class AuditLog:
         """
         self.path = path
         self.clock = clock
-        if path in (None, "-"):
-            self._stream: IO[str] = sys.stdout
-            self._owned = False
-        else:
-            directory = os.path.dirname(path)
-            if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._stream = os.fdopen(fd, "a", buffering=64 * 1024, encoding="utf-8")
-            self._owned = True
+        self._stream, self._owned = self.open_stream(path)
         self._observer = JSONLinesObserver(self._stream, batch=clock is not None)
         self.publisher = LogPublisher(self._observer)
         #: No observer but the file's: lines skip the publisher (see add_observer).
         self._direct = True
         self._flush_call = None
+
+    @staticmethod
+    def open_stream(path: str | None) -> tuple[IO[str], bool]:
+        """The stream for ``path`` (a file, or ``-``/None for stdout), and whether it is
+        ours to close; raises OSError."""
+        if path in (None, "-"):
+            return sys.stdout, False
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", buffering=64 * 1024, encoding="utf-8"), True
+
+    def reopen(self) -> None:
+        """Write the next lines to the file opened again by its name (``SIGUSR1``, after
+        logrotate moved it away); see :meth:`move_to`."""
+        self.move_to(self.path)
+
+    def move_to(self, path: str | None, opened: tuple[IO[str], bool] | None = None) -> None:
+        """Write the next lines to ``path`` (a file, or ``-``/None for stdout), opened now
+        (or already, ``opened``, by :meth:`open_stream`).
+
+        The lines kept so far go to the old file first.  Raises OSError, and keeps
+        writing to the old file, if the new one cannot be opened.
+        """
+        stream, owned = opened if opened is not None else self.open_stream(path)
+        self.flush()
+        if self._owned:
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+        self.path, self._stream, self._owned = path, stream, owned
+        self._observer.stream = stream
 
     def add_observer(self, observer) -> None:
         """Have ``observer`` (a twisted.logger observer) see every audit event too."""

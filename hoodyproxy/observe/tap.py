@@ -160,6 +160,13 @@ class TapHub:
         self._exchange_ids = itertools.count(1)
         self.set_worker(worker)
 
+    def configure(self, *, allow_unredacted: bool, max_taps: int, queue_events: int) -> None:
+        """Take new ``[tap]`` settings (a config reload) for the taps started from now on;
+        those running keep theirs."""
+        self.allow_unredacted = allow_unredacted
+        self.max_taps = max_taps
+        self.queue_events = queue_events
+
     def set_worker(self, worker: int) -> None:
         """This process's worker number (in its events, and in its exchange ids)."""
         self.worker = worker

@@ -107,13 +107,27 @@ class CertificateStore:
         self, default_cert_path: str, default_key_path: str, alpn: Sequence[bytes] = (b"http/1.1",),
         *, challenges=None,
     ) -> None:
+        self.set_alpn(alpn)
+        self._names: dict[str, _Entry] = {}
+        self._default = self._load(default_cert_path, default_key_path)
+        self.challenges = challenges
+
+    def set_alpn(self, alpn: Sequence[bytes]) -> None:
+        """Offer ``alpn`` (in order of preference) to connections from now on."""
         for proto in alpn:
             if not isinstance(proto, bytes) or not 0 < len(proto) < 256:
                 raise ValueError(f"invalid ALPN protocol: {proto!r}")
         self._alpn = tuple(alpn)
-        self._names: dict[str, _Entry] = {}
-        self._default = self._load(default_cert_path, default_key_path)
-        self.challenges = challenges
+
+    @property
+    def default_paths(self) -> tuple[str, str]:
+        """(cert_path, key_path) of the default certificate."""
+        return self._default.cert_path, self._default.key_path
+
+    def set_default(self, cert_path: str, key_path: str) -> None:
+        """Serve ``cert_path``/``key_path`` as the default from the next handshake on;
+        raises (and serves the old one still) if the files are unusable."""
+        self._default = self._load(cert_path, key_path)
 
     def set_challenge_responder(self, responder) -> None:
         """Answer ACME TLS-ALPN-01 from ``responder`` (a

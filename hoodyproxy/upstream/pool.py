@@ -244,6 +244,19 @@ class ConnectionPool:
         if oldest.transport is not None:
             oldest.transport.loseConnection()
 
+    def configure(self, *, connect_timeout: float, idle_timeout: float, max_idle: int) -> None:
+        """Take new limits (a config reload): connects begun from now on use
+        ``connect_timeout``; the next sweep closes what ``idle_timeout`` and ``max_idle``
+        no longer allow."""
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        if idle_timeout != self.idle_timeout:
+            self.idle_timeout = idle_timeout
+            if self._sweeper is not None:  # its period is half the idle timeout
+                self._sweeper.stop()
+                self._sweeper = None
+                self._start_sweep()
+
     def _start_sweep(self) -> None:
         if self._sweeper is None and not self.closed:
             self._sweeper = LoopingCall(self._sweep)
