@@ -109,7 +109,12 @@ class _BoundedBody(Protocol):
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
-        self.done: defer.Deferred = defer.Deferred()
+        # Cancelled (a timeout, the provider stopping): the connection is closed.
+        self.done: defer.Deferred = defer.Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
@@ -183,10 +188,11 @@ class EngineClient:
         self.timeout = timeout
         self.max_body = max_body
         self.max_line = max_line
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 8
-        self._pool.retryAutomatically = False
+        # One connection per request: connecting to a UNIX socket costs next to nothing, and
+        # no idle connection outlives the client (or a request that finishes after close()).
+        self._pool = HTTPConnectionPool(reactor, persistent=False)
         self._agent = Agent.usingEndpointFactory(reactor, _UNIXEndpoints(reactor, path, timeout), pool=self._pool)
+        self._closed = False
         #: The negotiated version, "1.41": every path but /version is prefixed with it.
         self.api_version: str | None = None
 
@@ -203,6 +209,8 @@ class EngineClient:
 
     async def _get(self, url: bytes):
         """Send ``GET url``; the response once its head is in (bounded by ``timeout``)."""
+        if self._closed:
+            raise EngineError("the client is closed")
         request = self._agent.request(b"GET", url, Headers({b"Accept": [b"application/json"]}))
         request.addTimeout(self.timeout, self.reactor)
         return await request
@@ -255,7 +263,8 @@ class EngineClient:
         return EventStream(protocol)
 
     def close(self) -> defer.Deferred:
-        """Close the idle connections (requests still running end on their own)."""
+        """Send no more requests (those running end on their own, or when cancelled)."""
+        self._closed = True
         return self._pool.closeCachedConnections()
 
 

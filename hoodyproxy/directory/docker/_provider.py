@@ -258,6 +258,8 @@ class DockerProvider(service.Service):
 
     async def _refresh(self, docker_id: str) -> None:
         client = self._client
+        if self._stopping:
+            return
         if client is None or self._syncing:
             self._queued.add(docker_id)
             return
