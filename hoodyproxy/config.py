@@ -163,8 +163,9 @@ class Settings:
     #: The Docker (or Podman) provider (``[docker]``; see docs/docker.rst): keeps the live
     #: map in step with the containers labelled ``<label_prefix>project``.
     docker_enabled: bool = False
-    #: The Engine API's UNIX socket path; "": ``$DOCKER_HOST`` when it is ``unix://...``,
-    #: else ``/var/run/docker.sock`` (resolved when the provider starts).
+    #: The Engine API's UNIX socket path (or ``tcp://host:port``, a read-only socket proxy);
+    #: "": ``$DOCKER_HOST`` when it is ``unix://...``, else ``/var/run/docker.sock``
+    #: (resolved when the provider starts).
     docker_socket: str = ""
     #: The network whose address the gateway uses (a container's label overrides it);
     #: "": the one network the gateway can reach.
@@ -495,6 +496,17 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     return Settings(**kw)
 
 
+def tcp_address(address: str) -> tuple[str, int] | None:
+    """``"tcp://127.0.0.1:2375"`` -> ``("127.0.0.1", 2375)``; None for anything else."""
+    if not address.startswith("tcp://"):
+        return None
+    host, sep, port = address[len("tcp://"):].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def _docker_settings(get, d: Settings) -> dict[str, Any]:
     """The ``[docker]`` keys, validated."""
     kw: dict[str, Any] = {}
@@ -505,10 +517,13 @@ def _docker_settings(get, d: Settings) -> dict[str, Any]:
     socket_path = _string("[docker] socket", get("docker", "socket", d.docker_socket))
     if socket_path.startswith("unix://"):
         socket_path = socket_path[len("unix://"):]
+    elif socket_path.startswith("tcp://"):
+        if tcp_address(socket_path) is None:
+            raise ConfigError("[docker] socket", "a socket proxy is tcp://host:port")
     elif "://" in socket_path:
-        raise ConfigError("[docker] socket", "must be a UNIX socket: a path or unix:///path "
-                                             "(the provider speaks to no TCP daemon)")
-    if socket_path and not os.path.isabs(socket_path):
+        raise ConfigError("[docker] socket", "must be a UNIX socket (a path or unix:///path), or tcp://host:port "
+                                             "for a read-only socket proxy")
+    if socket_path and not socket_path.startswith("tcp://") and not os.path.isabs(socket_path):
         raise ConfigError("[docker] socket", "must be an absolute path")
     kw["docker_socket"] = socket_path
     network = _string("[docker] network", get("docker", "network", d.docker_network))

@@ -452,9 +452,16 @@ class DockerSettingsTests(SynchronousTestCase):
         self.assertEqual((s.docker_enabled, s.docker_socket, s.docker_network, s.docker_label_prefix),
                          (True, "/run/podman/podman.sock", "hoody_net", "com.example.hoody."))
 
+    def test_socket_proxy(self) -> None:
+        """``tcp://host:port``: a read-only socket proxy (docker-socket-proxy) on a TCP port."""
+        s = settings_from_mapping({"docker": {"socket": "tcp://127.0.0.1:2375"}})
+        self.assertEqual(s.docker_socket, "tcp://127.0.0.1:2375")
+        self.assertEqual(config.tcp_address("tcp://[::1]:2375"), ("::1", 2375))
+
     def test_errors(self) -> None:
         """Each bad value names its key."""
-        for table, key in (({"enabled": "yes"}, "enabled"), ({"socket": "tcp://10.0.0.1:2375"}, "socket"),
+        for table, key in (({"enabled": "yes"}, "enabled"), ({"socket": "tcp://10.0.0.1"}, "socket"),
+                           ({"socket": "ssh://host"}, "socket"),
                            ({"socket": "docker.sock"}, "socket"), ({"socket": 5}, "socket"),
                            ({"network": "bad network"}, "network"), ({"label_prefix": ""}, "label_prefix"),
                            ({"label_prefix": "Hoody."}, "label_prefix")):

@@ -302,17 +302,22 @@ class _EngineStandIn(Resource):
         self.api_version = api_version
         self.requests: list[tuple[bytes, bytes]] = []
         self.streams: list = []
+        #: As docker-socket-proxy with VERSION=0 answers /version.
+        self.version_forbidden = False
 
     def render(self, request):
         self.requests.append((request.method, request.uri))
         request.setHeader(b"Content-Type", b"application/json")
         path = request.path.decode()
         if path == "/version":
+            if self.version_forbidden:
+                request.setResponseCode(403)
+                return b"<html><body><h1>403 Forbidden</h1></body></html>"
             return json.dumps({"ApiVersion": self.api_version, "MinAPIVersion": "1.12"}).encode()
-        if not path.startswith(f"/v{self.api_version}/"):
+        if path.startswith("/v") and not path.startswith(f"/v{self.api_version}/"):
             request.setResponseCode(400)
             return b'{"message": "client version is too new"}'
-        rest = path[len(f"/v{self.api_version}"):]
+        rest = path[len(f"/v{self.api_version}"):] if path.startswith("/v") else path
         if rest == "/containers/json":
             return json.dumps([{"Id": DOCKER_ID}]).encode()
         if rest == f"/containers/{DOCKER_ID}/json":
@@ -347,6 +352,21 @@ class EngineClientTests(TestCase):
         self.assertEqual([m for m, _ in self.api.requests], [b"GET"] * 3)
         self.assertEqual(self.api.requests[1][1],
                          b"/v1.41/containers/json?all=1&filters=%7B%22label%22%3A%5B%22hoody.project%22%5D%7D")
+
+    async def test_version_refused_by_a_proxy(self) -> None:
+        """A socket proxy refusing ``/version`` (403): paths go unversioned (the daemon's own version)."""
+        self.api.version_forbidden = True
+        self.assertEqual(await self.client.negotiate(), "")
+        self.assertEqual(await self.client.get("/containers/json"), [{"Id": DOCKER_ID}])
+        self.assertEqual(self.api.requests[-1], (b"GET", b"/containers/json"))
+
+    async def test_tcp_socket_proxy(self) -> None:
+        """``tcp://host:port`` (a read-only socket proxy) is spoken to the same way."""
+        port = reactor.listenTCP(0, Site(self.api), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = EngineClient(reactor, f"tcp://127.0.0.1:{port.getHost().port}", timeout=10)
+        self.assertEqual(await client.negotiate(), "1.41")
+        self.assertEqual((await client.get(f"/containers/{DOCKER_ID}/json"))["Id"], DOCKER_ID)
 
     async def test_newer_daemon_gets_our_newest(self) -> None:
         """A daemon newer than the client is spoken to in the client's newest version."""

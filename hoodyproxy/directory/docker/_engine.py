@@ -1,15 +1,17 @@
-"""A read-only client of the Docker Engine API (Podman's too) over its UNIX socket.
+"""A read-only client of the Docker Engine API (Podman's too) over its UNIX socket (or a TCP proxy).
 
 The socket is root-equivalent: whoever may ``POST`` to it may start a privileged
 container.  This client can only send ``GET``: no method is a parameter anywhere below,
 so a read-only socket proxy in front of the daemon (docs/docker.rst) loses nothing.
 
-Everything goes through Twisted's Agent over a :class:`UNIXClientEndpoint`, so nothing
+Everything goes through Twisted's Agent over a :class:`UNIXClientEndpoint` (or, for a
+read-only socket proxy such as docker-socket-proxy, ``tcp://host:port``), so nothing
 blocks the reactor.  The API version is negotiated once per connection to the daemon
 (:meth:`EngineClient.negotiate`): the daemon's own ``ApiVersion``, never above the
 newest this client was written against; Debian's Docker 20.10 speaks 1.41 and refuses
-newer paths.  Every request but the events stream has a timeout; every body read has a
-bound.
+newer paths.  A proxy that refuses ``/version`` gets unversioned paths, which the daemon
+answers in its own version.  Every request but the events stream has a timeout; every
+body read has a bound.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlencode
 
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -29,6 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from hoodyproxy.config import tcp_address
 from hoodyproxy.directory.docker._lines import LineBuffer, LineTooLong
 
 log = Logger()
@@ -92,14 +95,17 @@ def negotiated_version(server: Any) -> tuple[int, int]:
 
 
 @implementer(IAgentEndpointFactory)
-class _UNIXEndpoints:
-    """Every URI to the one UNIX socket."""
+class _DaemonEndpoints:
+    """Every URI to the one daemon address: a UNIX socket path, or ``tcp://host:port``."""
 
-    def __init__(self, reactor, path: str, timeout: float) -> None:
-        self.reactor, self.path, self.timeout = reactor, path, timeout
+    def __init__(self, reactor, address: str, timeout: float) -> None:
+        self.reactor, self.address, self.timeout = reactor, address, timeout
+        self.tcp = tcp_address(address)
 
     def endpointForURI(self, uri):
-        return UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
+        if self.tcp is not None:
+            return HostnameEndpoint(self.reactor, self.tcp[0], self.tcp[1], timeout=self.timeout)
+        return UNIXClientEndpoint(self.reactor, self.address, timeout=self.timeout)
 
 
 class _BoundedBody(Protocol):
@@ -179,28 +185,32 @@ class EventStream:
 
 
 class EngineClient:
-    """GET-only Engine API calls over one UNIX socket; :meth:`negotiate` first."""
+    """GET-only Engine API calls to one daemon (``address``: a UNIX socket path, or
+    ``tcp://host:port`` for a socket proxy); :meth:`negotiate` first."""
 
-    def __init__(self, reactor, path: str, *, timeout: float = 30.0, max_body: int = MAX_BODY,
+    def __init__(self, reactor, address: str, *, timeout: float = 30.0, max_body: int = MAX_BODY,
                  max_line: int = 1024 * 1024) -> None:
         self.reactor = reactor
-        self.path = path
+        self.address = address
         self.timeout = timeout
         self.max_body = max_body
         self.max_line = max_line
         # One connection per request: connecting to a UNIX socket costs next to nothing, and
         # no idle connection outlives the client (or a request that finishes after close()).
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self._agent = Agent.usingEndpointFactory(reactor, _UNIXEndpoints(reactor, path, timeout), pool=self._pool)
+        self._agent = Agent.usingEndpointFactory(reactor, _DaemonEndpoints(reactor, address, timeout),
+                                                 pool=self._pool)
         self._closed = False
-        #: The negotiated version, "1.41": every path but /version is prefixed with it.
+        #: The negotiated version, "1.41": every path but /version is prefixed with it
+        #: ("": none, the daemon's own, when /version is refused).
         self.api_version: str | None = None
 
     def _url(self, path: str, query: Mapping[str, Any] | None = None, versioned: bool = True) -> bytes:
         if versioned:
             if self.api_version is None:
                 raise EngineError("the API version is not negotiated yet")
-            path = f"/v{self.api_version}{path}"
+            if self.api_version:
+                path = f"/v{self.api_version}{path}"
         url = "http://docker" + quote(path, safe="/:")
         if query:
             url += "?" + urlencode({k: (json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else v)
@@ -232,8 +242,15 @@ class EngineClient:
             raise EngineError(f"{url.decode()} answered something that is not JSON") from None
 
     async def negotiate(self) -> str:
-        """``GET /version``: use the daemon's API version (at most ours); returns it as "1.41"."""
-        doc = await self._get_json(self._url("/version", versioned=False))
+        """``GET /version``: use the daemon's API version (at most ours); returns it as "1.41",
+        or "" when a proxy refuses /version (403): paths then go unversioned."""
+        try:
+            doc = await self._get_json(self._url("/version", versioned=False))
+        except EngineError as e:
+            if e.status != 403:
+                raise
+            self.api_version = ""
+            return self.api_version
         if not isinstance(doc, dict):
             raise EngineError("/version answered something that is not an object")
         self.api_version = "%d.%d" % negotiated_version(doc.get("ApiVersion"))

@@ -54,7 +54,8 @@ def is_local_address(address: str) -> bool:
 
 class DockerProvider(service.Service):
     """Keeps the live map (``directory``: a :class:`hoodyproxy.directory.SQLiteDirectory`)
-    in step with the daemon on the UNIX socket ``socket_path``."""
+    in step with the daemon on the UNIX socket ``socket_path`` (or ``tcp://host:port``, a
+    read-only socket proxy)."""
 
     #: Seconds before the first reconnection, doubled at each failure up to backoff_max.
     backoff_initial = 0.25
@@ -173,7 +174,8 @@ class DockerProvider(service.Service):
         self.resyncs += 1
         routed = sum(1 for r in self.seen.values() if r.entry is not None)
         log.info("docker: following {socket} (API {version}): {labelled} labelled containers, {routed} in the "
-                 "live map", socket=self.socket_path, version=version, labelled=len(self.seen), routed=routed)
+                 "live map", socket=self.socket_path, version=version or "the daemon's own, /version being refused",
+                 labelled=len(self.seen), routed=routed)
         return self._events.ended
 
     def _track(self, awaitable) -> defer.Deferred:
