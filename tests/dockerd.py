@@ -9,7 +9,7 @@ documentation range (RFC 5737: a free ``/25`` of 198.51.100.0/24; further networ
 reaches the containers through the bridge, whose address is the host's.
 
 The image is a tar of a root filesystem holding a static busybox (package
-busybox-static) and a page, ``docker import``-ed; its command is
+busybox-static; ``/bin/sh`` links to it) and a page, ``docker import``-ed; its command is
 ``busybox httpd -f -p 80 -h /www``.  Containers run with ``--init``, so a stop is quick.
 
 Teardown (:meth:`Dockerd.cleanup`, at the process's exit: Trial has no per-module
@@ -246,6 +246,9 @@ class Dockerd:
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tar.addfile(info)
             tar.add(BUSYBOX, "bin/busybox")
+            info = tarfile.TarInfo("bin/sh")  # for health checks (CMD-SHELL)
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
             info = tarfile.TarInfo("www/index.html")
             info.size, info.mode = len(PAGE), 0o644
             tar.addfile(info, io.BytesIO(PAGE))

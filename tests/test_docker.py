@@ -123,6 +123,17 @@ class LifecycleTests(DockerTestCase):
         await until(lambda: self.entry() is None, timeout=30)
         self.assertEqual((await self.status())[0], 503)
 
+    async def test_unhealthy_until_healthy(self):
+        """A failing health check stops the container for routing (503) until it passes again."""
+        docker_id = await self.run_container("--health-cmd", "test -f /tmp/healthy", "--health-interval", "1s",
+                                             "--health-retries", "1")
+        await until(lambda: self.entry() is not None, timeout=30)
+        await until(lambda: not self.running(), timeout=30)  # unhealthy after the first failed check
+        self.assertEqual((await self.status())[0], 503)
+        await self.dockerd.run("exec", docker_id, "/bin/busybox", "touch", "/tmp/healthy")
+        await until(self.running, timeout=30)
+        self.assertEqual(await self.status(), (200, PAGE))
+
     async def test_container_id_from_the_docker_id(self):
         """Without ``hoody.container`` the route's container id is the Docker id's first 24
         hex digits, and ``hoody.ports`` overrides a program's port."""
