@@ -48,8 +48,9 @@ class Options(usage.Options):
         ["acme-ca-bundle", None, None, "CA bundle to trust a private ACME server (pebble)"],
         ["http3-advertised-port", None, None, "UDP port advertised for HTTP/3 in Alt-Svc, for a node "
                                               "behind NAT (default: the HTTPS port)", int],
-        ["docker-socket", None, None, "the Docker (or Podman) Engine API's UNIX socket; turns --docker on "
-                                      "(default: $DOCKER_HOST if unix://, else /var/run/docker.sock)"],
+        ["docker-socket", None, None, "the Docker (or Podman) Engine API's UNIX socket, or tcp://host:port "
+                                      "of a read-only socket proxy; turns --docker on (default: $DOCKER_HOST "
+                                      "if unix://, else /var/run/docker.sock)"],
     ]
     optFlags = [
         ["demo", None, "also start a built-in sample service and register it as a container"],

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -32,6 +32,8 @@ CONTAINER = "890abcdef12345678901cdef"
 DOCKER_ID = "0123456789abcdef" * 4
 OTHER_ID = "fedcba9876543210" * 4
 ANYWHERE_LOCAL = {"198.51.100.1", "203.0.113.1"}.__contains__
+#: Hypothesis without its clock: on a loaded machine slow generation is not a failure.
+UNTIMED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def network(address: str, gateway: str) -> dict:
@@ -96,6 +98,7 @@ class LabelTests(SynchronousTestCase):
                 parse_ports(text, "hoody.ports")
             self.assertTrue(str(caught.exception).startswith("label hoody.ports"), text)
 
+    @UNTIMED
     @given(st.text(max_size=60))
     def test_ports_never_crash(self, text: str) -> None:
         """Any label text is a dict of valid overrides or InvalidLabel, nothing else."""
@@ -241,6 +244,7 @@ class LineBufferTests(SynchronousTestCase):
         self.assertEqual(out, self.EVENTS)
         self.assertEqual(buffer.pending, 0)
 
+    @UNTIMED
     @given(st.lists(st.integers(min_value=0, max_value=400), max_size=10))
     def test_any_split(self, cuts: list[int]) -> None:
         """Cut anywhere (mid-line, mid-character), the lines come out whole and in order."""
