@@ -60,7 +60,8 @@ class NotFound(EngineError):
 def socket_path(configured: str = "", environ: Mapping[str, str] = os.environ) -> str:
     """The socket to use: ``configured`` (``[docker] socket``), else ``$DOCKER_HOST`` when it
     names a UNIX socket, else :data:`DEFAULT_SOCKET`.  Raises ValueError for a
-    ``DOCKER_HOST`` that is not ``unix://`` (the provider speaks to no TCP daemon)."""
+    ``DOCKER_HOST`` that is not ``unix://``: a TCP daemon is usually one with TLS, which the
+    provider does not speak (a plain-HTTP socket proxy is named in the config instead)."""
     if configured:
         return configured
     host = environ.get("DOCKER_HOST", "")
@@ -68,8 +69,9 @@ def socket_path(configured: str = "", environ: Mapping[str, str] = os.environ) -
         return DEFAULT_SOCKET
     if host.startswith("unix://") and len(host) > len("unix://"):
         return host[len("unix://"):]
-    raise ValueError(f"DOCKER_HOST={host} is not a unix:// socket; the Docker provider speaks only to "
-                     f"a UNIX socket: set [docker] socket or --docker-socket")
+    raise ValueError(f"DOCKER_HOST={host} is not a unix:// socket, the only kind the Docker provider takes "
+                     f"from DOCKER_HOST: set [docker] socket or --docker-socket (a socket path, or "
+                     f"tcp://host:port of a read-only socket proxy)")
 
 
 def parse_api_version(text: Any) -> tuple[int, int] | None:
