@@ -160,6 +160,17 @@ class Settings:
     tap_max_taps: int = 16
     #: Events held for a tap client that is not reading before events are dropped.
     tap_queue_events: int = 1000
+    #: The Docker (or Podman) provider (``[docker]``; see docs/docker.rst): keeps the live
+    #: map in step with the containers labelled ``<label_prefix>project``.
+    docker_enabled: bool = False
+    #: The Engine API's UNIX socket path (or ``tcp://host:port``, a read-only socket proxy);
+    #: "": ``$DOCKER_HOST`` when it is ``unix://...``, else ``/var/run/docker.sock``
+    #: (resolved when the provider starts).
+    docker_socket: str = ""
+    #: The network whose address the gateway uses (a container's label overrides it);
+    #: "": the one network the gateway can reach.
+    docker_network: str = ""
+    docker_label_prefix: str = "hoody."
 
     @property
     def suffix(self) -> str:
@@ -315,7 +326,12 @@ _SCHEMA: dict[str, set[str]] = {
     "http2": {"enabled", "max_concurrent_streams", "max_header_list_size", "stream_window", "max_resets"},
     "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
     "tap": {"allow_unredacted", "max_taps", "queue_events"},
+    "docker": {"enabled", "socket", "network", "label_prefix"},
 }
+#: A Docker network name (what ``docker network create`` accepts).
+DOCKER_NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+#: A label prefix: the start of a label key in Docker's recommended reverse-DNS style.
+LABEL_PREFIX = re.compile(r"[a-z0-9][a-z0-9._/-]{0,99}\Z")
 
 
 def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -472,11 +488,54 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if queue > 1_000_000:
         raise ConfigError("[tap] queue_events", "must be 1 to 1000000")
     kw["tap_queue_events"] = queue
+    kw.update(_docker_settings(get, d))
     try:
         kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
     except InvalidRateLimit as e:
         raise ConfigError(f"[ratelimit] {e.field}" if e.field else "[ratelimit]", e.problem) from None
     return Settings(**kw)
+
+
+def tcp_address(address: str) -> tuple[str, int] | None:
+    """``"tcp://127.0.0.1:2375"`` -> ``("127.0.0.1", 2375)``; None for anything else."""
+    if not address.startswith("tcp://"):
+        return None
+    host, sep, port = address[len("tcp://"):].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _docker_settings(get, d: Settings) -> dict[str, Any]:
+    """The ``[docker]`` keys, validated."""
+    kw: dict[str, Any] = {}
+    enabled = get("docker", "enabled", d.docker_enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError("[docker] enabled", "must be true or false")
+    kw["docker_enabled"] = enabled
+    socket_path = _string("[docker] socket", get("docker", "socket", d.docker_socket))
+    if socket_path.startswith("unix://"):
+        socket_path = socket_path[len("unix://"):]
+    elif socket_path.startswith("tcp://"):
+        if tcp_address(socket_path) is None:
+            raise ConfigError("[docker] socket", "a socket proxy is tcp://host:port")
+    elif "://" in socket_path:
+        raise ConfigError("[docker] socket", "must be a UNIX socket (a path or unix:///path), or tcp://host:port "
+                                             "for a read-only socket proxy")
+    if socket_path and not socket_path.startswith("tcp://") and not os.path.isabs(socket_path):
+        raise ConfigError("[docker] socket", "must be an absolute path")
+    kw["docker_socket"] = socket_path
+    network = _string("[docker] network", get("docker", "network", d.docker_network))
+    if network and not DOCKER_NETWORK.match(network):
+        raise ConfigError("[docker] network", f"{network!r} is not a Docker network name")
+    kw["docker_network"] = network
+    prefix = _string("[docker] label_prefix", get("docker", "label_prefix", d.docker_label_prefix))
+    if not LABEL_PREFIX.match(prefix):
+        raise ConfigError("[docker] label_prefix", "must be lowercase letters, digits, '.', '-', '_' or '/' "
+                                                   "(like 'hoody.' or 'com.example.hoody.')")
+    kw["docker_label_prefix"] = prefix
+    return kw
 
 
 def settings_to_mapping(settings: Settings) -> dict[str, Any]:
@@ -511,6 +570,8 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                   "retry_threshold": s.http3_retry_threshold},
         "tap": {"allow_unredacted": s.tap_allow_unredacted, "max_taps": s.tap_max_taps,
                 "queue_events": s.tap_queue_events},
+        "docker": {"enabled": s.docker_enabled, "socket": s.docker_socket, "network": s.docker_network,
+                   "label_prefix": s.docker_label_prefix},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}

@@ -21,7 +21,8 @@ class IContainerDirectory(Interface):
         """
 
     def put(container):
-        """Create or replace a container; durable when it returns."""
+        """Create or replace a container; durable when it returns.  ``container.source``
+        says who owns the entry (``admin``, ``docker``); see docs/docker.rst."""
 
     def delete(container_id):
         """Remove a container; return True if it existed; durable when it returns."""

@@ -49,11 +49,16 @@ class Options(usage.Options):
         ["acme-ca-bundle", None, None, "CA bundle to trust a private ACME server (pebble)"],
         ["http3-advertised-port", None, None, "UDP port advertised for HTTP/3 in Alt-Svc, for a node "
                                               "behind NAT (default: the HTTPS port)", int],
+        ["docker-socket", None, None, "the Docker (or Podman) Engine API's UNIX socket, or tcp://host:port "
+                                      "of a read-only socket proxy; turns --docker on (default: $DOCKER_HOST "
+                                      "if unix://, else /var/run/docker.sock)"],
     ]
     optFlags = [
         ["demo", None, "also start a built-in sample service and register it as a container"],
         ["no-http3", None, "do not serve HTTP/3 (QUIC) nor advertise it"],
         ["no-http2", None, "do not offer HTTP/2 (ALPN h2) on the TLS port"],
+        ["docker", None, "route the containers labelled hoody.project as Docker (or Podman) runs them "
+                         "(docs/docker.rst)"],
     ]
 
     def postOptions(self) -> None:
@@ -83,6 +88,8 @@ class Options(usage.Options):
             "http3.enabled": False if self["no-http3"] else None,
             "http3.advertised_port": self["http3-advertised-port"],
             "http2.enabled": False if self["no-http2"] else None,
+            "docker.enabled": True if self["docker"] or self["docker-socket"] else None,
+            "docker.socket": self["docker-socket"],
         }
 
 
@@ -289,6 +296,7 @@ class NodeService(service.MultiService):
         self.demo_port = None
         self.demo = None
         self.workers = None
+        docker_socket = self._docker_socket(settings)
         # One node per data directory, taken before anything in it is read or written.
         from hoodyproxy.datadir import DataDirInUse, DataDirLock
         self.datadir_lock = DataDirLock(settings.data_dir)
@@ -316,6 +324,24 @@ class NodeService(service.MultiService):
                 required="transparent" in client_ip_modes(self.configured),
                 directory=self.directory, reactor=reactor, instance=settings.data_dir)
             self.netfilter.setServiceParent(self)
+        #: The Docker provider (worker 0 only: the other workers read what it writes).
+        self.docker = None
+        if docker_socket is not None:
+            from hoodyproxy.directory.docker import DockerProvider
+            self.docker = DockerProvider(self.directory, docker_socket, reactor,
+                                         label_prefix=settings.docker_label_prefix, network=settings.docker_network)
+            self.docker.setServiceParent(self)
+
+    @staticmethod
+    def _docker_socket(settings: Settings) -> str | None:
+        """The Docker provider's socket, or None when the provider is off."""
+        if not settings.docker_enabled:
+            return None
+        from hoodyproxy.directory.docker import socket_path
+        try:
+            return socket_path(settings.docker_socket)
+        except ValueError as e:
+            raise StartError(str(e)) from None
 
     def _resolve_client_ip(self, settings: Settings, has_net_admin: bool | None) -> Settings:
         """Make ``auto`` concrete: transparent with CAP_NET_ADMIN, else headers (with a warning)."""

@@ -30,7 +30,7 @@ BODY = {"project": PROJECT, "address": "10.1.2.3", "state": "running", "ports": 
 def expected(container_id: str, body: dict) -> dict:
     """The JSON the API answers for a container stored from ``body``."""
     return {"id": container_id, "project": body["project"], "address": body["address"],
-            "state": body.get("state", "running"), "ports": body.get("ports") or {}}
+            "state": body.get("state", "running"), "ports": body.get("ports") or {}, "source": "admin"}
 
 
 class AdminAPITestCase(unittest.TestCase):
@@ -304,6 +304,75 @@ class ContainerTests(AdminAPITestCase):
         """Answers are not to be cached."""
         response, content = await self.request("GET", "/api/v1/containers")
         self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+
+
+class OwnershipTests(AdminAPITestCase):
+    """Entries a provider owns (``"source": "docker"``) are not the admin API's to change, unless forced."""
+
+    def provided(self, container_id: str = CID):
+        """An entry as the Docker provider writes it."""
+        from hoodyproxy.directory import Container
+        self.node.directory.put(Container(container_id, PROJECT, "10.9.9.9", "running", {"http-80": 80},
+                                          source="docker"))
+
+    async def test_source_shown(self):
+        """Reads say who owns each entry: ``admin`` for a PUT, ``docker`` for the provider's."""
+        await self.put(CID3, BODY)
+        self.provided()
+        response, content = await self.request("GET", "/api/v1/containers")
+        sources = {c["id"]: c["source"] for c in self.assertJSON(response, content)["containers"]}
+        self.assertEqual(sources, {CID: "docker", CID3: "admin"})
+
+    async def test_put_over_provided_is_409(self):
+        """A PUT over a provider-owned entry answers 409 naming ``source``, and changes nothing."""
+        self.provided()
+        response, content = await self.put(CID, BODY)
+        body = self.assertError(response, content, 409, "conflict")
+        self.assertEqual(body["field"], "source")
+        self.assertIn("force=true", body["message"])
+        self.assertEqual(self.node.directory.lookup(CID).address, "10.9.9.9")
+
+    async def test_forced_put_takes_the_entry(self):
+        """``?force=true`` replaces a provider-owned entry, which becomes the admin's."""
+        self.provided()
+        response, content = await self.request("PUT", f"/api/v1/containers/{CID}?force=true", BODY)
+        self.assertEqual(response.code, 200, content)
+        self.assertEqual(self.assertJSON(response, content), expected(CID, BODY))
+        self.assertEqual(self.node.directory.lookup(CID).source, "admin")
+
+    async def test_delete_of_provided_is_409_unless_forced(self):
+        """DELETE of a provider-owned entry: 409; with ``?force=true``: 204 (e.g. a stale entry
+        while the daemon is away)."""
+        self.provided()
+        response, content = await self.request("DELETE", f"/api/v1/containers/{CID}")
+        self.assertError(response, content, 409, "conflict")
+        self.assertIsNotNone(self.node.directory.lookup(CID))
+        response, content = await self.request("DELETE", f"/api/v1/containers/{CID}?force=true")
+        self.assertEqual(response.code, 204, content)
+        self.assertIsNone(self.node.directory.lookup(CID))
+
+    async def test_manual_entries_need_no_force(self):
+        """An admin-owned entry is replaced and deleted as always; ``force=false`` is the default."""
+        await self.put(CID, BODY)
+        response, content = await self.request("PUT", f"/api/v1/containers/{CID}?force=false",
+                                               dict(BODY, state="stopped"))
+        self.assertEqual(response.code, 200, content)
+        response, content = await self.request("DELETE", f"/api/v1/containers/{CID}")
+        self.assertEqual(response.code, 204, content)
+
+    async def test_bad_force_value(self):
+        """``force`` is ``true`` or ``false``; anything else is 422 naming it."""
+        response, content = await self.request("PUT", f"/api/v1/containers/{CID}?force=yes", BODY)
+        self.assertInvalidField(response, content, "force")
+        self.assertIsNone(self.node.directory.lookup(CID))
+
+    async def test_source_in_body_is_not_a_claim(self):
+        """A body may send back the ``source`` a read showed, but a PUT is always the admin's."""
+        response, content = await self.put(CID, dict(BODY, source="docker"))
+        self.assertEqual(response.code, 201, content)
+        self.assertEqual(self.node.directory.lookup(CID).source, "admin")
+        response, content = await self.put(CID, dict(BODY, source="kubernetes"))
+        self.assertInvalidField(response, content, "source")
 
 
 class ValidationTests(AdminAPITestCase):

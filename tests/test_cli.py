@@ -469,7 +469,7 @@ class ContainerTests(CLITestCase):
                                "--address", "10.0.0.7", "--state", "stopped",
                                "--port", "terminal=7681", "--port", "http-80=8080")
         expected = {"id": CONTAINER, "project": PROJECT, "address": "10.0.0.7", "state": "stopped",
-                    "ports": {"terminal": 7681, "http-80": 8080}}
+                    "ports": {"terminal": 7681, "http-80": 8080}, "source": "admin"}
         self.assertEqual(answer, expected)
         stored = self.node.directory.lookup(CONTAINER)
         self.assertEqual((stored.project, stored.address, stored.state), (PROJECT, "10.0.0.7", "stopped"))
@@ -482,6 +482,21 @@ class ContainerTests(CLITestCase):
         self.assertIsNone(self.node.directory.lookup(CONTAINER))
         done = await self.invoke("containers", "get", "--container", CONTAINER)
         self.assertFailed(done, 1, "hoodyproxy: 404 no such container")
+
+    async def test_force_over_a_provided_entry(self):
+        """``--force`` sends ``?force=true``: without it a provider-owned entry is a 409."""
+        from hoodyproxy.directory import Container
+        self.node.directory.put(Container(CONTAINER, PROJECT, "10.9.9.9", source="docker"))
+        put = ("containers", "put", "--container", CONTAINER, "--project", PROJECT, "--address", "10.0.0.7")
+        self.assertIn("hoodyproxy: 409", self.assertFailed(await self.invoke(*put), 1))
+        self.assertEqual(self.node.directory.lookup(CONTAINER).address, "10.9.9.9")
+        self.assertEqual((await self.ok(*put, "--force"))["source"], "admin")
+        self.node.directory.put(Container(CONTAINER, PROJECT, "10.9.9.9", source="docker"))
+        delete = ("containers", "delete", "--container", CONTAINER)
+        self.assertIn("hoodyproxy: 409", self.assertFailed(await self.invoke(*delete), 1))
+        done = await self.invoke(*delete, "--force")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertIsNone(self.node.directory.lookup(CONTAINER))
 
     async def test_put_defaults_to_running(self):
         answer = await self.ok("containers", "put", "--container", CONTAINER, "--project", PROJECT,

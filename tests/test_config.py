@@ -436,6 +436,56 @@ class ClientIPTests(SynchronousTestCase):
         self.assertEqual(settings_from_mapping(config.settings_to_mapping(s)), s)
 
 
+class DockerSettingsTests(SynchronousTestCase):
+    """``[docker]``: the Docker provider's switch, socket, network and label prefix."""
+
+    def test_defaults(self) -> None:
+        """Off, the socket found at start, no network named, labels ``hoody.*``."""
+        s = settings_from_mapping({})
+        self.assertEqual((s.docker_enabled, s.docker_socket, s.docker_network, s.docker_label_prefix),
+                         (False, "", "", "hoody."))
+
+    def test_values(self) -> None:
+        """A ``unix://`` socket is kept as its path."""
+        s = settings_from_mapping({"docker": {"enabled": True, "socket": "unix:///run/podman/podman.sock",
+                                              "network": "hoody_net", "label_prefix": "com.example.hoody."}})
+        self.assertEqual((s.docker_enabled, s.docker_socket, s.docker_network, s.docker_label_prefix),
+                         (True, "/run/podman/podman.sock", "hoody_net", "com.example.hoody."))
+
+    def test_socket_proxy(self) -> None:
+        """``tcp://host:port``: a read-only socket proxy (docker-socket-proxy) on a TCP port."""
+        s = settings_from_mapping({"docker": {"socket": "tcp://127.0.0.1:2375"}})
+        self.assertEqual(s.docker_socket, "tcp://127.0.0.1:2375")
+        self.assertEqual(config.tcp_address("tcp://[::1]:2375"), ("::1", 2375))
+
+    def test_errors(self) -> None:
+        """Each bad value names its key."""
+        for table, key in (({"enabled": "yes"}, "enabled"), ({"socket": "tcp://10.0.0.1"}, "socket"),
+                           ({"socket": "ssh://host"}, "socket"),
+                           ({"socket": "docker.sock"}, "socket"), ({"socket": 5}, "socket"),
+                           ({"network": "bad network"}, "network"), ({"label_prefix": ""}, "label_prefix"),
+                           ({"label_prefix": "Hoody."}, "label_prefix")):
+            e = self.assertRaises(ConfigError, settings_from_mapping, {"docker": table})
+            self.assertEqual(e.key, f"[docker] {key}", table)
+
+    def test_command_line(self) -> None:
+        """``--docker`` turns the provider on; ``--docker-socket`` names the socket and turns it on too."""
+        from hoodyproxy.service import Options
+        for argv, expected in ((["--docker"], (True, "")),
+                               (["--docker-socket", "/run/podman/podman.sock"], (True, "/run/podman/podman.sock")),
+                               ([], (False, ""))):
+            options = Options()
+            options.parseOptions(argv)
+            s = settings_from_mapping({}, options.overrides())
+            self.assertEqual((s.docker_enabled, s.docker_socket), expected, argv)
+
+    def test_round_trip(self) -> None:
+        """settings_to_mapping writes the ``[docker]`` keys back."""
+        s = settings_from_mapping({"docker": {"enabled": True, "socket": "/x/docker.sock", "network": "n1",
+                                              "label_prefix": "acme."}})
+        self.assertEqual(settings_from_mapping(config.settings_to_mapping(s)), s)
+
+
 class TapConfigTests(TempDirMixin, SynchronousTestCase):
     """The example configs in ``tap-configs/`` load, validate and document the format."""
 

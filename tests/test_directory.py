@@ -155,6 +155,76 @@ class DirectoryTests(DatabaseMixin, SynchronousTestCase):
         self.assertEqual(len(SQLiteDirectory(second).list()), 1)
 
 
+class SourceTests(DatabaseMixin, SynchronousTestCase):
+    """Who owns an entry (admin API or Docker provider) is stored, and each leaves the other's alone."""
+
+    def test_source_is_stored(self) -> None:
+        """``source`` survives a reopen; it defaults to ``admin``."""
+        path = self.db_path()
+        d = self.directory(path)
+        d.put(Container(C1, PROJECT, "10.0.0.5", source="docker"))
+        d.put(Container(C2, PROJECT, "10.0.0.6"))
+        reopened = self.directory(path)
+        self.assertEqual((reopened.lookup(C1).source, reopened.lookup(C2).source), ("docker", "admin"))
+
+    def test_put_owned_over_own_or_nothing(self) -> None:
+        """``put_owned`` creates an entry, and replaces one of its own source."""
+        d = self.directory()
+        self.assertTrue(d.put_owned(Container(C1, PROJECT, "10.0.0.5", source="docker")))
+        self.assertTrue(d.put_owned(Container(C1, PROJECT, "10.0.0.6", "stopped", source="docker")))
+        self.assertEqual(d.lookup(C1), Container(C1, PROJECT, "10.0.0.6", "stopped", source="docker"))
+
+    def test_put_owned_never_over_another_source(self) -> None:
+        """``put_owned`` leaves an entry of another source as it is, on disk and in memory."""
+        path = self.db_path()
+        d = self.directory(path)
+        manual = Container(C1, PROJECT, "10.0.0.5")
+        d.put(manual)
+        seen: list[str] = []
+        d.subscribe(seen.append)
+        self.assertFalse(d.put_owned(Container(C1, OTHER_PROJECT, "10.0.0.9", source="docker")))
+        self.assertEqual(d.lookup(C1), manual)
+        self.assertEqual(self.directory(path).lookup(C1), manual)
+        self.assertEqual(seen, [])
+
+    def test_delete_by_source(self) -> None:
+        """``delete(id, source)`` removes only an entry of that source."""
+        d = self.directory()
+        d.put(Container(C1, PROJECT, "10.0.0.5"))
+        self.assertFalse(d.delete(C1, "docker"))
+        self.assertIsNotNone(d.lookup(C1))
+        self.assertTrue(d.delete(C1, "admin"))
+        self.assertIsNone(d.lookup(C1))
+
+    def test_source_in_json(self) -> None:
+        """``to_json`` shows the source; a body may send one back, but not an unknown one."""
+        c = Container(C1, PROJECT, "10.0.0.5", source="docker")
+        self.assertEqual(c.to_json()["source"], "docker")
+        self.assertEqual(container_from_json(C1, c.to_json()).source, "admin")
+        with self.assertRaises(InvalidContainer) as caught:
+            container_from_json(C1, dict(c.to_json(), source="manual"))
+        self.assertEqual(caught.exception.field, "source")
+
+    def test_migration_of_an_existing_database(self) -> None:
+        """A database from before sources (schema 4) is migrated: its entries are the admin's."""
+        import sqlite3
+
+        from hoodyproxy.directory._db import MIGRATIONS
+        path = self.db_path()
+        os.makedirs(os.path.dirname(path))
+        old = sqlite3.connect(path, isolation_level=None)
+        for number, script in enumerate(MIGRATIONS[:4], start=1):
+            old.executescript(script)
+            old.execute(f"PRAGMA user_version={number}")
+        old.execute("INSERT INTO containers (id, project, address, state, ports, updated) "
+                    "VALUES (?, ?, '10.0.0.5', 'running', '{\"http-80\": 8080}', 0)", (C1, PROJECT))
+        old.close()
+        conn = self.connect(path)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], len(MIGRATIONS))
+        self.assertEqual(SQLiteDirectory(conn).lookup(C1),
+                         Container(C1, PROJECT, "10.0.0.5", "running", {"http-80": 8080}, source="admin"))
+
+
 class SubscribeTests(DatabaseMixin, SynchronousTestCase):
 
     def test_put_notifies(self) -> None:

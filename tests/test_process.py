@@ -240,7 +240,7 @@ class StartTests(ProcessTestCase):
         status, _, body = again.admin("GET", f"/api/v1/containers/{CONTAINER}")
         self.assertEqual(status, 200, body)
         self.assertEqual(body, stored)
-        self.assertEqual(body, dict(container, id=CONTAINER))
+        self.assertEqual(body, dict(container, id=CONTAINER, source="admin"))
 
 
 class RedirectTests(ProcessTestCase):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+from dataclasses import replace
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 
@@ -254,7 +255,10 @@ class AdminAPI(Resource):
             if container is None:
                 raise ApiError(404, "not_found", "no such container")
             return 200, container.to_json()
+        force = self._force(request)
         if request.method == b"DELETE":
+            if not force:
+                self._refuse_if_provided(container_id)
             if not self.directory.delete(container_id):
                 raise ApiError(404, "not_found", "no such container")
             return 204, None
@@ -262,9 +266,36 @@ class AdminAPI(Resource):
             container = container_from_json(container_id, _json_body(request))
         except InvalidContainer as e:
             raise ApiError(422, "invalid", str(e), field=e.field) from None
+        container = replace(container, source="admin")
         existed = self.directory.lookup(container_id) is not None
-        self.directory.put(container)
+        if force:
+            # The entry becomes the admin's: the provider leaves it alone from now on.
+            self.directory.put(container)
+        elif not self.directory.put_owned(container):
+            raise self._conflict(self.directory.lookup(container_id))
         return (200 if existed else 201), container.to_json()
+
+    @staticmethod
+    def _force(request) -> bool:
+        """``?force=true``: write over an entry a provider owns (``false``, the default: 409)."""
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+        value = query.get("force", ["false"])[-1]
+        if value not in ("true", "false"):
+            raise ApiError(422, "invalid", "force: must be true or false", field="force")
+        return value == "true"
+
+    def _refuse_if_provided(self, container_id: str) -> None:
+        """409 if a provider (not the admin API) owns the entry."""
+        current = self.directory.lookup(container_id)
+        if current is not None and current.source != "admin":
+            raise self._conflict(current)
+
+    @staticmethod
+    def _conflict(current) -> ApiError:
+        source = current.source if current is not None else "another"
+        return ApiError(409, "conflict", f"this container is managed by the {source} provider, which "
+                                         f"would undo the change; ?force=true makes it the admin's",
+                        field="source")
 
     # -- permission sets --------------------------------------------------------------
 

@@ -281,11 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=("running", "stopped"), help="default running")
     p.add_argument("--port", metavar="PROGRAM=PORT", type=_port, action="append", default=[],
                    help="a port override, e.g. terminal=7681 or http-80=8080; repeatable")
+    p.add_argument("--force", action="store_true",
+                   help="replace an entry the Docker provider owns (it becomes the admin's)")
     _connection_options(p, suppress=True)
     for name, help_text, handler in (("get", "show a container (GET)", _container_get),
                                      ("delete", "remove a container from the live map (DELETE)", _container_delete)):
         p = _leaf(sub, name, help_text, handler)
         p.add_argument("--container", metavar="C", type=_id, required=True, help="the container id")
+        if name == "delete":
+            p.add_argument("--force", action="store_true", help="remove an entry the Docker provider owns")
         _connection_options(p, suppress=True)
     p = _leaf(sub, "list", "list the containers, optionally one project's (GET)", _container_list)
     p.add_argument("--project", metavar="P", type=_id, help="only this project's")
@@ -628,7 +632,11 @@ def _container_put(client, parser, args):
         body["state"] = args.state
     if args.port:
         body["ports"] = _named(parser, "--port", args.port)
-    return client.request("PUT", f"/api/v1/containers/{args.container}", body)
+    return client.request("PUT", f"/api/v1/containers/{args.container}{_force(args)}", body)
+
+
+def _force(args) -> str:
+    return "?force=true" if args.force else ""
 
 
 def _container_get(client, parser, args):
@@ -636,7 +644,7 @@ def _container_get(client, parser, args):
 
 
 def _container_delete(client, parser, args):
-    return client.request("DELETE", f"/api/v1/containers/{args.container}")
+    return client.request("DELETE", f"/api/v1/containers/{args.container}{_force(args)}")
 
 
 def _container_list(client, parser, args):

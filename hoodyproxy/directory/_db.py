@@ -58,6 +58,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (scope, id)
     );
     """,
+    # Who owns a container entry (hoodyproxy.directory._model.SOURCES): every entry made
+    # before there was a Docker provider was made through the admin API.
+    """
+    ALTER TABLE containers ADD COLUMN source TEXT NOT NULL DEFAULT 'admin';
+    """,
 ]
 
 

@@ -1,4 +1,4 @@
-"""What the gateway knows about a container: its project, address, state and port overrides."""
+"""What the gateway knows about a container: its project, address, state, port overrides and source."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Any, Mapping
 CONTAINER_ID = re.compile(r"[0-9a-f]{24}\Z")
 PORT_KEY = re.compile(r"[a-z][a-z0-9]{0,11}(-(0|[1-9][0-9]{0,4}))?\Z")
 STATES = ("running", "stopped")
+#: Who wrote a container into the live map: the admin API (by hand, or the platform through
+#: it) or the Docker provider (:mod:`hoodyproxy.directory.docker`).  Neither overwrites the other's.
+SOURCES = ("admin", "docker")
 
 
 class InvalidContainer(ValueError):
@@ -31,6 +34,8 @@ class Container:
     address: str
     state: str = "running"
     ports: Mapping[str, int] = field(default_factory=dict)
+    #: One of :data:`SOURCES`: who owns this entry.
+    source: str = "admin"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ports", MappingProxyType(dict(self.ports)))
@@ -38,8 +43,8 @@ class Container:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Container):
             return NotImplemented
-        return (self.id, self.project, self.address, self.state, dict(self.ports)) == (
-            other.id, other.project, other.address, other.state, dict(other.ports))
+        return (self.id, self.project, self.address, self.state, dict(self.ports), self.source) == (
+            other.id, other.project, other.address, other.state, dict(other.ports), other.source)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -56,7 +61,7 @@ class Container:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "project": self.project, "address": self.address,
-                "state": self.state, "ports": dict(self.ports)}
+                "state": self.state, "ports": dict(self.ports), "source": self.source}
 
 
 def container_from_json(container_id: str, body: Any) -> Container:
@@ -65,11 +70,15 @@ def container_from_json(container_id: str, body: Any) -> Container:
         raise InvalidContainer("id", "must be 24 lowercase hexadecimal digits")
     if not isinstance(body, dict):
         raise InvalidContainer("body", "must be a JSON object")
-    unknown = set(body) - {"project", "address", "state", "ports", "id"}
+    unknown = set(body) - {"project", "address", "state", "ports", "id", "source"}
     if unknown:
         raise InvalidContainer(sorted(unknown)[0], "unknown field")
     if "id" in body and body["id"] != container_id:
         raise InvalidContainer("id", "does not match the URL")
+    # ``source`` may be sent back as a read showed it; a write through the API is the
+    # admin's whatever it says (the node sets it, never the body).
+    if "source" in body and body["source"] not in SOURCES:
+        raise InvalidContainer("source", f"must be one of {', '.join(SOURCES)} (and is set by the node)")
     project = body.get("project")
     if not isinstance(project, str) or not CONTAINER_ID.match(project):
         raise InvalidContainer("project", "must be 24 lowercase hexadecimal digits")
@@ -86,11 +95,17 @@ def container_from_json(container_id: str, body: Any) -> Container:
     ports = body.get("ports", {})
     if ports is None:
         ports = {}
+    check_ports(ports)
+    return Container(container_id, project, address, state, ports)
+
+
+def check_ports(ports: Any, field_name: str = "ports") -> None:
+    """Raise InvalidContainer unless ``ports`` is a dict of ``program`` or ``program-index``
+    to a port number (the port overrides of the admin API and of the ``hoody.ports`` label)."""
     if not isinstance(ports, dict):
-        raise InvalidContainer("ports", "must be an object of program (or program-index) to port")
+        raise InvalidContainer(field_name, "must be an object of program (or program-index) to port")
     for key, value in ports.items():
         if not isinstance(key, str) or not PORT_KEY.match(key):
-            raise InvalidContainer("ports", "keys are 'program' or 'program-index'")
+            raise InvalidContainer(field_name, "keys are 'program' or 'program-index'")
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise InvalidContainer(f"ports.{key}", "must be a port from 1 to 65535")
-    return Container(container_id, project, address, state, ports)
+            raise InvalidContainer(f"{field_name}.{key}", "must be a port from 1 to 65535")

@@ -37,8 +37,8 @@ class SQLiteDirectory(MirroredTables):
 
     def _reload(self) -> None:
         fresh = {
-            row[0]: Container(row[0], row[1], row[2], row[3], json.loads(row[4]))
-            for row in self._conn.execute("SELECT id, project, address, state, ports FROM containers")
+            row[0]: Container(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+            for row in self._conn.execute("SELECT id, project, address, state, ports, source FROM containers")
         }
         changed = {cid for cid in fresh.keys() | self._containers.keys()
                    if fresh.get(cid) != self._containers.get(cid)}
@@ -57,19 +57,42 @@ class SQLiteDirectory(MirroredTables):
 
     # -- writes -----------------------------------------------------------------------
 
+    _UPSERT = ("INSERT INTO containers (id, project, address, state, ports, source, updated) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) "
+               "ON CONFLICT (id) DO UPDATE SET project=excluded.project, address=excluded.address, "
+               "state=excluded.state, ports=excluded.ports, source=excluded.source, updated=excluded.updated")
+
+    def _row(self, container: Container) -> tuple:
+        return (container.id, container.project, container.address, container.state,
+                json.dumps(dict(container.ports), sort_keys=True), container.source, self._clock())
+
     def put(self, container: Container) -> None:
-        self._conn.execute(
-            "INSERT INTO containers (id, project, address, state, ports, updated) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET project=excluded.project, address=excluded.address, "
-            "state=excluded.state, ports=excluded.ports, updated=excluded.updated",
-            (container.id, container.project, container.address, container.state,
-             json.dumps(dict(container.ports), sort_keys=True), self._clock()),
-        )
+        """Create or replace ``container``, whoever owned the entry before."""
+        self._conn.execute(self._UPSERT, self._row(container))
         self._containers[container.id] = container
         self._notify(container.id)
 
-    def delete(self, container_id: str) -> bool:
-        cursor = self._conn.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+    def put_owned(self, container: Container) -> bool:
+        """Create or replace ``container`` unless an entry of another source holds its id
+        (checked and written in one statement); returns whether it was written."""
+        cursor = self._conn.execute(self._UPSERT + " WHERE containers.source = excluded.source",
+                                    self._row(container))
+        if cursor.rowcount == 0:
+            self.refresh()  # another process may have written that entry: show it
+            return False
+        self._containers[container.id] = container
+        self._notify(container.id)
+        return True
+
+    def delete(self, container_id: str, source: str | None = None) -> bool:
+        """Remove a container (only if ``source`` owns it, when given); returns whether one was removed."""
+        if source is None:
+            cursor = self._conn.execute("DELETE FROM containers WHERE id = ?", (container_id,))
+        else:
+            cursor = self._conn.execute("DELETE FROM containers WHERE id = ? AND source = ?",
+                                        (container_id, source))
+            if cursor.rowcount == 0:
+                return False
         existed = self._containers.pop(container_id, None) is not None or cursor.rowcount > 0
         if existed:
             self._notify(container_id)
