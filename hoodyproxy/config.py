@@ -160,6 +160,11 @@ class Settings:
     tap_max_taps: int = 16
     #: Events held for a tap client that is not reading before events are dropped.
     tap_queue_events: int = 1000
+    #: Draining (``[drain]``; see hoodyproxy.drain): the longest a stopping process waits
+    #: for its connections to end before it cuts them ...
+    drain_timeout: float = 60.0
+    #: ... and how long WebSockets are given before they are closed with 1001.
+    drain_websocket_grace: float = 30.0
 
     @property
     def suffix(self) -> str:
@@ -315,6 +320,7 @@ _SCHEMA: dict[str, set[str]] = {
     "http2": {"enabled", "max_concurrent_streams", "max_header_list_size", "stream_window", "max_resets"},
     "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
     "tap": {"allow_unredacted", "max_taps", "queue_events"},
+    "drain": {"timeout", "websocket_grace"},
 }
 
 
@@ -472,6 +478,13 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if queue > 1_000_000:
         raise ConfigError("[tap] queue_events", "must be 1 to 1000000")
     kw["tap_queue_events"] = queue
+    kw["drain_timeout"] = _number("[drain] timeout", get("drain", "timeout", d.drain_timeout))
+    kw["drain_websocket_grace"] = _number("[drain] websocket_grace",
+                                          get("drain", "websocket_grace", d.drain_websocket_grace),
+                                          exclusive=False)
+    if kw["drain_websocket_grace"] > kw["drain_timeout"]:
+        raise ConfigError("[drain] websocket_grace", "must be at most [drain] timeout (the drain ends "
+                                                     "at the timeout, WebSockets or not)")
     try:
         kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
     except InvalidRateLimit as e:
@@ -511,6 +524,7 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                   "retry_threshold": s.http3_retry_threshold},
         "tap": {"allow_unredacted": s.tap_allow_unredacted, "max_taps": s.tap_max_taps,
                 "queue_events": s.tap_queue_events},
+        "drain": {"timeout": s.drain_timeout, "websocket_grace": s.drain_websocket_grace},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}
