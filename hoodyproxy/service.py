@@ -225,11 +225,17 @@ class NodeService(service.MultiService):
         #: The next generation took the sockets over (hoodyproxy.upgrade): what the node
         #: shares with it (netfilter rules, the demo's registration) is left in place.
         self.handed_over = False
-        # One node per data directory, taken before anything in it is read or written.
+        #: What starts a binary upgrade on SIGUSR2 (hoodyproxy.upgrade), under twistd.
+        self.upgrader = None
+        # One node per data directory, taken before anything in it is read or written
+        # (in a binary upgrade, the generation before hands its lock over).
+        from hoodyproxy import upgrade
         from hoodyproxy.datadir import DataDirInUse, DataDirLock
+        #: (lock, ready pipe) descriptors from the generation before, in a binary upgrade.
+        self.upgrade_from = upgrade.inherited()
         self.datadir_lock = DataDirLock(settings.data_dir)
         try:
-            self.datadir_lock.acquire()
+            self.datadir_lock.acquire(inherited=self.upgrade_from[0] if self.upgrade_from else None)
         except DataDirInUse as e:
             raise StartError(str(e)) from None
         try:
@@ -418,6 +424,19 @@ class NodeService(service.MultiService):
         from hoodyproxy.admin.discovery import publish_admin_api
         publish_admin_api(self)  # <data-dir>/admin.json, for the hoodyproxy command
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
+        self._say_ready()
+
+    def _say_ready(self) -> None:
+        """Tell systemd (Type=notify), and the generation before in a binary upgrade, that
+        the node serves."""
+        from hoodyproxy import notify, upgrade
+        if self.upgrade_from is not None:
+            log.info("hoodyproxy upgrade: this generation (pid {pid}) took the listening sockets over and serves",
+                     pid=os.getpid())
+            upgrade.say_ready(self.upgrade_from[1])
+            self.upgrade_from = None
+        else:
+            notify.notify("READY=1", "STATUS=serving")
 
     def _check_capability_kept(self) -> None:
         """Transparent sockets need CAP_NET_ADMIN on every connect, not only at start: twistd's
@@ -472,6 +491,9 @@ class NodeService(service.MultiService):
         if self.draining:
             return self._stopping
         self.draining = True
+        if not self.handed_over:
+            from hoodyproxy.notify import notify
+            notify("STOPPING=1", "STATUS=draining")
         from twisted.internet import defer
         self._stopping = defer.ensureDeferred(self._drain())
         self._stopping.addBoth(lambda _: self._stop())
@@ -556,13 +578,25 @@ class _ExitOnListenError(service.MultiService):
 
     def privilegedStartService(self) -> None:
         from hoodyproxy.netfilter import NetfilterError
+        from hoodyproxy.sockets import ActivationError
         try:
             super().privilegedStartService()
+        except ActivationError as e:
+            exit_with_line(f"cannot start: listening sockets handed in: {e}")
         except NetfilterError as e:
             exit_with_line(f"cannot start: client IP mode 'transparent': {e} (see docs/real-client-ip.rst)")
         except CannotListenError as e:
             from hoodyproxy.listening import display
             exit_with_line(f"cannot listen on {display(e.interface, e.port)}: {e.socketError}")
+
+    def startService(self) -> None:
+        super().startService()
+        # SIGUSR2: a binary upgrade (only under twistd: a node in a test process takes no signals).
+        import signal
+
+        from hoodyproxy.upgrade import Upgrader
+        upgrader = self.node.upgrader = Upgrader(self.node, self.node.reactor)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: self.node.reactor.callFromThread(upgrader.start))
 
 
 def exit_with_line(problem: str) -> None:

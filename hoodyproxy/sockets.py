@@ -149,33 +149,37 @@ def _check(kind: str, sock: socket.socket, fd: int) -> None:
         raise ActivationError(f"descriptor {fd} ({kind}) is not listening")
 
 
+def _inherited_descriptors(environ: MutableMapping[str, str] | None) -> list[int]:
+    """The descriptors socket activation handed to this process (Twisted's ListenFDs)."""
+    from twisted.python.systemd import ListenFDs
+    if environ is not None:
+        return ListenFDs.fromEnvironment(environ).inheritedDescriptors()
+    # Importing twisted.internet.endpoints (twistd does, early) parses socket activation's
+    # variables into the ListenFDs of its ``systemd:`` endpoints and deletes LISTEN_PID
+    # and LISTEN_FDS from the environment: that parse is the one there is to read.
+    from twisted.internet import endpoints
+    parsed = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    if parsed is None:
+        parsed = ListenFDs.fromEnvironment()
+    return parsed.inheritedDescriptors()
+
+
 def handed_in(environ: MutableMapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
     """The sockets handed to this process by socket activation, by kind (empty when none).
 
     The ``LISTEN_*`` variables are removed from ``environ`` (the process's by default), so
     that no child process takes them for its own.  Raises :class:`ActivationError` for
-    descriptors that are unnamed, misnamed, or not sockets of their kind.
+    descriptors that are misnamed or not sockets of their kind.  (Descriptors without
+    names, ``LISTEN_FDNAMES``, are not taken: Twisted's ListenFDs ignores them.)
     """
-    from twisted.python.systemd import ListenFDs
+    descriptors = _inherited_descriptors(environ)
     if environ is None:
         environ = os.environ
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            environ.pop(name, None)
-        return {}
-    count = environ.get("LISTEN_FDS", "0")
     names = [n for n in environ.get("LISTEN_FDNAMES", "").split(":") if n]
-    if count.isdigit() and int(count) and len(names) != int(count):
-        raise ActivationError(f"{count} descriptors were handed in (LISTEN_FDS) but {len(names)} names "
-                              f"(LISTEN_FDNAMES): name each one https, http, admin or http3")
-    fds = ListenFDs.fromEnvironment(environ).inheritedNamedDescriptors()
-    environ.pop("LISTEN_FDNAMES", None)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
     out: dict[str, list[socket.socket]] = {}
-    # (ListenFDs maps names to descriptors: two sockets of one kind need the order of names)
-    for offset, kind in enumerate(names):
-        fd = FIRST_FD + offset
-        if fd not in fds.values():
-            continue
+    for fd, kind in zip(descriptors, names):
         try:
             sock = socket.socket(fileno=fd)
         except OSError:

@@ -139,6 +139,16 @@ class WorkerPool(service.Service):
             log.warn("worker {n} exited; starting it again", n=proto.number)
             self.reactor.callLater(self.restart_delay, self._spawn, proto.number)
 
+    def release_socket_paths(self) -> None:
+        """Stop listening on worker 0's UNIX sockets (shared rate limits, taps) before the
+        next generation binds the same paths: the workers keep their connections, and
+        closing these ports later would unlink the paths under the new generation."""
+        for hub in (self.shared_limits, self.tap_relay):
+            port = getattr(hub, "port", None)
+            if port is not None:
+                hub.port = None
+                port.stopListening()
+
     def notify_change(self, _container_id=None) -> None:
         """Tell every worker the store changed (it re-reads at once)."""
         for proto in self.processes.values():
