@@ -33,6 +33,9 @@ log = Logger()
 
 #: Seconds between two looks at what is left.
 POLL = 0.1
+#: After the timeout cut the connections, at most this many seconds for them to be gone
+#: (an aborted connection ends on the next reactor turn; its request's audit line with it).
+CUT_WAIT = 1.0
 
 
 class Drainable(Protocol):
@@ -62,6 +65,8 @@ class Drain:
         self.poll = poll
         self.started: float | None = None
         self.done: defer.Deferred | None = None
+        #: True once the timeout cut what was left.
+        self.cut = False
         self._calls: list = []
 
     def remaining(self) -> tuple[int, int]:
@@ -100,7 +105,7 @@ class Drain:
             return
         connections, websockets = self.remaining()
         if not connections and not websockets:
-            self._finish(True)
+            self._finish(not self.cut)
             return
         self._calls.append(self.reactor.callLater(self.poll, self._check))
 
@@ -108,13 +113,17 @@ class Drain:
         connections, websockets = self.remaining()
         log.warn("hoodyproxy drain timeout ({timeout:g} s): cutting {connections} connections and "
                  "{websockets} WebSockets", timeout=self.timeout, connections=connections, websockets=websockets)
+        self.cut = True
         for frontend in self.frontends:
             frontend.abort()
         for tunnel in list(self.tunnels):
             tunnel.abort()
-        self._finish(False)
+        # (the poll sees them gone; if some never go, the drain ends anyway)
+        self._calls.append(self.reactor.callLater(CUT_WAIT, self._finish, False))
 
     def _finish(self, clean: bool) -> None:
+        if self.done is None or self.done.called:
+            return
         for call in self._calls:
             if call.active():
                 call.cancel()
