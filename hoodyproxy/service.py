@@ -590,13 +590,15 @@ class _ExitOnListenError(service.MultiService):
             exit_with_line(f"cannot listen on {display(e.interface, e.port)}: {e.socketError}")
 
     def startService(self) -> None:
-        super().startService()
-        # SIGUSR2: a binary upgrade (only under twistd: a node in a test process takes no signals).
+        # SIGUSR2: a binary upgrade (only under twistd: a node in a test process takes no
+        # signals).  Taken before the node says it is ready, so that no SIGUSR2 sent after
+        # that finds the default action (the end of the process).
         import signal
 
         from hoodyproxy.upgrade import Upgrader
         upgrader = self.node.upgrader = Upgrader(self.node, self.node.reactor)
         signal.signal(signal.SIGUSR2, lambda signum, frame: self.node.reactor.callFromThread(upgrader.start))
+        super().startService()
 
 
 def exit_with_line(problem: str) -> None:

@@ -11,8 +11,12 @@ log line that names it, and stopped at cleanup.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 
 from unittest import skipIf
@@ -20,6 +24,9 @@ from unittest import skipIf
 from tests.load import NO_WRK, Wrk
 from tests.test_process import NO_CURL, ProcessTestCase
 from tests.test_sockets import DEMO_HOST, _children, _wait
+
+
+NO_H2LOAD = "h2load is not installed (nghttp2-client)" if shutil.which("h2load") is None else None
 
 
 def _gone(pid: int) -> bool:
@@ -99,6 +106,47 @@ class UpgradeTests(ProcessTestCase):
         sockets; the old generation's worker drains and exits with it."""
         new = self.load_across_upgrade("--workers", "2")
         self.assertTrue(_wait(lambda: len(_children(new)) == 1), "the new generation has no worker")
+
+    @skipIf(NO_H2LOAD, NO_H2LOAD)
+    def test_http2_load_across_the_upgrade(self):
+        """h2load (HTTP/2, 4 streams at once on each of 8 connections) in back-to-back
+        rounds of 400 requests from before the signal until a round has run wholly against the new
+        generation: the old one's connections get GOAWAY and finish their streams.  Every
+        request that reached the node was answered 2xx (the audit log, which both
+        generations write, has exactly as many lines as h2load counts successes).
+
+        h2load may count a few requests as failed: those it had queued but not yet sent
+        when a GOAWAY arrived, which nghttp2 then refuses to send (a browser sends them
+        again on a new connection; h2load does not retry).  They never reached the node."""
+        node = self.start("--demo")
+        port = node.ports["https"]
+        command = ["h2load", "-c", "8", "-m", "4", "-n", "400", f"--connect-to=127.0.0.1:{port}",
+                   f"https://{DEMO_HOST}:{port}/"]
+        os.kill(node.proc.pid, signal.SIGUSR2)
+        new = int(node.wait_for(r"upgrade: started the next generation \(pid (\d+)\)").group(1))
+        self.addCleanup(_stop, new)
+        totals = {"requests": 0, "succeeded": 0, "failed": 0, "errored": 0, "timeout": 0}
+        for _round in range(200):
+            old_gone = node.proc.poll() is not None
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+            figures = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                                r"(\d+) errored, (\d+) timeout", out)
+            self.assertIsNotNone(figures, out)
+            for key, value in zip(totals, map(int, figures.groups())):
+                totals[key] += value
+            if old_gone:
+                break
+        self.assertEqual(node.wait_exit(), 0)
+        self.assertTrue(old_gone, "the old generation was still there after every round")
+        self.assertEqual(totals["timeout"], 0, totals)
+        audit = os.path.join(node.data_dir, "audit.log")
+        _wait(lambda: _lines(audit) >= totals["succeeded"])  # (the new generation flushes its log)
+        with open(audit) as f:
+            statuses = [json.loads(line)["status"] for line in f]
+        self.assertEqual(len(statuses), totals["succeeded"], totals)
+        self.assertEqual(set(statuses), {200})
+        sys.stderr.write(f"\n[upgrade under h2load] {totals}; the node received {len(statuses)} requests, "
+                         f"all answered 200\n")
 
     @skipIf(NO_CURL, NO_CURL)
     def test_a_next_generation_that_fails_leaves_the_node_serving(self):

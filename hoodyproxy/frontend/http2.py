@@ -79,6 +79,10 @@ _HEADER_FRAME_TYPES = frozenset({0x1, 0x5, 0x9})
 DRAIN_NOTICE = 1.0
 #: The highest stream ID (2^31 - 1).
 _MAX_STREAM_ID = (1 << 31) - 1
+#: A drained connection (every stream answered) has this long to write its last bytes
+#: and close before it is aborted: unlike after an error, what is still being written is
+#: answers.
+DRAIN_CLOSE_GRACE = 15.0
 
 
 class _Stream:
@@ -254,7 +258,7 @@ class H2ServerProtocol(Protocol):
     def drain_tick(self) -> None:
         """End the connection if it is draining and its last stream is over."""
         if self.last_stream is not None and not self.streams and not self.closed:
-            self._close_transport()
+            self._close_transport(DRAIN_CLOSE_GRACE)
 
     def _send_goaway(self, last_stream_id: int) -> None:
         """A GOAWAY(NO_ERROR) frame that leaves the connection open: written here, since
@@ -275,7 +279,7 @@ class H2ServerProtocol(Protocol):
         self._flush_wire()
         self._close_transport()
 
-    def _close_transport(self) -> None:
+    def _close_transport(self, grace: float = GOAWAY_GRACE) -> None:
         """Close after what is written (TLS waits for a registered producer to go first),
         and decrypt nothing more: abort past ``GOAWAY_DRAIN`` more bytes or
         ``GOAWAY_GRACE`` seconds.
@@ -296,7 +300,7 @@ class H2ServerProtocol(Protocol):
             transport.pauseProducing()
         transport.loseConnection()
         if self._abort_call is None:
-            self._abort_call = self.reactor.callLater(GOAWAY_GRACE, self._abort)
+            self._abort_call = self.reactor.callLater(grace, self._abort)
 
     def _drain(self, data: bytes) -> None:
         self._drain_left -= len(data)
