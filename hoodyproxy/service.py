@@ -407,7 +407,10 @@ class NodeService(service.MultiService):
         self._cert_check = LoopingCall(self.certificates.reload_if_changed)
         self._cert_check.clock = self.reactor
         self._cert_check.start(self.certificate_check_interval, now=False)
-        self._remove_demo_leftover()
+        if self.upgrade_from is None:
+            # (in a binary upgrade the registration is the generation before's, in use:
+            # the new one replaces it in one write below)
+            self._remove_demo_leftover()
         if s.demo:
             self._start_demo()
         from hoodyproxy.listening import display

@@ -21,6 +21,7 @@ import sys
 
 from unittest import skipIf
 
+from bench.procs import CONTAINER, PROJECT, start_backend
 from tests.load import NO_WRK, Wrk
 from tests.test_process import NO_CURL, ProcessTestCase
 from tests.test_sockets import DEMO_HOST, _children, _wait
@@ -67,11 +68,22 @@ class UpgradeTests(ProcessTestCase):
         self.assertEqual(node.wait_exit(), 0, node.output())
         return new
 
+    def with_backend(self, *args: str):
+        """A node and a container behind it: a backend process (bench's sink) registered
+        through the admin API; the route's hostname."""
+        backend, backend_port = start_backend()
+        self.addCleanup(backend.stop)
+        node = self.start(*args)
+        status, _headers, _body = node.admin("PUT", f"/api/v1/containers/{CONTAINER}",
+                                             {"project": PROJECT, "address": "127.0.0.1", "state": "running"})
+        self.assertIn(status, (200, 201))
+        return node, f"{PROJECT}-{CONTAINER}-http-{backend_port}.node-local.containers.localhost"
+
     def load_across_upgrade(self, *args: str) -> None:
-        node = self.start("--demo", *args)
+        node, host = self.with_backend(*args)
         port = node.ports["https"]
         audit = os.path.join(node.data_dir, "audit.log")
-        load = Wrk(self, f"https://127.0.0.1:{port}/", DEMO_HOST, connections=16)
+        load = Wrk(self, f"https://127.0.0.1:{port}/", host, connections=16)
         self.assertTrue(_wait(lambda: _lines(audit) > 200), "the load does not get through")
         new = self.upgrade(node)
         served = _lines(audit)
@@ -79,7 +91,7 @@ class UpgradeTests(ProcessTestCase):
         result = load.stop()
         self.assertEqual((result.socket_errors, result.non_2xx), (0, 0), result.output)
         self.assertFalse(_gone(new))
-        status, _headers, body = node.curl(f"https://{DEMO_HOST}:{port}/", DEMO_HOST, port)
+        status, _headers, body = node.curl(f"https://{host}:{port}/", host, port)
         self.assertEqual(status, 200, body)
         sys.stderr.write(f"\n[upgrade under load {' '.join(args)}] {result.requests} requests, socket errors "
                          f"{result.socket_errors}, non-2xx {result.non_2xx}\n")
@@ -118,10 +130,10 @@ class UpgradeTests(ProcessTestCase):
         h2load may count a few requests as failed: those it had queued but not yet sent
         when a GOAWAY arrived, which nghttp2 then refuses to send (a browser sends them
         again on a new connection; h2load does not retry).  They never reached the node."""
-        node = self.start("--demo")
+        node, host = self.with_backend()
         port = node.ports["https"]
         command = ["h2load", "-c", "8", "-m", "4", "-n", "400", f"--connect-to=127.0.0.1:{port}",
-                   f"https://{DEMO_HOST}:{port}/"]
+                   f"https://{host}:{port}/"]
         os.kill(node.proc.pid, signal.SIGUSR2)
         new = int(node.wait_for(r"upgrade: started the next generation \(pid (\d+)\)").group(1))
         self.addCleanup(_stop, new)
