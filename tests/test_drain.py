@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
+import socket
+import ssl
+import time
+from unittest import skipIf
 
 from aioquic.buffer import Buffer
 from aioquic.h3.connection import FrameType
@@ -22,9 +27,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.h2client import H2Client, h2_connect
+from tests.load import NO_WRK, Wrk
 from tests.naive import NaiveContainer
 from tests.rawclient import tls_client
 from tests.support import Backend, host_for, register, start_node, until
+from tests.test_process import ProcessTestCase
+from tests.test_sockets import DEMO_HOST
 
 #: [drain] for these tests: WebSockets get half a second, everything else ten.
 DRAIN = {"drain": {"websocket_grace": 0.5, "timeout": 10.0}}
@@ -272,3 +280,82 @@ class WebSocketDrainTests(unittest.TestCase):
         await until(lambda: container.closes == [b"\x03\xe9"])
         self.assertEqual(container.messages, [payload])
         await within(stopped)
+
+
+class SigtermTests(ProcessTestCase):
+    """SIGTERM to a real twistd under load, with a WebSocket open."""
+
+    @skipIf(NO_WRK, NO_WRK)
+    def test_sigterm_under_load_finishes_requests_and_closes_websockets_with_1001(self):
+        """Every request the node took is answered 2xx (wrk sees no read or write error and
+        no error answer: only refused connections once the listener is closed); the
+        WebSocket open gets a 1001 close frame after the grace; the process ends cleanly."""
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write("[drain]\nwebsocket_grace = 1.0\ntimeout = 20.0\n")
+        node = self.start("--demo", "--config", config)
+        port = node.ports["https"]
+        websocket = _open_websocket(node, port)
+        self.addCleanup(websocket.close)
+        load = Wrk(self, f"https://127.0.0.1:{port}/", DEMO_HOST, connections=8)
+        node.wait_for(r"hoodyproxy audit log")
+        audit = os.path.join(node.data_dir, "audit.log")
+        self.assertTrue(_wait_until(lambda: _lines(audit) > 200), "the load does not get through")
+        node.proc.terminate()
+        received = _read_until_closed(websocket)
+        self.assertEqual(node.wait_exit(), -signal.SIGTERM)
+        result = load.stop()
+        self.assertIn("Server Shut Down", node.output())
+        self.assertIn(b"\x88\x02\x03\xe9", received)  # (close, 2 bytes: 1001)
+        self.assertEqual((result.read_errors, result.write_errors, result.timeouts, result.non_2xx), (0, 0, 0, 0),
+                         result.output)
+        self.assertGreater(result.requests, 0)
+
+
+def _lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_until(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _open_websocket(node, port: int):
+    """A WebSocket to the demo's echo (a blocking TLS socket, 101 read)."""
+    context = ssl.create_default_context(cafile=os.path.join(node.data_dir, "tls", "ca.pem"))
+    context.set_alpn_protocols(["http/1.1"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock = context.wrap_socket(raw, server_hostname=DEMO_HOST)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /echo HTTP/1.1\r\nHost: {DEMO_HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _read_until_closed(sock) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
