@@ -82,43 +82,38 @@ def _family(interface: str) -> int:
     return socket.AF_INET6 if ":" in interface else socket.AF_INET
 
 
+def _bind(address: ListenAddress, kind: int, v6only: bool, backlog: int | None) -> socket.socket:
+    from hoodyproxy.listening import _set_v6only
+    sock = None
+    try:
+        sock = socket.socket(_family(address.interface), kind)
+        if backlog is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _set_v6only(sock, v6only)
+        sock.bind((address.interface, address.port))
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise CannotListenError(address.interface, address.port, e) from None
+    sock.setblocking(False)
+    return sock
+
+
 def bind_stream(address: ListenAddress, *, v6only: bool = False, backlog: int = BACKLOG) -> socket.socket:
     """A non-blocking TCP socket listening on ``address``, as Twisted would bind it
     (``SO_REUSEADDR``, close-on-exec); ``::`` takes IPv4 too unless ``v6only``.
 
     Raises Twisted's ``CannotListenError``, which the node turns into one line.
     """
-    from hoodyproxy.listening import _set_v6only
-    sock = None
-    try:
-        sock = socket.socket(_family(address.interface), socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _set_v6only(sock, v6only)
-        sock.bind((address.interface, address.port))
-        sock.listen(backlog)
-    except OSError as e:
-        if sock is not None:
-            sock.close()
-        raise CannotListenError(address.interface, address.port, e) from None
-    sock.setblocking(False)
-    return sock
+    return _bind(address, socket.SOCK_STREAM, v6only, backlog)
 
 
 def bind_datagram(address: ListenAddress, *, v6only: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ``address`` (HTTP/3); ``::`` takes IPv4 too
     unless ``v6only``.  Raises ``CannotListenError``."""
-    from hoodyproxy.listening import _set_v6only
-    sock = None
-    try:
-        sock = socket.socket(_family(address.interface), socket.SOCK_DGRAM)
-        _set_v6only(sock, v6only)
-        sock.bind((address.interface, address.port))
-    except OSError as e:
-        if sock is not None:
-            sock.close()
-        raise CannotListenError(address.interface, address.port, e) from None
-    sock.setblocking(False)
-    return sock
+    return _bind(address, socket.SOCK_DGRAM, v6only, None)
 
 
 def address_of(sock: socket.socket) -> ListenAddress:

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import ssl
-import time
 from unittest import skipIf
 
 from aioquic.buffer import Buffer
@@ -31,7 +30,7 @@ from tests.load import NO_WRK, Wrk
 from tests.naive import NaiveContainer
 from tests.rawclient import tls_client
 from tests.support import Backend, host_for, register, start_node, until
-from tests.test_process import ProcessTestCase
+from tests.test_process import ProcessTestCase, count_lines, wait_until
 from tests.test_sockets import DEMO_HOST
 
 #: [drain] for these tests: WebSockets get half a second, everything else ten.
@@ -300,7 +299,7 @@ class SigtermTests(ProcessTestCase):
         load = Wrk(self, f"https://127.0.0.1:{port}/", DEMO_HOST, connections=8)
         node.wait_for(r"hoodyproxy audit log")
         audit = os.path.join(node.data_dir, "audit.log")
-        self.assertTrue(_wait_until(lambda: _lines(audit) > 200), "the load does not get through")
+        self.assertTrue(wait_until(lambda: count_lines(audit) > 200), "the load does not get through")
         node.proc.terminate()
         received = _read_until_closed(websocket)
         self.assertEqual(node.wait_exit(), -signal.SIGTERM)
@@ -310,23 +309,6 @@ class SigtermTests(ProcessTestCase):
         self.assertEqual((result.read_errors, result.write_errors, result.timeouts, result.non_2xx), (0, 0, 0, 0),
                          result.output)
         self.assertGreater(result.requests, 0)
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
-
-
-def _wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _open_websocket(node, port: int):

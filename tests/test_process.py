@@ -44,6 +44,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = TIMEOUT) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def count_lines(path: str) -> int:
+    """Lines in the file at ``path`` (0 if there is none yet): an audit log's exchanges."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:

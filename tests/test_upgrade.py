@@ -23,8 +23,8 @@ from unittest import skipIf
 
 from bench.procs import CONTAINER, PROJECT, start_backend
 from tests.load import NO_WRK, Wrk
-from tests.test_process import NO_CURL, ProcessTestCase
-from tests.test_sockets import DEMO_HOST, _children, _wait
+from tests.test_process import NO_CURL, ProcessTestCase, count_lines, wait_until
+from tests.test_sockets import DEMO_HOST, _children
 
 
 NO_H2LOAD = "h2load is not installed (nghttp2-client)" if shutil.which("h2load") is None else None
@@ -43,17 +43,9 @@ def _stop(pid: int) -> None:
     if _gone(pid):
         return
     os.kill(pid, signal.SIGTERM)
-    if not _wait(lambda: _gone(pid)):
+    if not wait_until(lambda: _gone(pid)):
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: _gone(pid))
-
-
-def _lines(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
+        wait_until(lambda: _gone(pid))
 
 
 class UpgradeTests(ProcessTestCase):
@@ -84,10 +76,10 @@ class UpgradeTests(ProcessTestCase):
         port = node.ports["https"]
         audit = os.path.join(node.data_dir, "audit.log")
         load = Wrk(self, f"https://127.0.0.1:{port}/", host, connections=16)
-        self.assertTrue(_wait(lambda: _lines(audit) > 200), "the load does not get through")
+        self.assertTrue(wait_until(lambda: count_lines(audit) > 200), "the load does not get through")
         new = self.upgrade(node)
-        served = _lines(audit)
-        self.assertTrue(_wait(lambda: _lines(audit) > served + 300), "the new generation serves nothing")
+        served = count_lines(audit)
+        self.assertTrue(wait_until(lambda: count_lines(audit) > served + 300), "the new generation serves nothing")
         result = load.stop()
         self.assertEqual((result.socket_errors, result.non_2xx), (0, 0), result.output)
         self.assertFalse(_gone(new))
@@ -117,7 +109,7 @@ class UpgradeTests(ProcessTestCase):
         """The same with two workers: the new generation starts its own worker on the
         sockets; the old generation's worker drains and exits with it."""
         new = self.load_across_upgrade("--workers", "2")
-        self.assertTrue(_wait(lambda: len(_children(new)) == 1), "the new generation has no worker")
+        self.assertTrue(wait_until(lambda: len(_children(new)) == 1), "the new generation has no worker")
 
     @skipIf(NO_H2LOAD, NO_H2LOAD)
     def test_http2_load_across_the_upgrade(self):
@@ -152,7 +144,7 @@ class UpgradeTests(ProcessTestCase):
         self.assertTrue(old_gone, "the old generation was still there after every round")
         self.assertEqual(totals["timeout"], 0, totals)
         audit = os.path.join(node.data_dir, "audit.log")
-        _wait(lambda: _lines(audit) >= totals["succeeded"])  # (the new generation flushes its log)
+        wait_until(lambda: count_lines(audit) >= totals["succeeded"])  # (the new generation flushes its log)
         with open(audit) as f:
             statuses = [json.loads(line)["status"] for line in f]
         self.assertEqual(len(statuses), totals["succeeded"], totals)
