@@ -9,6 +9,7 @@ cleanup.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -45,6 +46,16 @@ def parse_wrk(output: str) -> WrkResult:
     connect, read, write, timeout = (int(n) for n in errors.groups()) if errors else (0, 0, 0, 0)
     return WrkResult(int(requests.group(1)), connect, read, write, timeout,
                      int(non_2xx.group(1)) if non_2xx else 0, output)
+
+
+def load_config(case, extra: str = "") -> str:
+    """A config file for a node under load from one address: a per-address budget the load
+    never meets (the default, 1000/s, is a guesser's, and wrk on loopback exceeds it).
+    ``extra``: more TOML."""
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        f.write('[ratelimit]\nper_address_rate = "100000/s"\nper_address_burst = 1000000\n' + extra)
+    return path
 
 
 class Wrk:

@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.h2client import H2Client, h2_connect
-from tests.load import NO_WRK, Wrk
+from tests.load import NO_WRK, Wrk, load_config
 from tests.naive import NaiveContainer
 from tests.rawclient import tls_client
 from tests.support import Backend, host_for, register, start_node, until
@@ -289,9 +289,7 @@ class SigtermTests(ProcessTestCase):
         """Every request the node took is answered 2xx (wrk sees no read or write error and
         no error answer: only refused connections once the listener is closed); the
         WebSocket open gets a 1001 close frame after the grace; the process ends cleanly."""
-        config = os.path.abspath(self.mktemp())
-        with open(config, "w") as f:
-            f.write("[drain]\nwebsocket_grace = 1.0\ntimeout = 20.0\n")
+        config = load_config(self, "[drain]\nwebsocket_grace = 1.0\ntimeout = 20.0\n")
         node = self.start("--demo", "--config", config)
         port = node.ports["https"]
         websocket = _open_websocket(node, port)

@@ -21,7 +21,7 @@ import sys
 import time
 from unittest import skipIf
 
-from tests.load import NO_WRK, Wrk
+from tests.load import NO_WRK, Wrk, load_config
 from tests.test_process import NO_CURL, TIMEOUT, ProcessTestCase, wait_until
 
 DEMO_HOST = "0123456789abcdef01234567-89abcdef0123456789abcdef-http-80.node-local.containers.localhost"
@@ -119,7 +119,7 @@ class SocketActivationTests(ProcessTestCase):
 class KilledWorkerTests(ProcessTestCase):
 
     def setUp(self):
-        self.node = self.start("--workers", "2", "--demo")
+        self.node = self.start("--workers", "2", "--demo", "--config", load_config(self))
         self.assertTrue(wait_until(lambda: len(_children(self.node.proc.pid)) == 1), "worker 1 did not start")
         self.worker = _children(self.node.proc.pid)[0]
         self.node.wait_for(r"worker 1 serving")

@@ -22,7 +22,7 @@ import sys
 from unittest import skipIf
 
 from bench.procs import CONTAINER, PROJECT, start_backend
-from tests.load import NO_WRK, Wrk
+from tests.load import NO_WRK, Wrk, load_config
 from tests.test_process import NO_CURL, ProcessTestCase, count_lines, wait_until
 from tests.test_sockets import DEMO_HOST, _children
 
@@ -65,7 +65,7 @@ class UpgradeTests(ProcessTestCase):
         through the admin API; the route's hostname."""
         backend, backend_port = start_backend()
         self.addCleanup(backend.stop)
-        node = self.start(*args)
+        node = self.start("--config", load_config(self), *args)
         status, _headers, _body = node.admin("PUT", f"/api/v1/containers/{CONTAINER}",
                                              {"project": PROJECT, "address": "127.0.0.1", "state": "running"})
         self.assertIn(status, (200, 201))
