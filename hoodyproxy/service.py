@@ -427,7 +427,9 @@ class NodeService(service.MultiService):
         from hoodyproxy.admin.discovery import publish_admin_api
         publish_admin_api(self)  # <data-dir>/admin.json, for the hoodyproxy command
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
-        self._say_ready()
+        # Once the reactor runs: twistd starts services before the reactor takes SIGTERM,
+        # and a stop right after "ready" must find the drain, not the default action.
+        self.reactor.callWhenRunning(self._say_ready)
 
     def _say_ready(self) -> None:
         """Tell systemd (Type=notify), and the generation before in a binary upgrade, that
