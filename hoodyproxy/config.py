@@ -171,6 +171,11 @@ class Settings:
     #: "": the one network the gateway can reach.
     docker_network: str = ""
     docker_label_prefix: str = "hoody."
+    #: Draining (``[drain]``; see hoodyproxy.drain): the longest a stopping process waits
+    #: for its connections to end before it cuts them ...
+    drain_timeout: float = 60.0
+    #: ... and how long WebSockets are given before they are closed with 1001.
+    drain_websocket_grace: float = 30.0
 
     @property
     def suffix(self) -> str:
@@ -327,6 +332,7 @@ _SCHEMA: dict[str, set[str]] = {
     "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
     "tap": {"allow_unredacted", "max_taps", "queue_events"},
     "docker": {"enabled", "socket", "network", "label_prefix"},
+    "drain": {"timeout", "websocket_grace"},
 }
 #: A Docker network name (what ``docker network create`` accepts).
 DOCKER_NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
@@ -489,6 +495,13 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         raise ConfigError("[tap] queue_events", "must be 1 to 1000000")
     kw["tap_queue_events"] = queue
     kw.update(_docker_settings(get, d))
+    kw["drain_timeout"] = _number("[drain] timeout", get("drain", "timeout", d.drain_timeout))
+    kw["drain_websocket_grace"] = _number("[drain] websocket_grace",
+                                          get("drain", "websocket_grace", d.drain_websocket_grace),
+                                          exclusive=False)
+    if kw["drain_websocket_grace"] > kw["drain_timeout"]:
+        raise ConfigError("[drain] websocket_grace", "must be at most [drain] timeout (the drain ends "
+                                                     "at the timeout, WebSockets or not)")
     try:
         kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
     except InvalidRateLimit as e:
@@ -572,6 +585,7 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                 "queue_events": s.tap_queue_events},
         "docker": {"enabled": s.docker_enabled, "socket": s.docker_socket, "network": s.docker_network,
                    "label_prefix": s.docker_label_prefix},
+        "drain": {"timeout": s.drain_timeout, "websocket_grace": s.drain_websocket_grace},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}

@@ -10,6 +10,9 @@ node killed with SIGKILL never leaves a stale lock behind.  The file itself is n
 removed (unlinking a lock file races with the next node opening it).
 
 A second node finds the lock taken and stops with one line naming the first one's PID.
+The one exception is the next generation of the same node in a binary upgrade
+(:mod:`hoodyproxy.upgrade`): it inherits the descriptor -- the same open file, so the
+same lock -- and the lock is held as long as either generation runs.
 Worker processes (``--workers``) are not nodes: they never take the lock, and the
 descriptor is not inherited (``O_CLOEXEC``, and twistd's ``spawnProcess`` closes every
 descriptor it is not told to pass).
@@ -56,15 +59,32 @@ class DataDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
+    def acquire(self, inherited: int | None = None) -> None:
         """Take the lock (creating the directory, mode 0700, if need be) and write our PID.
 
         Raises :class:`DataDirInUse` at once, without waiting, if another process holds it.
+        ``inherited``: the lock file's descriptor as the generation before held it (a
+        binary upgrade): the same open file, whose lock is ours already.
         """
         if self._fd is not None:
             return
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if inherited is not None:
+            try:
+                same = os.path.samestat(os.fstat(inherited), os.stat(self.path))
+            except OSError:
+                same = False
+            if not same:  # (another data directory's lock: not ours to hold)
+                try:
+                    os.close(inherited)
+                except OSError:
+                    pass
+                inherited = None
+        if inherited is not None:
+            os.set_inheritable(inherited, False)
+            fd = inherited
+        else:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -86,6 +106,10 @@ class DataDirLock:
             return
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+
+    def fileno(self) -> int | None:
+        """The lock file's descriptor (handed to the next generation in a binary upgrade)."""
+        return self._fd
 
     def release(self) -> None:
         """Give the lock up (closing the descriptor releases it); the file stays."""

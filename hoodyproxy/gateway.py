@@ -116,6 +116,8 @@ class Gateway:
         self.pool = pool
         self.audit = audit
         self.clock = clock
+        #: The WebSocket tunnels open now (a draining node closes them with 1001).
+        self.tunnels: set = set()
         self.now = now
         self._take_settings(settings)
 
@@ -370,7 +372,7 @@ class Gateway:
             head_request=request.method == b"HEAD", upgrade=upgrade,
             timeout=settings.websocket_handshake_timeout if upgrade else settings.response_timeout,
             record=record, done=self.emit_record, clock=self.clock,
-            tunnel_idle_timeout=settings.websocket_idle_timeout, source=source,
+            tunnel_idle_timeout=settings.websocket_idle_timeout, source=source, tunnels=self.tunnels,
             # A body small servers do not read is the next request on the connection: such
             # a connection is never given to another request, this client's or another's.
             reusable=not (has_body and request.method in BODYLESS_METHODS))

@@ -104,20 +104,18 @@ def _set_v6only(sock: socket.socket, v6only: bool) -> None:
 
 class DualStackTCPPort(EagerPort):
     """An eager-sending TCP port whose IPv6 socket has ``IPV6_V6ONLY`` set as asked
-    (off unless told), and ``SO_REUSEPORT`` when workers share it."""
+    (off unless told).  (The node's own listeners are bound by :mod:`hoodyproxy.sockets`
+    with the same options, and shared by its processes.)"""
 
     def __init__(self, port: int, factory, backlog: int, interface: str, reactor, *,
-                 v6only: bool = False, reuse_port: bool = False) -> None:
+                 v6only: bool = False) -> None:
         super().__init__(port, factory, backlog, interface, reactor)
         self.v6only = v6only
-        self.reuse_port = reuse_port
 
     def createInternetSocket(self):
         sock = super().createInternetSocket()
         try:
             _set_v6only(sock, self.v6only)
-            if self.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         except OSError:
             sock.close()
             raise
@@ -146,11 +144,10 @@ class DualStackUDPPort(udp.Port):
         return sock
 
 
-def listen_tcp(reactor, address: ListenAddress, factory, *, backlog: int = 1024, v6only: bool = False,
-               reuse_port: bool = False) -> DualStackTCPPort:
+def listen_tcp(reactor, address: ListenAddress, factory, *, backlog: int = 1024,
+               v6only: bool = False) -> DualStackTCPPort:
     """Listen on TCP ``address``; ``::`` takes IPv4 too unless ``v6only``."""
-    port = DualStackTCPPort(address.port, factory, backlog, address.interface, reactor,
-                            v6only=v6only, reuse_port=reuse_port)
+    port = DualStackTCPPort(address.port, factory, backlog, address.interface, reactor, v6only=v6only)
     port.startListening()
     return port
 

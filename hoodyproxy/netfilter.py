@@ -431,9 +431,14 @@ class NetfilterService(service.Service):
             self._addresses = {c.id: c.address for c in self.directory.list() if c.running}
             self.directory.subscribe(self._container_changed)
 
+    #: Leave the rules in place at stop: the next generation of the node (a binary
+    #: upgrade, hoodyproxy.upgrade) replaced them with its own, identical, and uses them.
+    keep_rules = False
+
     def stopService(self):
         super().stopService()
-        self.uninstall()
+        if not self.keep_rules:
+            self.uninstall()
         if self._flushing:  # a conntrack run still going: the stop waits for it (bounded)
             return defer.DeferredList([p.done for p in list(self._flushing)])
         return None

@@ -138,6 +138,7 @@ class GatewayStack:
         self._plain_sites: list[Site] = []
         #: The HTTPS port number HTTP/3 is advertised beside (see :meth:`advertise_http3`).
         self._https_port: int | None = None
+        self._https_factory = self.https_frontend = None
         os.makedirs(s.data_dir, mode=0o700, exist_ok=True)
         self.directory = SQLiteDirectory(open_database(os.path.join(s.data_dir, "hoodyproxy.db")))
         cert, key = self._certificate_paths(s)
@@ -185,15 +186,29 @@ class GatewayStack:
         return os.path.join(tls_dir, "wildcard.pem"), os.path.join(tls_dir, "wildcard-key.pem")
 
     def https_factory(self):
-        """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
+        """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN (one per
+        process: every HTTPS socket is served by it, and it drains them all)."""
+        if self._https_factory is not None:
+            return self._https_factory
         from hoodyproxy.frontend.h1 import H1Factory
         from hoodyproxy.frontend.http2 import NegotiatingFactory
         from hoodyproxy.tls import SNIContextFactory
         factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
         self._tls_factories.append(negotiating)
+        #: What drains the HTTPS connections (hoodyproxy.drain).
+        self.https_frontend = negotiating
         from hoodyproxy.tls.transport import tls_factory
-        return tls_factory(SNIContextFactory(self.certificates), False, negotiating)
+        self._https_factory = tls_factory(SNIContextFactory(self.certificates), False, self.https_frontend)
+        return self._https_factory
+
+    def drain(self, frontends=()):
+        """A :class:`hoodyproxy.drain.Drain` of this process's HTTPS connections, the
+        ``frontends`` given (HTTP/3) and the WebSockets, with the ``[drain]`` settings."""
+        from hoodyproxy.drain import Drain
+        parts = ([self.https_frontend] if self.https_frontend is not None else []) + list(frontends)
+        return Drain(self.reactor, parts, self.gateway.tunnels, timeout=self.settings.drain_timeout,
+                     websocket_grace=self.settings.drain_websocket_grace)
 
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request
@@ -298,10 +313,26 @@ class NodeService(service.MultiService):
         self.workers = None
         docker_socket = self._docker_socket(settings)
         # One node per data directory, taken before anything in it is read or written.
+        #: The listening sockets this process owns (hoodyproxy.sockets), from privileged start.
+        self.listeners = None
+        #: True from SIGTERM (stopService) on: the node drains; /readyz answers 503.
+        self.draining = False
+        #: The drain in progress (hoodyproxy.drain.Drain), once stopping.
+        self.drainer = None
+        #: The next generation took the sockets over (hoodyproxy.upgrade): what the node
+        #: shares with it (netfilter rules, the demo's registration) is left in place.
+        self.handed_over = False
+        #: What starts a binary upgrade on SIGUSR2 (hoodyproxy.upgrade), under twistd.
+        self.upgrader = None
+        # One node per data directory, taken before anything in it is read or written
+        # (in a binary upgrade, the generation before hands its lock over).
+        from hoodyproxy import upgrade
         from hoodyproxy.datadir import DataDirInUse, DataDirLock
+        #: (lock, ready pipe) descriptors from the generation before, in a binary upgrade.
+        self.upgrade_from = upgrade.inherited()
         self.datadir_lock = DataDirLock(settings.data_dir)
         try:
-            self.datadir_lock.acquire()
+            self.datadir_lock.acquire(inherited=self.upgrade_from[0] if self.upgrade_from else None)
         except DataDirInUse as e:
             raise StartError(str(e)) from None
         try:
@@ -380,8 +411,33 @@ class NodeService(service.MultiService):
         log.warn("hoodyproxy: this host has no IPv6, so the [::] listeners listen on 0.0.0.0 (IPv4 only)")
         return listening.without_ipv6(s.https), listening.without_ipv6(s.http)
 
+    def _open_listeners(self):
+        """The node's listening sockets: those handed in (socket activation, or the
+        generation before), and the rest bound as ``[listen]`` says."""
+        from hoodyproxy import listening, sockets
+        listeners = sockets.Listeners()
+        for kind, socks in sockets.handed_in().items():
+            listeners.handed_in.add(kind)
+            for sock in socks:
+                listeners.add(kind, sock)
+        https_addresses, http_addresses = self._listen_addresses()
+        tcp_addresses = (*https_addresses, *http_addresses)
+        for kind, addresses in (("https", https_addresses), ("http", http_addresses), ("admin", self.settings.admin)):
+            if kind in listeners.handed_in:
+                continue
+            for addr in addresses:
+                # [::] takes IPv4 too, whatever net.ipv6.bindv6only says.
+                listeners.add(kind, sockets.bind_stream(
+                    addr, v6only=kind != "admin" and listening.v6only_for(addr, tcp_addresses)))
+        if listeners.handed_in:
+            handed = ", ".join(f"{kind} " + " ".join(str(sockets.address_of(sock)) for sock in listeners.of(kind))
+                               for kind in sockets.KINDS if kind in listeners.handed_in)
+            log.info("hoodyproxy: listening sockets handed in: {handed}; [listen] is not used for them",
+                     handed=handed)
+        return listeners
+
     def privilegedStartService(self) -> None:
-        from hoodyproxy import listening
+        from hoodyproxy import listening, sockets
         from hoodyproxy.admin.api import AdminAPI, admin_site
         from hoodyproxy.admin.taps import TapEndpoints
         from hoodyproxy.workers import WorkerPool
@@ -390,30 +446,27 @@ class NodeService(service.MultiService):
         s = self.settings
         r = self.reactor
         https_factory = self.stack.https_factory()
-        https_addresses, http_addresses = self._listen_addresses()
-        tcp_addresses = (*https_addresses, *http_addresses)
-
-        def listen(addr: ListenAddress, factory):
-            # [::] takes IPv4 too, whatever net.ipv6.bindv6only says; with workers, the
-            # port is shared (SO_REUSEPORT).
-            return listening.listen_tcp(r, addr, factory, v6only=listening.v6only_for(addr, tcp_addresses),
-                                        reuse_port=s.workers > 1)
-        for addr in https_addresses:
-            self.ports["https"].append(listen(addr, https_factory))
+        # This process owns the listening sockets (hoodyproxy.sockets): it serves each one
+        # through a duplicate, and workers get them as inherited descriptors.
+        self.listeners = listeners = self._open_listeners()
+        for sock in listeners.of("https"):
+            self.ports["https"].append(sockets.adopt_stream(r, sock, https_factory))
         # Redirect to the port actually bound (it differs from the config when that says 0).
-        https_bound = [ListenAddress(a.interface, p.getHost().port)
-                       for a, p in zip(https_addresses, self.ports["https"])]
+        https_bound = [sockets.address_of(sock) for sock in listeners.of("https")]
         redirect = self.stack.redirect_factory(https_bound[0].port)
-        for addr in http_addresses:
-            self.ports["http"].append(listen(addr, redirect))
-        http_bound = [ListenAddress(a.interface, p.getHost().port) for a, p in zip(http_addresses, self.ports["http"])]
+        for sock in listeners.of("http"):
+            self.ports["http"].append(sockets.adopt_stream(r, sock, redirect))
         if s.http3_enabled:
             # QUIC on the HTTPS port numbers, over UDP (in this process only, with workers).
             from hoodyproxy.frontend.http3 import listen_http3
-            for addr in https_bound:
-                self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
+            if "http3" not in listeners.handed_in:
+                for addr in https_bound:
+                    listeners.add("http3", sockets.bind_datagram(addr, v6only=listening.v6only_for(addr, https_bound)))
+            for sock in listeners.of("http3"):
+                address = sockets.address_of(sock)
+                self.ports["http3"].append(listen_http3(r, address.interface, address.port, gateway=self.gateway,
                                                         certificates=self.stack.certificates, settings=s,
-                                                        v6only=listening.v6only_for(addr, https_bound)))
+                                                        sock=sock))
         self.stack.advertise_http3(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
@@ -431,8 +484,8 @@ class NodeService(service.MultiService):
                                   taps=TapEndpoints(self.stack.taps, self.stack.audit),
                                   readiness=self.readiness, reload=self.reload)
         self.admin_site = admin_site(self.admin_api, r, s.request_head_timeout)
-        for addr in s.admin:
-            self.ports["admin"].append(r.listenTCP(addr.port, self.admin_site, interface=addr.interface))
+        for sock in listeners.of("admin"):
+            self.ports["admin"].append(sockets.adopt_stream(r, sock, self.admin_site))
         # The netfilter rules go in once every port is bound (a port in use ends the start).
         super().privilegedStartService()
         if self.netfilter is not None and self.netfilter.failed is not None:
@@ -444,7 +497,7 @@ class NodeService(service.MultiService):
             self.gateway.transparent_ipv6 = False
         if s.workers > 1:
             # Created after the client IP mode is final: the workers are given these settings.
-            self.workers = WorkerPool(r, self.settings, https_bound, http_bound, s.workers,
+            self.workers = WorkerPool(r, self.settings, listeners, s.workers,
                                       limiters=self.gateway.limiters, taps=self.stack.taps)
             self.workers.setServiceParent(self)
             self.directory.subscribe(self.workers.notify_change)
@@ -565,7 +618,10 @@ class NodeService(service.MultiService):
         self._cert_check = LoopingCall(self.certificates.reload_if_changed)
         self._cert_check.clock = self.reactor
         self._cert_check.start(self.certificate_check_interval, now=False)
-        self._remove_demo_leftover()
+        if self.upgrade_from is None:
+            # (in a binary upgrade the registration is the generation before's, in use:
+            # the new one replaces it in one write below)
+            self._remove_demo_leftover()
         if s.demo:
             self._start_demo()
         from hoodyproxy.listening import display
@@ -583,6 +639,21 @@ class NodeService(service.MultiService):
         publish_admin_api(self)  # <data-dir>/admin.json, for the hoodyproxy command
         log.info("hoodyproxy audit log: {path}", path=s.audit_file)
         self.ready = True
+        # Once the reactor runs: twistd starts services before the reactor takes SIGTERM,
+        # and a stop right after "ready" must find the drain, not the default action.
+        self.reactor.callWhenRunning(self._say_ready)
+
+    def _say_ready(self) -> None:
+        """Tell systemd (Type=notify), and the generation before in a binary upgrade, that
+        the node serves."""
+        from hoodyproxy import notify, upgrade
+        if self.upgrade_from is not None:
+            log.info("hoodyproxy upgrade: this generation (pid {pid}) took the listening sockets over and serves",
+                     pid=os.getpid())
+            upgrade.say_ready(self.upgrade_from[1])
+            self.upgrade_from = None
+        else:
+            notify.notify("READY=1", "STATUS=serving")
 
     def _check_capability_kept(self) -> None:
         """Transparent sockets need CAP_NET_ADMIN on every connect, not only at start: twistd's
@@ -633,11 +704,49 @@ class NodeService(service.MultiService):
         self.demo_url = url
 
     def stopService(self):
+        """Drain (hoodyproxy.drain), then stop everything; the Deferred fires when done."""
         self.ready = False
+        if self.draining:
+            return self._stopping
+        self.draining = True
+        if not self.handed_over:
+            from hoodyproxy.notify import notify
+            notify("STOPPING=1", "STATUS=draining")
+        from twisted.internet import defer
+        self._stopping = defer.ensureDeferred(self._drain())
+        self._stopping.addBoth(lambda _: self._stop())
+        return self._stopping
+
+    async def _drain(self) -> None:
+        """Stop accepting, let what is in flight finish (bounded by ``[drain] timeout``).
+
+        The admin port stays open, so that ``/readyz`` can say 503 while this runs --
+        unless the sockets were handed over to the next generation, which answers there
+        now."""
+        from twisted.internet import defer
+        if self.workers is not None:
+            self.workers.drain()  # (they drain at the same time as this process)
+        kinds = ("https", "http", "admin") if self.handed_over else ("https", "http")
+        stopping = []
+        for kind in kinds:
+            stopping += [defer.maybeDeferred(port.stopListening) for port in self.ports[kind]]
+            self.ports[kind].clear()
+        if self.listeners is not None:
+            # This process's descriptors: a socket no other process holds is closed, and
+            # clients are refused at once instead of queueing where nobody accepts.
+            self.listeners.close(kinds)
+        await defer.DeferredList(stopping)
+        listeners3 = [port.protocol for port in self.ports["http3"] if getattr(port, "protocol", None)]
+        self.drainer = self.stack.drain(listeners3)
+        await self.drainer.start()
+
+    def _stop(self):
         self.stack.taps.end_all("shutdown")  # (their clients get an end line)
-        if self.demo is not None:
+        if self.demo is not None and not self.handed_over:
             self.demo.remove()
             self.demo = None
+        if self.handed_over and self.netfilter is not None:
+            self.netfilter.keep_rules = True  # (the next generation installed the same, and uses them)
         stopped = super().stopService()
         if getattr(self, "_cert_check", None) is not None and self._cert_check.running:
             self._cert_check.stop()
@@ -649,6 +758,8 @@ class NodeService(service.MultiService):
             waits.append(defer.maybeDeferred(self.demo_port.stopListening))
         for ports in self.ports.values():
             ports.clear()
+        if self.listeners is not None:
+            self.listeners.close()
         self.stack.close()
         stopping = defer.DeferredList(waits)
 
@@ -700,8 +811,17 @@ class _ExitOnListenError(service.MultiService):
             parent.setComponent(ILogObserver, diagnostic.observer)
 
     def startService(self) -> None:
+        # SIGHUP (reload) and SIGUSR1 (reopen the logs); SIGUSR2: a binary upgrade.  Only
+        # under twistd: a node in a test process takes no signals.  Taken before the node
+        # says it is ready, so that no signal sent after that finds the default action
+        # (the end of the process).
+        import signal
+
         from hoodyproxy.signals import handle_signals
+        from hoodyproxy.upgrade import Upgrader
         self._restore_signals = handle_signals(self.node, self.node.reactor)
+        upgrader = self.node.upgrader = Upgrader(self.node, self.node.reactor)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: self.node.reactor.callFromThread(upgrader.start))
         super().startService()
 
     def stopService(self):
@@ -712,13 +832,17 @@ class _ExitOnListenError(service.MultiService):
 
     def privilegedStartService(self) -> None:
         from hoodyproxy.netfilter import NetfilterError
+        from hoodyproxy.sockets import ActivationError
         try:
             super().privilegedStartService()
+        except ActivationError as e:
+            exit_with_line(f"cannot start: listening sockets handed in: {e}")
         except NetfilterError as e:
             exit_with_line(f"cannot start: client IP mode 'transparent': {e} (see docs/real-client-ip.rst)")
         except CannotListenError as e:
             from hoodyproxy.listening import display
             exit_with_line(f"cannot listen on {display(e.interface, e.port)}: {e.socketError}")
+
 
 
 def exit_with_line(problem: str) -> None:

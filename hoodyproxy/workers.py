@@ -1,9 +1,12 @@
-"""Multi-core: worker processes that share the listening ports (SO_REUSEPORT).
+"""Multi-core: worker processes that serve the node's listening sockets.
 
 With ``--workers N`` the twistd process is worker 0 and starts N-1 more
-(``python -m hoodyproxy.workers SPEC``).  Every worker binds its own socket to the same
-address with ``SO_REUSEPORT``, so the kernel spreads connections across them with no
-accept lock and no hand-off.  Each worker has its own reactor, gateway and upstream pool;
+(``python -m hoodyproxy.workers SPEC``).  Worker 0 owns the HTTPS and HTTP listening
+sockets (:mod:`hoodyproxy.sockets`) and hands them to each worker as inherited
+descriptors (3, 4, ...); every process accepts from the same sockets.  A worker that
+dies closes no listener and resets no connection waiting to be accepted: the other
+processes accept it, and the worker started in its place adopts the same sockets.  HTTP/3
+(UDP) and the admin API stay in worker 0.  Each worker has its own reactor, gateway and upstream pool;
 all read the same state (the SQLite store).  Workers need no coordination on the request
 path.  With ``[ratelimit] shared = true`` worker 0 also relays, every few tens of
 milliseconds, what each worker's rate limiters charged to the others, over a UNIX socket
@@ -20,8 +23,8 @@ Worker 0 talks to each worker over its stdin, one line at a time (:class:`_Contr
 
 A worker ignores ``SIGHUP`` (worker 0 reloads and tells it) and reopens its audit log on
 ``SIGUSR1`` itself too, for a signal sent to the whole group.  A worker whose stdin
-closes (worker 0 died) exits; a worker that dies is started again, with the settings in
-force.
+closes (worker 0 stops or died) or that gets SIGTERM drains (:mod:`hoodyproxy.drain`)
+and exits; a worker that dies is started again, with the settings in force.
 """
 
 from __future__ import annotations
@@ -34,17 +37,14 @@ from twisted.application import service
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from hoodyproxy.config import ConfigError, ListenAddress, Settings, settings_from_mapping, settings_to_mapping
-from hoodyproxy.listening import v6only_for
+from hoodyproxy.config import ConfigError, Settings, settings_from_mapping, settings_to_mapping
 
 log = Logger()
 
-
-def listen_reuseport(reactor, address: ListenAddress, factory, backlog: int = 1024, v6only: bool = False):
-    """Listen on ``address`` with SO_REUSEPORT set (so other workers can bind it too); a
-    ``[::]`` address takes IPv4 clients too unless ``v6only``."""
-    from hoodyproxy.listening import listen_tcp
-    return listen_tcp(reactor, address, factory, backlog=backlog, v6only=v6only, reuse_port=True)
+#: The listening sockets workers serve (HTTP/3 and the admin API stay in worker 0).
+WORKER_KINDS = ("https", "http")
+#: Seconds a stopping worker is given beyond ``[drain] timeout`` before it is killed.
+STOP_MARGIN = 5.0
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -54,6 +54,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.pool = pool
         self.number = number
         self._partial = b""
+        self.told_to_stop = False
 
     def errReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -73,13 +74,14 @@ class WorkerPool(service.Service):
 
     restart_delay = 1.0
 
-    def __init__(self, reactor, settings: Settings, https: list[ListenAddress], http: list[ListenAddress],
-                 count: int, limiters=None, taps=None) -> None:
-        """``limiters``: worker 0's, whose charges are shared with the other workers' when
-        they are sharing (``[ratelimit] shared = true``)."""
+    def __init__(self, reactor, settings: Settings, listeners, count: int, limiters=None, taps=None) -> None:
+        """``listeners``: worker 0's listening sockets (:class:`hoodyproxy.sockets.Listeners`),
+        of which each worker inherits the HTTPS and HTTP ones; ``limiters``: worker 0's,
+        whose charges are shared with the other workers' when they are sharing
+        (``[ratelimit] shared = true``)."""
         self.reactor = reactor
         self.count = count
-        self.https, self.http = https, http
+        self.listeners = listeners
         self.limiters = limiters
         self.shared_limits = None
         #: Worker 0's TapHub: the workers' exchanges reach its taps through a relay.
@@ -109,13 +111,19 @@ class WorkerPool(service.Service):
             if proto.transport is not None:
                 proto.transport.write(line)
 
+    def inherited(self) -> list[tuple[str, int]]:
+        """(kind, descriptor in worker 0) of each socket a worker inherits, in the order of
+        its descriptors 3, 4, ..."""
+        return [(kind, sock.fileno()) for kind in WORKER_KINDS for sock in self.listeners.of(kind)]
+
     @property
     def spec(self) -> str:
         """What a worker is started with (its one argument besides its number)."""
+        from hoodyproxy.sockets import FIRST_FD, address_of
         return json.dumps({
             "settings": settings_to_mapping(self.settings),
-            "https": [[a.interface, a.port] for a in self.https],
-            "http": [[a.interface, a.port] for a in self.http],
+            "listeners": [[kind, FIRST_FD + i] for i, (kind, _fd) in enumerate(self.inherited())],
+            "https_port": address_of(self.listeners.of("https")[0]).port,
             "ratelimit_socket": self.shared_limits.path if self.shared_limits is not None else None,
             "tap_socket": self.tap_relay.path if self.tap_relay is not None else None,
         })
@@ -138,12 +146,16 @@ class WorkerPool(service.Service):
     def _spawn(self, number: int) -> None:
         if self.stopping:
             return
+        from hoodyproxy.sockets import FIRST_FD
         proto = _WorkerProcess(self, number)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_") and k != "NOTIFY_SOCKET"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        fds: dict[int, object] = {0: "w", 1: "r", 2: "r"}
+        for i, (_kind, fd) in enumerate(self.inherited()):
+            fds[FIRST_FD + i] = fd
         self.reactor.spawnProcess(proto, sys.executable,
                                   [sys.executable, "-m", "hoodyproxy.workers", self.spec, str(number)],
-                                  env=env, childFDs={0: "w", 1: "r", 2: "r"})
+                                  env=env, childFDs=fds)
         self.processes[number] = proto
 
     def _ended(self, proto: _WorkerProcess) -> None:
@@ -153,30 +165,46 @@ class WorkerPool(service.Service):
             log.warn("worker {n} exited; starting it again", n=proto.number)
             self.reactor.callLater(self.restart_delay, self._spawn, proto.number)
 
+    def release_socket_paths(self) -> None:
+        """Stop listening on worker 0's UNIX sockets (shared rate limits, taps) before the
+        next generation binds the same paths: the workers keep their connections, and
+        closing these ports later would unlink the paths under the new generation."""
+        for hub in (self.shared_limits, self.tap_relay):
+            port = getattr(hub, "port", None)
+            if port is not None:
+                hub.port = None
+                port.stopListening()
+
     def notify_change(self, _container_id=None) -> None:
         """Tell every worker the store changed (it re-reads at once)."""
         for proto in self.processes.values():
             if proto.transport is not None:
                 proto.transport.write(b"\n")
 
-    def stopService(self):
-        from twisted.internet import defer, task
+    def drain(self) -> None:
+        """Tell every worker to drain and exit (SIGTERM, and its stdin closed); none is
+        started again."""
         self.stopping = True
-        super().stopService()
         for proto in list(self.processes.values()):
-            if proto.transport is not None:
+            if proto.transport is not None and not proto.told_to_stop:
+                proto.told_to_stop = True
                 proto.transport.closeStdin()
                 try:
                     proto.transport.signalProcess("TERM")
                 except Exception:
                     pass
 
+    def stopService(self):
+        from twisted.internet import defer, task
+        super().stopService()
+        self.drain()
+
         async def wait_all():
-            for _ in range(100):
-                if not self.processes:
-                    break
+            # Each drains for up to [drain] timeout; past it (and a margin), it is killed.
+            deadline = self.reactor.seconds() + self.settings.drain_timeout + STOP_MARGIN
+            while self.processes and self.reactor.seconds() < deadline:
                 await task.deferLater(self.reactor, 0.05, lambda: None)
-            else:
+            if self.processes:
                 for proto in list(self.processes.values()):
                     try:
                         proto.transport.signalProcess("KILL")
@@ -260,13 +288,17 @@ def _handle_signals(stack, reactor) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    """Entry point of a worker process: serve the listed ports until stdin closes."""
+    """Entry point of a worker process: serve the inherited sockets until told to stop
+    (stdin closes, or SIGTERM), then drain and exit."""
     from hoodyproxy.reactor import install_unless_chosen
     install_unless_chosen()
-    from twisted.internet import reactor, stdio
+    import socket
+
+    from twisted.internet import defer, reactor, stdio
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from hoodyproxy.service import GatewayStack
+    from hoodyproxy.sockets import adopt_stream
 
     spec = json.loads(argv[0])
     number = argv[1]
@@ -274,36 +306,43 @@ def worker_main(argv: list[str]) -> None:
     settings = settings_from_mapping(spec["settings"])
     stack = GatewayStack(settings, reactor, generate_certificates=False)
     # Worker 0 serves HTTP/3 on the HTTPS port number actually bound; say so here too.
-    stack.advertise_http3(spec["https"][0][1])
+    stack.advertise_http3(spec["https_port"])
+    factories = {"https": stack.https_factory(), "http": stack.redirect_factory(spec["https_port"])}
     ports = []
-    every = [ListenAddress(i, p) for i, p in spec["https"] + spec["http"]]
-    for interface, port in spec["https"]:
-        address = ListenAddress(interface, port)
-        ports.append(listen_reuseport(reactor, address, stack.https_factory(), v6only=v6only_for(address, every)))
-    for interface, port in spec["http"]:
-        address = ListenAddress(interface, port)
-        ports.append(listen_reuseport(reactor, address, stack.redirect_factory(spec["https"][0][1]),
-                                      v6only=v6only_for(address, every)))
+    for kind, fd in spec["listeners"]:
+        inherited = socket.socket(fileno=fd)
+        ports.append(adopt_stream(reactor, inherited, factories[kind]))
+        inherited.close()  # (the port serves a duplicate; worker 0 keeps the socket)
     from hoodyproxy.tls.manager import CertificateManager
     # Serves the certificates worker 0 issued (no issuer here: only worker 0 talks ACME).
     certificates = CertificateManager(stack.certificates, stack.aliases, None, settings.data_dir, reactor=reactor)
     certificates.startService()
+    stops = []
     if spec.get("ratelimit_socket") and stack.gateway.limiters.sharing:
         from hoodyproxy.limits.shared import SharedLimitsClient
         shared = SharedLimitsClient(reactor, stack.gateway.limiters, spec["ratelimit_socket"],
                                     settings.ratelimit.shared_sync_ms / 1000, int(number))
         shared.startService()
-        reactor.addSystemEventTrigger("before", "shutdown", shared.stopService)
+        stops.append(shared.stopService)
     if spec.get("tap_socket"):
         from hoodyproxy.observe.relay import TapRelayClient
         stack.taps.set_worker(int(number))
         relay = TapRelayClient(reactor, stack.taps, spec["tap_socket"])
         relay.start()
-        reactor.addSystemEventTrigger("before", "shutdown", relay.stop)
+        stops.append(relay.stop)
     stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
     _handle_signals(stack, reactor)
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())
-    reactor.addSystemEventTrigger("before", "shutdown", stack.close)
+
+    async def shutdown() -> None:
+        # One step after another (system event triggers of one phase run side by side):
+        # stop accepting, drain, then what the requests needed.
+        await defer.DeferredList([defer.maybeDeferred(port.stopListening) for port in ports])
+        await stack.drain().start()
+        for stop in stops:
+            await defer.maybeDeferred(stop)
+        stack.close()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))
     reactor.run()
 
 

@@ -194,8 +194,9 @@ class _Unverified:
         return connection
 
 
-async def h2_connect(case, node, sni: str, *, verify: bool = True, **kw) -> H2Client:
-    """An HTTP/2 connection to the node over TLS with SNI ``sni``, closed at cleanup."""
+async def h2_connect(case, node, sni: str, *, verify: bool = True, client_class=None, **kw) -> H2Client:
+    """An HTTP/2 connection to the node over TLS with SNI ``sni``, closed at cleanup
+    (``client_class``: an H2Client subclass to connect with)."""
     with open(node.ca_path, "rb") as f:
         ca = ssl.Certificate.loadPEM(f.read())
     if verify:
@@ -203,7 +204,7 @@ async def h2_connect(case, node, sni: str, *, verify: bool = True, **kw) -> H2Cl
     else:
         options = _Unverified(sni)
     endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", node.https_port))
-    client = await connectProtocol(endpoint, H2Client(**kw))
+    client = await connectProtocol(endpoint, (client_class or H2Client)(**kw))
 
     def close():
         if not client.lost:

@@ -115,6 +115,8 @@ class NaiveServer(Protocol):
         self.buffer = buf[pos + n:]
         if opcode in (1, 2):
             self.factory.messages.append(payload)
+        elif opcode == 8:
+            self.factory.closes.append(payload)
         return True
 
 
@@ -127,6 +129,7 @@ class NaiveContainer:
         factory.requests = []
         factory.bodies = []
         factory.messages = []
+        factory.closes = []
         self.factory = factory
         self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self.listening.getHost().port
@@ -142,6 +145,11 @@ class NaiveContainer:
     def requests(self) -> list[bytes]:
         """Every request line received, in order."""
         return self.factory.requests
+
+    @property
+    def closes(self) -> list[bytes]:
+        """The payload of every WebSocket close frame received from the client side."""
+        return self.factory.closes
 
     @property
     def messages(self) -> list[bytes]:

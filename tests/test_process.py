@@ -44,6 +44,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = TIMEOUT) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def count_lines(path: str) -> int:
+    """Lines in the file at ``path`` (0 if there is none yet): an audit log's exchanges."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -57,17 +76,22 @@ class Twistd:
     """One ``twistd -n hoodyproxy`` child process and its output."""
 
     def __init__(self, case: unittest.TestCase, data_dir: str, *args: str, https: str = "127.0.0.1:0",
-                 http: str = "127.0.0.1:0", admin: str = "127.0.0.1:0", twistd_args: tuple = ()) -> None:
+                 http: str = "127.0.0.1:0", admin: str = "127.0.0.1:0", twistd_args: tuple = (),
+                 wrapper: tuple = (), pass_fds: tuple = (), env: dict | None = None) -> None:
+        """``wrapper``: a command line that runs the rest (e.g. one that sets LISTEN_PID and
+        execs); ``pass_fds``: descriptors the child inherits; ``env``: more variables."""
         self.case = case
         self.data_dir = data_dir
         self.workdir = os.path.abspath(case.mktemp())
         os.makedirs(self.workdir)
         self.log_path = os.path.join(self.workdir, "output.log")
+        extra_env = env or {}
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("HOODYPROXY_DATA_DIR", None)
-        cmd = [TWISTD, *twistd_args, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", data_dir,
+        env.update(extra_env)
+        cmd = [*wrapper, TWISTD, *twistd_args, "-n", "--pidfile", "", "hoodyproxy", "--data-dir", data_dir,
                "--https", https, "--http", http, "--admin", admin, *args]
         if not any(a.startswith("--client-ip-mode") for a in args):
             # Leave the host namespace's netfilter rules alone (tests/test_real_client_ip.py
@@ -75,7 +99,7 @@ class Twistd:
             cmd += ["--client-ip-mode", "headers"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.workdir, env=env)
+                                         cwd=self.workdir, env=env, pass_fds=pass_fds)
         case.addCleanup(self.stop)
         self.ports: dict[str, int] = {}
 

@@ -218,8 +218,12 @@ class WorkerPoolReloadTests(unittest.SynchronousTestCase):
         """After a reload, a worker (re)started gets the settings in force, and every
         running worker is sent them as one JSON line."""
         from hoodyproxy.config import ListenAddress
+        from hoodyproxy.sockets import Listeners, bind_stream
         from hoodyproxy.workers import WorkerPool
-        pool = WorkerPool(reactor, settings(), [ListenAddress("127.0.0.1", 1)], [], 2)
+        listeners = Listeners()
+        listeners.add("https", bind_stream(ListenAddress("127.0.0.1", 0)))
+        self.addCleanup(listeners.close)
+        pool = WorkerPool(reactor, settings(), listeners, 2)
         written = []
 
         class Transport:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 from twisted.trial import unittest
 
 from bench.procs import Gateway, start_backend
+from tests.test_process import wait_until
 
 
 def _children(pid: int) -> list[int]:
@@ -24,15 +24,6 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def _wait(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 class WorkersTests(unittest.SynchronousTestCase):
 
     def setUp(self):
@@ -41,10 +32,10 @@ class WorkersTests(unittest.SynchronousTestCase):
         self.gateway = Gateway(["--workers", "2"])
         self.addCleanup(self.gateway.stop)
         self.host = self.gateway.register(self.backend_port)
-        self.assertTrue(_wait(lambda: len(_children(self.gateway.pid)) == 1), "worker 1 did not start")
+        self.assertTrue(wait_until(lambda: len(_children(self.gateway.pid)) == 1), "worker 1 did not start")
         self.worker = _children(self.gateway.pid)[0]
         # Worker 1 is listening once a fresh connection can land on it; give it time to bind.
-        self.assertTrue(_wait(lambda: self._statuses(4) == [200] * 4))
+        self.assertTrue(wait_until(lambda: self._statuses(4) == [200] * 4))
 
     def _statuses(self, n: int) -> list[int]:
         """n requests, each on a fresh connection (so the kernel spreads them over workers)."""
@@ -81,12 +72,12 @@ class WorkersTests(unittest.SynchronousTestCase):
     def test_dead_worker_is_started_again(self):
         """A worker killed with SIGKILL is replaced by a new process."""
         os.kill(self.worker, 9)
-        self.assertTrue(_wait(lambda: _children(self.gateway.pid) and _children(self.gateway.pid)[0] != self.worker))
-        self.assertTrue(_wait(lambda: self._statuses(4) == [200] * 4))
+        self.assertTrue(wait_until(lambda: _children(self.gateway.pid) and _children(self.gateway.pid)[0] != self.worker))
+        self.assertTrue(wait_until(lambda: self._statuses(4) == [200] * 4))
 
     def test_stopping_the_node_stops_its_workers(self):
         """SIGTERM to twistd ends the worker processes too."""
         worker = self.worker
         self.gateway.stop()
-        self.assertTrue(_wait(lambda: not os.path.exists(f"/proc/{worker}") or
+        self.assertTrue(wait_until(lambda: not os.path.exists(f"/proc/{worker}") or
                               open(f"/proc/{worker}/stat").read().split()[2] == "Z"))

@@ -145,6 +145,8 @@ class H1Connection(H1Guard, Protocol):
         self.local = transport.getHost()
         self._last_activity = self.clock.seconds()
         self._sleep(self.factory.timeout or self.factory.head_timeout or 60.0)
+        if self.factory.draining:
+            self.drain()
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -369,6 +371,8 @@ class H1Connection(H1Guard, Protocol):
                 self.resume_reading("waiting")
             elif self.active is None:
                 self.close()  # (every request read is answered, and no more will be read)
+        if self.factory.draining and not self.closing and self.active is None:
+            self.drain()  # (an answer begun before the drain did not say close: idle from now)
 
     # -- pacing ------------------------------------------------------------------------------
 
@@ -492,6 +496,9 @@ class _TunnelEnd:
 class H1Factory(Factory):
     """The HTTPS port's HTTP/1.1 protocol factory: every request goes to ``gateway``."""
 
+    #: The node is draining (:mod:`hoodyproxy.drain`): answers say ``Connection: close``.
+    draining = False
+
     def __init__(self, gateway, reactor, timeout: float | None = 75.0) -> None:
         self.gateway = gateway
         self.reactor = reactor
@@ -499,6 +506,16 @@ class H1Factory(Factory):
         self.connections: set[H1Connection] = set()
         #: The idle timeout of a keep-alive connection (``[client] idle_timeout``).
         self.timeout = timeout
+
+    def drain(self) -> None:
+        """Every connection ends after its next answer, an idle one soon (see H1Guard.drain)."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+
+    def abort(self) -> None:
+        for connection in list(self.connections):
+            connection.abort()
 
     @property
     def head_timeout(self) -> float:

@@ -23,6 +23,12 @@ log = Logger()
 #: The longest a connection asked to close may take to do so (a TLS close waits for the
 #: peer's close_notify).
 CLOSE_GRACE = 15.0
+#: While the node drains, a keep-alive connection idle this long is closed.  Not at once:
+#: a client that has just had an answer may have its next request on the wire already,
+#: and a close that crosses it loses that request (clients that do not retry, wrk among
+#: them, count an error).  A connection busy with requests ends after its next answer,
+#: which says ``Connection: close``.
+DRAIN_IDLE = 0.5
 
 
 class H1Guard:
@@ -61,7 +67,7 @@ class H1Guard:
             if head_left <= 0:
                 self.refuse(RequestTimeout(reason="request head timeout"))
                 return
-        period = self.factory.timeout
+        period = self._idle_period()
         active = self.active
         if period is None or (active is not None and active.body_complete) or "body" in self._paused:
             # A request is being answered (its response has its own timeout), or the
@@ -74,6 +80,24 @@ class H1Guard:
             self.close()
         else:
             self._sleep(period - idle if head_left is None else min(period - idle, head_left))
+
+    def _idle_period(self) -> float | None:
+        """The idle timeout; while the node drains, :data:`DRAIN_IDLE` for a connection
+        with nothing received, waiting or being answered."""
+        period = self.factory.timeout
+        if (self.factory.draining and self.active is None and self.receiving is None and not self.waiting
+                and self._head_started is None):
+            return DRAIN_IDLE if period is None else min(period, DRAIN_IDLE)
+        return period
+
+    def drain(self) -> None:
+        """The node drains: the next answer says ``Connection: close`` and the connection
+        ends after it (see ``H1Request.last_on_connection``); an idle one ends once it has
+        been idle :data:`DRAIN_IDLE` seconds."""
+        if self.closing or self._tunnel is not None:
+            return
+        self._stop_timer()
+        self._sleep(0.0)
 
     # -- refusing and closing ----------------------------------------------------------------
 

@@ -135,10 +135,18 @@ class H1Request:
         return parts
 
     def last_on_connection(self) -> bool:
-        """Whether this answer is the connection's last (it then says ``Connection: close``)."""
+        """Whether this answer is the connection's last (it then says ``Connection: close``).
+
+        While the node drains, the answer to the last request read is the last: nothing
+        more is read after it."""
         connection = self.connection
-        return not self.keep_alive or (not connection.persistent and not connection.waiting
-                                       and connection.receiving is None)
+        if not self.keep_alive:
+            return True
+        if connection.waiting or connection.receiving is not None:
+            return False
+        if connection.factory.draining:
+            connection.persistent = False
+        return not connection.persistent
 
     def write(self, data: bytes) -> None:
         connection = self.connection

@@ -73,6 +73,16 @@ GOAWAY_GRACE = 1.0
 GOAWAY_DRAIN = 256 * 1024
 #: Frame types that carry a header block (HEADERS, PUSH_PROMISE, CONTINUATION).
 _HEADER_FRAME_TYPES = frozenset({0x1, 0x5, 0x9})
+#: While the node drains: seconds between the first GOAWAY (the notice, naming the
+#: highest stream ID there is) and the second (naming the last stream that will be
+#: served), for the requests the client sent before the notice reached it (RFC 9113 6.8).
+DRAIN_NOTICE = 1.0
+#: The highest stream ID (2^31 - 1).
+_MAX_STREAM_ID = (1 << 31) - 1
+#: A drained connection (every stream answered) has this long to write its last bytes
+#: and close before it is aborted: unlike after an error, what is still being written is
+#: answers.
+DRAIN_CLOSE_GRACE = 15.0
 
 
 class _Stream:
@@ -96,6 +106,14 @@ class _Stream:
 @implementer(IPushProducer)
 class H2ServerProtocol(Protocol):
     """One HTTP/2 connection from a client (after TLS negotiated ``h2``)."""
+
+    #: The set of open connections this one is in while open (the factory's), or None.
+    registry = None
+    #: The node drains: GOAWAY is sent, and the connection ends when its streams have.
+    draining = False
+    #: After the second GOAWAY: the last stream served; higher ones are refused.
+    last_stream: int | None = None
+    _drain_call = None
 
     def __init__(self, gateway, settings, certificates=None, reactor=None) -> None:
         self.gateway = gateway
@@ -207,13 +225,49 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
-        for call in (self._flush_call, self._idle_timer, self._abort_call):
+        if self.registry is not None:
+            self.registry.discard(self)
+        for call in (self._flush_call, self._idle_timer, self._abort_call, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
-        self._flush_call = self._idle_timer = self._abort_call = None
+        self._flush_call = self._idle_timer = self._abort_call = self._drain_call = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.request.stream_lost()
+
+    # -- draining (hoodyproxy.drain) ----------------------------------------------------
+
+    def drain(self) -> None:
+        """Shut down gracefully: a GOAWAY notice now, the GOAWAY naming the last stream
+        served :data:`DRAIN_NOTICE` seconds later; streams up to it finish, and the
+        connection ends when they have (:meth:`drain_tick`)."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        self._send_goaway(_MAX_STREAM_ID)
+        self._drain_call = self.reactor.callLater(DRAIN_NOTICE, self._last_goaway)
+
+    def _last_goaway(self) -> None:
+        self._drain_call = None
+        if self.closed:
+            return
+        self.last_stream = self.conn.highest_inbound_stream_id
+        self._send_goaway(self.last_stream)
+        self.drain_tick()
+
+    def drain_tick(self) -> None:
+        """End the connection if it is draining and its last stream is over."""
+        if self.last_stream is not None and not self.streams and not self.closed:
+            self._close_transport(DRAIN_CLOSE_GRACE)
+
+    def _send_goaway(self, last_stream_id: int) -> None:
+        """A GOAWAY(NO_ERROR) frame that leaves the connection open: written here, since
+        h2's ``close_connection`` also closes its state machine to every stream."""
+        from hyperframe.frame import GoAwayFrame
+        self._flush_wire()
+        if not self.transport.disconnecting:
+            self.transport.write(GoAwayFrame(stream_id=0, last_stream_id=last_stream_id,
+                                             error_code=h2.errors.ErrorCodes.NO_ERROR).serialize())
 
     def _goaway(self, code) -> None:
         if self.closed:
@@ -225,7 +279,7 @@ class H2ServerProtocol(Protocol):
         self._flush_wire()
         self._close_transport()
 
-    def _close_transport(self) -> None:
+    def _close_transport(self, grace: float = GOAWAY_GRACE) -> None:
         """Close after what is written (TLS waits for a registered producer to go first),
         and decrypt nothing more: abort past ``GOAWAY_DRAIN`` more bytes or
         ``GOAWAY_GRACE`` seconds.
@@ -246,7 +300,7 @@ class H2ServerProtocol(Protocol):
             transport.pauseProducing()
         transport.loseConnection()
         if self._abort_call is None:
-            self._abort_call = self.reactor.callLater(GOAWAY_GRACE, self._abort)
+            self._abort_call = self.reactor.callLater(grace, self._abort)
 
     def _drain(self, data: bytes) -> None:
         self._drain_left -= len(data)
@@ -323,6 +377,13 @@ class H2ServerProtocol(Protocol):
 
     def _request(self, event) -> None:
         stream_id = event.stream_id
+        if self.last_stream is not None and stream_id > self.last_stream:
+            # After the last GOAWAY: never served, so the client may send it again elsewhere.
+            try:
+                self.conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+            except h2.exceptions.ProtocolError:
+                pass
+            return
         if malformed(event.headers) is not None:
             self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
@@ -565,6 +626,7 @@ class _Negotiator(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.factory.negotiating.discard(self)
         transport = self.transport
         if getattr(transport, "negotiatedProtocol", None) == b"h2" and self.factory.h2_enabled:
             protocol = self.factory.build_h2(self.addr)
@@ -582,6 +644,7 @@ class _Negotiator(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.factory.negotiating.discard(self)
         if self.chosen is not None:
             self.chosen.connectionLost(reason)
 
@@ -602,12 +665,47 @@ class NegotiatingFactory(Factory):
         self.h2_enabled = settings.http2_enabled
         # The handshake is the head of a TLS connection: it gets the request head's deadline.
         self.handshake_timeout = settings.request_head_timeout
+        #: Connections in their TLS handshake, and HTTP/2 connections, open now.
+        self.negotiating: set[_Negotiator] = set()
+        self.h2_connections: set[H2ServerProtocol] = set()
+        self.draining = False
 
     def buildProtocol(self, addr):
-        return _Negotiator(self, addr)
+        negotiator = _Negotiator(self, addr)
+        self.negotiating.add(negotiator)
+        return negotiator
 
     def build_h2(self, addr) -> H2ServerProtocol:
-        return H2ServerProtocol(self.gateway, self.settings, self.certificates, self.reactor)
+        protocol = H2ServerProtocol(self.gateway, self.settings, self.certificates, self.reactor)
+        protocol.registry = self.h2_connections
+        self.h2_connections.add(protocol)
+        if self.draining:
+            self.reactor.callLater(0, protocol.drain)  # (once its preface and settings are out)
+        return protocol
+
+    # -- draining (hoodyproxy.drain): HTTP/2 and HTTP/1.1 connections, and handshakes -----
+
+    def drain(self) -> None:
+        """HTTP/2 connections get GOAWAY, HTTP/1.1 ones end after their next answer; a
+        handshake still in progress becomes a connection that drains."""
+        self.draining = True
+        self.h1.drain()
+        for connection in list(self.h2_connections):
+            connection.drain()
+
+    def remaining(self) -> int:
+        """Connections still open (and handshakes in progress)."""
+        for connection in list(self.h2_connections):
+            connection.drain_tick()
+        return len(self.h1.connections) + len(self.h2_connections) + len(self.negotiating)
+
+    def abort(self) -> None:
+        self.h1.abort()
+        for connection in list(self.h2_connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        for negotiator in list(self.negotiating):
+            negotiator.transport.abortConnection()
 
     # The HTTP/1.1 factory's lifecycle follows this one's.
     def doStart(self) -> None:

@@ -34,9 +34,9 @@ from collections import deque
 from typing import Any, Callable
 
 from aioquic.asyncio.server import _encode_invalid_token_close
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, encode_uint_var
 from aioquic.h3 import events as h3events
-from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.quic import events as quicevents
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
@@ -75,6 +75,11 @@ OUTPUT_HIGH = 256 * 1024
 OUTPUT_LOW = 64 * 1024
 #: Socket buffers asked for (best effort): bursts of a fast sender are not dropped.
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: While the node drains: seconds between the GOAWAY notice and the GOAWAY naming the
+#: first request stream that will not be served (RFC 9114 5.2).
+DRAIN_NOTICE = 1.0
+#: The notice's identifier: the highest client-initiated bidirectional stream ID.
+_NOTICE_ID = (1 << 62) - 4
 
 
 class GatewayQuicConnection(QuicConnection):
@@ -167,6 +172,14 @@ class H3Session:
     """One QUIC connection: drives aioquic and is the StreamConnection of its requests."""
 
     alt_svc = None
+    #: The node drains: GOAWAY is sent, and the connection ends when its requests have.
+    draining = False
+    #: After the last GOAWAY: the first request stream ID not served.
+    goaway_id: int | None = None
+    _goaway_sent = False
+    _drain_call = None
+    #: The request stream ID after the highest one seen.
+    _next_stream = 0
 
     def __init__(self, listener: "HTTP3Listener", quic: GatewayQuicConnection, addr) -> None:
         self.listener = listener
@@ -292,6 +305,8 @@ class H3Session:
             elif isinstance(event, quicevents.ProtocolNegotiated):
                 if self.h3 is None:
                     self.h3 = H3Connection(quic)
+                    if self.draining:
+                        self._goaway_notice()
             elif isinstance(event, quicevents.HandshakeCompleted):
                 self._handshake_done()
             if self.h3 is not None:
@@ -334,6 +349,17 @@ class H3Session:
 
     def _new_request(self, stream_id: int, headers, ended: bool) -> None:
         self._heads.pop(stream_id, None)
+        if self.goaway_id is not None and stream_id >= self.goaway_id:
+            # After the last GOAWAY: never served, so the client may send it again elsewhere.
+            self._remember_finished(stream_id)
+            try:
+                self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+                self.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+            except ValueError:
+                pass
+            self.transmit_soon()
+            return
+        self._next_stream = max(self._next_stream, stream_id + 4)
         local = self.listener.port.getHost()
         dns_names, sni = self.quic.dns_names, self.quic.sni
         common = {"client": self.peer, "host": _address(local.host, local.port), "version": b"HTTP/3",
@@ -474,6 +500,54 @@ class H3Session:
             except Exception:
                 log.failure("HTTP/3: a request failed to stop")
 
+    # -- draining (hoodyproxy.drain) ----------------------------------------------------
+
+    def drain(self) -> None:
+        """Shut down gracefully: a GOAWAY notice now (or once HTTP/3 is set up), the GOAWAY
+        naming the first stream not served :data:`DRAIN_NOTICE` seconds later; requests
+        below it finish, then the connection closes (:meth:`drain_tick`)."""
+        if self.closed or self.draining:
+            return
+        self.draining = True
+        if self.h3 is not None:
+            self._goaway_notice()
+
+    def _goaway_notice(self) -> None:
+        self._send_goaway(_NOTICE_ID)
+        self._drain_call = self.clock.callLater(DRAIN_NOTICE, self._last_goaway)
+
+    def _last_goaway(self) -> None:
+        self._drain_call = None
+        if self.closed:
+            return
+        self.goaway_id = self._next_stream
+        self._send_goaway(self.goaway_id)
+        self.drain_tick()
+
+    def _send_goaway(self, stream_id: int) -> None:
+        """A GOAWAY frame on our control stream.  aioquic's H3Connection has no method for
+        it (a pull request adding one, aiortc/aioquic#50, was closed unmerged), so the
+        frame is encoded with its own ``encode_frame`` and written on the control stream
+        it opened."""
+        control = getattr(self.h3, "_local_control_stream_id", None)
+        if control is None or self.closed:
+            return
+        try:
+            self.quic.send_stream_data(control, encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id)))
+        except Exception:
+            log.failure("HTTP/3: could not send GOAWAY")
+            return
+        self._goaway_sent = True
+        self.transmit()
+
+    def drain_tick(self) -> None:
+        """Close the connection if it is draining and its last request is over (or it
+        never got as far as HTTP/3)."""
+        if self.closed or not self.draining:
+            return
+        if (self.goaway_id is not None and not self.streams) or (self.h3 is None and not self.handshaking):
+            self.close()
+
     # -- the end ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -501,10 +575,10 @@ class H3Session:
         if self.closed:
             return
         self.closed = True
-        for call in (self._timer, self._soon):
+        for call in (self._timer, self._soon, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._soon = None
+        self._timer = self._soon = self._drain_call = None
         self._lose_all()
         self.listener.connection_terminated(self)
 
@@ -537,10 +611,30 @@ class HTTP3Listener(DatagramProtocol):
         self.settings = settings
         self.configuration.idle_timeout = settings.client_idle_timeout
 
+    #: The node drains: no new connection is accepted (their Initial packets are dropped).
+    draining = False
+
     @property
     def sessions(self) -> set[H3Session]:
         """Each live connection once."""
         return set(self.connections.values())
+
+    def drain(self) -> None:
+        """Accept no new connection; every open one gets GOAWAY and ends after its requests."""
+        self.draining = True
+        for session in self.sessions:
+            session.drain()
+
+    def remaining(self) -> int:
+        """Connections still open."""
+        sessions = self.sessions
+        for session in sessions:
+            session.drain_tick()
+        return len(self.sessions)
+
+    def abort(self) -> None:
+        for session in self.sessions:
+            session.close()
 
     def startProtocol(self) -> None:
         # Kept because doStop clears ``transport`` before stopProtocol, while the socket
@@ -572,7 +666,8 @@ class HTTP3Listener(DatagramProtocol):
             return
         session = self.connections.get(header.destination_cid)
         if session is None:
-            if len(data) < SMALLEST_MAX_DATAGRAM_SIZE or header.packet_type != QuicPacketType.INITIAL:
+            if (len(data) < SMALLEST_MAX_DATAGRAM_SIZE or header.packet_type != QuicPacketType.INITIAL
+                    or self.draining):
                 return
             session = self._accept(header, addr)
             if session is None:
@@ -665,7 +760,7 @@ def _grow_socket_buffers(port) -> None:
 
 
 def listen_http3(reactor, interface: str, port: int, *, gateway, certificates, settings,
-                 v6only: bool = False) -> IListeningPort:
+                 v6only: bool = False, sock: socket.socket | None = None) -> IListeningPort:
     """Serve HTTP/3 on UDP ``interface``:``port``; the returned port's ``protocol`` is the
     :class:`HTTP3Listener` (counters), and ``stopListening`` closes every connection.
 
@@ -673,10 +768,16 @@ def listen_http3(reactor, interface: str, port: int, *, gateway, certificates, s
     unless ``v6only``, as the TCP listeners do (:mod:`hoodyproxy.listening`): their
     datagrams come from ``::ffff:a.b.c.d``, which aioquic keeps as the path to answer on,
     and requests give the plain IPv4 form as their ``client_ip``.
+
+    ``sock``: a UDP socket handed in (:mod:`hoodyproxy.sockets`) to serve on a duplicate
+    of instead (``interface`` and ``port`` are then not used).
     """
     from hoodyproxy.config import ListenAddress
     from hoodyproxy.listening import listen_udp
     listener = HTTP3Listener(reactor, gateway=gateway, certificates=certificates, settings=settings)
-    udp_port = listen_udp(reactor, ListenAddress(interface, port), listener, v6only=v6only)
+    if sock is not None:
+        udp_port = reactor.adoptDatagramPort(sock.fileno(), sock.family, listener, maxPacketSize=8192)
+    else:
+        udp_port = listen_udp(reactor, ListenAddress(interface, port), listener, v6only=v6only)
     _grow_socket_buffers(udp_port)
     return udp_port

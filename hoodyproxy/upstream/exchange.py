@@ -78,12 +78,12 @@ class Exchange:
                  "timeout", "record", "done", "clock", "tunnel_idle_timeout", "conn", "connecting",
                  "pending", "pending_size", "replay", "replay_size", "attempts", "body_paused",
                  "body_producer", "response_started", "response_done", "discarded", "over", "read_only",
-                 "tunnel", "reusable", "reused", "producing", "switch_headers", "capture")
+                 "tunnel", "reusable", "reused", "producing", "switch_headers", "capture", "tunnels")
 
     def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
                  head_request: bool, upgrade: bool, timeout: float, record: dict,
                  done: Callable[[dict], None], clock, tunnel_idle_timeout: float = 3600.0,
-                 source=None, reusable: bool = True) -> None:
+                 source=None, reusable: bool = True, tunnels: set | None = None) -> None:
         self.request = request
         self.pool = pool
         self.address = address
@@ -122,6 +122,8 @@ class Exchange:
         self.switch_headers = None
         #: A running tap's view of this exchange (hoodyproxy.observe.capture), or None.
         self.capture = None
+        #: The gateway's set of open tunnels (a WebSocket joins it), or None.
+        self.tunnels = tunnels
 
     # -- connecting -------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class Exchange:
         request = self.request
         transport, client_leftover = request.take_over(self.switch_headers)
         tunnel = Tunnel(transport, conn, self.clock, self.tunnel_idle_timeout, self._tunnel_closed,
-                        read_only=self.read_only)
+                        read_only=self.read_only, registry=self.tunnels)
         if self.capture is not None:
             tunnel.frames = self.capture.frame_readers()
         request.attach_tunnel(tunnel)

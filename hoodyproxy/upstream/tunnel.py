@@ -7,6 +7,13 @@ enough for backpressure to matter, until either side closes or nothing has moved
 (``closed_by`` says whose); only an idle timeout, a failure or a read-only violation is
 a ``reason``.
 
+When the node drains (:mod:`hoodyproxy.drain`), a WebSocket still open after
+``[drain] websocket_grace`` is closed by the tunnel itself with 1001 (going away), a close
+frame to each side.  A close frame may only go between two frames, so the tunnel keeps,
+in each direction, where the current frame ends (:mod:`hoodyproxy.upstream.wsframes`: a
+header read per frame, payloads skipped); a direction in the middle of a frame gets the
+rest of that frame first, and nothing after the close frame.
+
 An idle WebSocket is mostly memory, so a tunnel is slotted, registers no producers while
 it is quiet, and gives a TLS client connection fresh memory BIOs (see
 :func:`hoodyproxy.tls.context.release_idle_buffers`) when it starts, a few seconds after
@@ -19,6 +26,10 @@ from __future__ import annotations
 from typing import Callable
 
 from hoodyproxy.tls.context import release_idle_buffers
+from hoodyproxy.upstream.wsframes import scan
+
+#: The close code a draining node's WebSockets get (RFC 6455 7.4.1: going away).
+GOING_AWAY = 1001
 
 #: What a tunnel relays before each side is registered as the other's producer, each
 #: write counted with room for its TLS record's overhead.  A transport pauses its producer
@@ -45,10 +56,12 @@ class Tunnel:
 
     __slots__ = ("client", "upstream", "clock", "idle_timeout", "on_close", "bytes_up", "bytes_down",
                  "last_activity", "closed", "closed_by", "_idle_call", "read_only", "_uncoupled_budget",
-                 "_release_call", "frames")
+                 "_release_call", "frames", "registry", "going_away", "_up", "_down", "_up_closed",
+                 "_down_closed")
 
     def __init__(self, client_transport, upstream, clock, idle_timeout: float,
-                 on_close: Callable[[int, int, str | None], None], read_only: bool = False) -> None:
+                 on_close: Callable[[int, int, str | None], None], read_only: bool = False,
+                 registry: set | None = None) -> None:
         self.client = client_transport
         self.upstream = upstream
         self.clock = clock
@@ -67,6 +80,16 @@ class Tunnel:
         self.read_only = None
         #: A running tap's frame readers (client side, container side), or None.
         self.frames = None
+        #: The set of open tunnels this one is in while open (the gateway's), or None.
+        self.registry = registry
+        #: Closing with 1001 (the node drains): each side gets a close frame at its next
+        #: frame boundary, and nothing after it.
+        self.going_away = False
+        #: Where the frame being relayed ends, towards the container and towards the
+        #: client: (payload bytes still to come, header bytes so far).
+        self._up: tuple[int, bytes] = (0, b"")
+        self._down: tuple[int, bytes] = (0, b"")
+        self._up_closed = self._down_closed = False
         if read_only:
             from hoodyproxy.upstream.readonly import ReadOnlyClientSide
             self.read_only = ReadOnlyClientSide(self._to_upstream, self._client_sent_data)
@@ -75,6 +98,8 @@ class Tunnel:
         """Wire both sides together and deliver what each had already sent."""
         self.upstream.listener = self
         self._idle_call = self.clock.callLater(self.idle_timeout, self._check_idle)
+        if self.registry is not None:
+            self.registry.add(self)
         if upstream_leftover:
             self.upstream_data(upstream_leftover)
         if client_leftover:
@@ -113,9 +138,14 @@ class Tunnel:
         self._relaying(len(data))
         if self.frames is not None:
             self.frames[0].feed(data)
-        if self.read_only is not None:
+        if self.going_away:
+            self._relay_until_boundary(data, upward=True)
+        elif self.read_only is not None:
+            # (what reaches the container is whole control frames, re-framed: always at a boundary)
             self.read_only.feed(data)
         else:
+            need, head, _ = scan(*self._up, data)
+            self._up = (need, head)
             self._to_upstream(data)
 
     def _to_upstream(self, data: bytes) -> None:
@@ -145,6 +175,11 @@ class Tunnel:
         self._relaying(len(data))
         if self.frames is not None:
             self.frames[1].feed(data)
+        if self.going_away:
+            self._relay_until_boundary(data, upward=False)
+            return
+        need, head, _ = scan(*self._down, data)
+        self._down = (need, head)
         self.client.write(data)
 
     def upstream_end(self) -> None:
@@ -156,6 +191,55 @@ class Tunnel:
     def upstream_failed(self, why: str, got_response: bool) -> None:
         self._close("container " + why)
         self.client.loseConnection()
+
+    # -- going away (the node drains) ------------------------------------------------------
+
+    def go_away(self) -> None:
+        """Close the WebSocket with 1001 to both sides, each at its next frame boundary."""
+        if self.closed or self.going_away:
+            return
+        self.going_away = True
+        self._relay_until_boundary(b"", upward=True)
+        self._relay_until_boundary(b"", upward=False)
+
+    def _relay_until_boundary(self, data: bytes, upward: bool) -> None:
+        """Relay ``data`` up to the end of the frame in progress, then the close frame;
+        nothing after it."""
+        from hoodyproxy.upstream.readonly import close_frame, masked_frame
+        if self.closed or (self._up_closed if upward else self._down_closed):
+            return
+        position = self._up if upward else self._down
+        if self.read_only is not None and upward:
+            position, data = (0, b""), b""  # (whole control frames only go up: at a boundary)
+        need, head, offset = scan(*position, data, until_boundary=True)
+        relay = self._to_upstream if upward else self.client.write
+        if offset:
+            relay(data[:offset])
+        if need or head:
+            if upward:
+                self._up = (need, head)
+            else:
+                self._down = (need, head)
+            return  # (the rest of the frame comes with the next data)
+        code = GOING_AWAY.to_bytes(2, "big")
+        if upward:
+            self._up_closed = True
+            relay(masked_frame(0x8, code))
+        else:
+            self._down_closed = True
+            relay(close_frame(GOING_AWAY))
+        if self._up_closed and self._down_closed:
+            self._close("going away (node draining)")
+            self.client.loseConnection()
+            if self.upstream.transport is not None:
+                self.upstream.transport.loseConnection()
+
+    def abort(self) -> None:
+        """End the tunnel now, both sides (the drain's timeout)."""
+        self._close("going away (node draining): drain timeout")
+        getattr(self.client, "abortConnection", self.client.loseConnection)()
+        if self.upstream.transport is not None:
+            self.upstream.transport.abortConnection()
 
     def _check_idle(self) -> None:
         self._idle_call = None
@@ -176,6 +260,8 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        if self.registry is not None:
+            self.registry.discard(self)
         self._uncoupled_budget = None  # whatever still arrives, no producers now
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
