@@ -35,7 +35,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 # Debian packages the tests need (command-line tools, servers the tests start).
 # Later work appends to this list (nginx, slapd, pebble, ...).
-DEBIAN_TEST_PACKAGES := curl openssl procps slapd iptables conntrack iproute2 pebble nghttp2-client chromium
+DEBIAN_TEST_PACKAGES := curl openssl procps slapd iptables conntrack iproute2 pebble nghttp2-client chromium etcd-server
 
 # Debian packages the benchmark harness needs (make bench; see docs/performance.rst).
 # mitmproxy is not among them: the harness installs it into bench/.venv-mitm itself.
