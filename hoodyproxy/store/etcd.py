@@ -25,7 +25,8 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -230,6 +231,9 @@ class EtcdClient:
             reactor, contextFactory=_TLSPolicy(ca_file, cert_file, key_file), connectTimeout=dial_timeout,
             pool=stream_pool))
         self._watches: set[Watch] = set()
+        #: Requests (and pauses between rounds) under way: cancelled by close().
+        self._inflight: set[defer.Deferred] = set()
+        self._closed = False
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -255,27 +259,47 @@ class EtcdClient:
         problem = "no endpoint tried"
         authenticated_again = False
         attempts = 0
-        while attempts < len(self.endpoints):
+        while True:
             remaining = deadline - self.reactor.seconds()
-            if remaining <= 0:
+            if remaining <= 0 or self._closed:
                 break
+            if attempts and attempts % len(self.endpoints) == 0:
+                # Every member refused (an election under way?): a pause, then round again.
+                await self._pause(min(0.2, remaining))
+                continue
             base = self.endpoints[self._current]
             try:
                 if self.username and self._token is None:
                     await self._authenticate(base, remaining)
                     remaining = max(0.1, deadline - self.reactor.seconds())
-                response = await self.http.post(f"{base}/v3/{path}", data=json.dumps(body).encode(),
-                                                headers=self._headers(), timeout=remaining)
-                answer = await _json(response)
-            except (ConnectError, ConnectingCancelledError, DNSLookupError) as e:
-                # Nothing was sent: the next member may take it.
+                request = self.http.post(f"{base}/v3/{path}", data=json.dumps(body).encode(),
+                                         headers=self._headers(), timeout=remaining)
+                self._inflight.add(request)
+                try:
+                    response = await request
+                    answer = await _json(response)
+                finally:
+                    self._inflight.discard(request)
+            except (ConnectError, ConnectingCancelledError, DNSLookupError, RequestTransmissionFailed,
+                    ResponseNeverReceived) as e:
+                # The member is gone (refused, or closed the connection with no answer: a
+                # pooled connection to a member that was killed): the next member may take
+                # it.  (A member that died after applying a write and before answering
+                # would see it twice: every write here is a put of a whole value, or a
+                # transaction whose comparison then fails and is read again.)
                 problem = f"{base}: {e.__class__.__name__}"
                 self._current = (self._current + 1) % len(self.endpoints)
                 attempts += 1
                 continue
-            except (defer.CancelledError, TimeoutError, ResponseFailed) as e:
-                # Sent, and no answer: the request may or may not have been applied.
+            except (defer.CancelledError, TimeoutError) as e:
+                # Sent, and no answer in time: the request may or may not be applied.
                 raise EtcdUnavailable(f"{base} did not answer in time ({e.__class__.__name__})") from None
+            except (EtcdError, EtcdUnavailable):
+                raise
+            except Exception as e:
+                # The answer was cut off (ResponseFailed), the request could not be
+                # written (RequestGenerationFailed: e.g. the client is closing)...
+                raise EtcdUnavailable(f"{base}: no answer ({e.__class__.__name__})") from None
             if response.code == 200:
                 return answer
             message = str(answer.get("message") or answer.get("error") or f"HTTP {response.code}")
@@ -292,6 +316,13 @@ class EtcdClient:
                 continue
             raise EtcdError(message, code)
         raise EtcdUnavailable(problem if attempts else f"no answer within {self.request_timeout:g} s")
+
+    def _pause(self, seconds: float) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        call = self.reactor.callLater(seconds, d.callback, None)
+        self._inflight.add(d)
+        d.addBoth(lambda result: (self._inflight.discard(d), call.active() and call.cancel(), result)[2])
+        return d
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -436,8 +467,11 @@ class EtcdClient:
 
     def close(self) -> defer.Deferred:
         """Cancel every watch and close the pooled connections."""
+        self._closed = True
         for watch in list(self._watches):
             watch.cancel()
+        for request in list(self._inflight):
+            request.cancel()
         return self.pool.closeCachedConnections()
 
 
