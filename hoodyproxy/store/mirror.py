@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from hoodyproxy.access.model import from_stored_json, to_stored_json
+from hoodyproxy.access.model import to_stored_json
 from hoodyproxy.store.etcd import EtcdClient, EtcdError, EtcdUnavailable, KeyValue, WatchCompacted
 from hoodyproxy.store.keys import ALIASES, CONTAINERS, DOMAINS, PERMISSIONS, Keys, alias_from_value
 
@@ -249,8 +249,8 @@ class SharedState(service.Service):
         if value is None:
             self.permissions.delete(scope, set_id)
             return
-        text = value.decode()
-        pset = from_stored_json(scope, set_id, text)
+        # Unreadable: a set that denies everything (fail closed; the store logs it).
+        pset = self.permissions._load(scope, set_id, value.decode("utf-8", "replace"))
         current = self.permissions.get(scope, set_id)
         if current is None or to_stored_json(current) != to_stored_json(pset):
             self.permissions.put(pset)
