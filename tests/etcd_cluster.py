@@ -108,6 +108,18 @@ class EtcdCluster:
                     raise RuntimeError(f"etcd member {member.name} not healthy within {timeout}s")
                 time.sleep(0.1)
 
+    def leader(self) -> Member:
+        """The member that leads now (asked of the running members)."""
+        for member in self.members:
+            if not member.running:
+                continue
+            request = urllib.request.Request(f"{member.url}/v3/maintenance/status", data=b"{}", method="POST")
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                status = json.load(answer)
+            if status.get("leader") == status.get("header", {}).get("member_id"):
+                return member
+        raise RuntimeError("no member says it leads")
+
     def kill(self, member: Member) -> None:
         """SIGKILL the member by its PID (its data stays)."""
         if member.running:

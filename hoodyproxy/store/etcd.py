@@ -280,13 +280,21 @@ class EtcdClient:
                     answer = await _json(response)
                 finally:
                     self._inflight.discard(request)
-            except (ConnectError, ConnectingCancelledError, DNSLookupError, RequestTransmissionFailed,
-                    ResponseNeverReceived) as e:
-                # The member is gone (refused, or closed the connection with no answer: a
-                # pooled connection to a member that was killed): the next member may take
-                # it.  (A member that died after applying a write and before answering
-                # would see it twice: every write here is a put of a whole value, or a
-                # transaction whose comparison then fails and is read again.)
+            except ResponseNeverReceived as e:
+                if any(reason.check(defer.CancelledError) for reason in e.reasons):
+                    # Our deadline: sent, and no answer in time (an election may be under
+                    # way, or no quorum): the request may or may not be applied.
+                    raise EtcdUnavailable(f"{base} did not answer within {self.request_timeout:g} s") from None
+                # Closed with no answer: a pooled connection to a member that was killed.
+                # The next member may take it.  (Had the member applied a write before it
+                # died, the write lands twice: every write here is a put of a whole value,
+                # or a transaction whose comparison then fails and is read again.)
+                problem = f"{base}: the member closed the connection without answering"
+                self._current = (self._current + 1) % len(self.endpoints)
+                attempts += 1
+                continue
+            except (ConnectError, ConnectingCancelledError, DNSLookupError, RequestTransmissionFailed) as e:
+                # Nothing was sent (refused, unreachable): the next member may take it.
                 problem = f"{base}: {e.__class__.__name__}"
                 self._current = (self._current + 1) % len(self.endpoints)
                 attempts += 1
@@ -308,8 +316,12 @@ class EtcdClient:
                 self._token, authenticated_again = None, True
                 continue
             if code in _UNAVAILABLE_CODES or response.code == 503:
-                if "timed out" in message or code == 4:
-                    raise EtcdUnavailable(f"{base}: {message}")
+                # No leader, leader changed, "request timed out" (an election under way,
+                # or no quorum): the proposal was dropped, or (rarely) lands anyway.  Again,
+                # on the next member, until our deadline: every write here is a put of a
+                # whole value or a transaction that checks what it changes, so a second
+                # landing changes nothing (see SharedAliases.create for the one that would
+                # say "exists").
                 problem = f"{base}: {message}"
                 self._current = (self._current + 1) % len(self.endpoints)
                 attempts += 1
@@ -397,7 +409,9 @@ class EtcdClient:
         """Watch ``key`` (or every key under it) from ``start_revision``.
 
         ``on_events(revision, events)`` gets each batch (a deleted key's ``value`` is None);
-        ``on_progress(revision)`` each progress notification and the creation.  The watch
+        ``on_progress(revision)`` each progress notification (every event up to
+        ``revision`` was delivered), and ``on_progress(0)`` the creation (whose header's
+        revision is the store's, not how far the events have come).  The watch
         asks for progress notifications, and to be cancelled when its member loses its
         leader (``hasleader``), so a member cut off from the cluster does not keep the
         node on a silent stream.
@@ -424,7 +438,7 @@ class EtcdClient:
             if events:
                 on_events(revision, [_kv(e.get("kv", {}), deleted=e.get("type") == "DELETE") for e in events])
             elif on_progress is not None:
-                on_progress(revision)
+                on_progress(0 if result.get("created") else revision)
 
         defer.ensureDeferred(self._start_watch(watch, {"create_request": request}, on_line))
         return watch
@@ -468,6 +482,7 @@ class EtcdClient:
     def close(self) -> defer.Deferred:
         """Cancel every watch and close the pooled connections."""
         self._closed = True
+        self.pool.persistent = False  # a request finishing now closes its connection
         for watch in list(self._watches):
             watch.cancel()
         for request in list(self._inflight):

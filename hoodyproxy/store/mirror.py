@@ -166,7 +166,9 @@ class SharedState(service.Service):
         self._on_progress(0)
         for kv in events:
             self.apply(kv.key, kv.mod_revision, kv.value)
-        self.revision = max(self.revision, revision, *(kv.mod_revision for kv in events))
+        # Only the events' own revisions: the header's may be ahead of what was delivered
+        # (a batch is one revision's events, but the watch may be catching up).
+        self.revision = max(self.revision, *(kv.mod_revision for kv in events))
         self._save_meta()
 
     # -- snapshots -----------------------------------------------------------------------

@@ -125,7 +125,12 @@ class SharedAliases(_Through):
         value = alias_value(entry, [])
         held, revision = await self._etcd(self.client.txn([compare_absent(key)], [put_op(key, value)]))
         if not held:
-            raise AliasExists(entry.alias)
+            # Ours already, if the client sent it twice across an election (the value
+            # holds our creation time): created, not "exists".
+            _, kv = await self._etcd(self.client.get(key))
+            if kv is None or kv.value != value:
+                raise AliasExists(entry.alias)
+            revision = kv.mod_revision
         self.shared.apply(key, revision, value)
         return entry
 
