@@ -48,8 +48,8 @@ class KeyTests(unittest.SynchronousTestCase):
             self.assertRaises(ValueError, alias_from_value, "web", bad)
 
 
-class ApplyTests(unittest.TestCase):
-    """SharedState.apply on a node's real stores (no client: nothing here talks to etcd)."""
+class _Stores:
+    """A node's real stores and a SharedState on them (no client: nothing talks to etcd)."""
 
     def setUp(self) -> None:
         directory = tempfile.mkdtemp(prefix="hoodyproxy-mirror-")
@@ -65,6 +65,10 @@ class ApplyTests(unittest.TestCase):
     def pset_value(self, default: str) -> bytes:
         body = {"groups": {"office": OFFICE}, "permissions": {"office": {"files": "read"}}, "default": default}
         return to_stored_json(parse_permission_set(body, "project", PROJECT, registry())).encode()
+
+
+class ApplyTests(_Stores, unittest.TestCase):
+    """SharedState.apply: the one rule, and where each kind of key goes."""
 
     def test_older_revision_never_overwrites_newer(self) -> None:
         """A change at revision 5 applied after one at 7 (a write's answer racing its watch
@@ -101,3 +105,43 @@ class ApplyTests(unittest.TestCase):
                          [("node-a", "web"), ("node-b", "docs")])
         self.state.apply(self.keys.alias("web"), 4, None)
         self.assertIsNone(self.aliases.resolve_host("api.example.com"))
+
+
+class _Range:
+    """A client stand-in whose range answers what the test says the store holds."""
+
+    def __init__(self, revision: int, kvs) -> None:
+        self.answer = (revision, kvs)
+
+    async def range(self, key, prefix=False):
+        return self.answer
+
+
+class SnapshotTests(_Stores, unittest.TestCase):
+    """SharedState.load_snapshot against a stand-in client."""
+
+    async def test_rewrites_only_what_changed(self) -> None:
+        """A full read rewrites the keys whose mod_revision differs and removes those gone."""
+        from hoodyproxy.store.etcd import KeyValue
+        keys = [self.keys.permission("project", f"{i:024x}") for i in range(1, 4)]
+        for i, key in enumerate(keys):
+            self.state.apply(key, 10 + i, self.pset_value("deny"))
+        self.state.client = _Range(20, [KeyValue(keys[0], self.pset_value("deny"), 10),
+                                        KeyValue(keys[1], self.pset_value("allow"), 15)])
+        self.assertEqual(await self.state.load_snapshot(), 2)
+        self.assertEqual([s.default for s in self.permissions.list()], ["deny", "allow"])
+
+    async def test_own_write_newer_than_the_read_is_kept(self) -> None:
+        """A set this node wrote (revision 9) while a read at revision 8 was under way stays."""
+        key = self.keys.permission("project", PROJECT)
+        self.state.apply(key, 9, self.pset_value("deny"))
+        self.state.client = _Range(8, [])
+        await self.state.load_snapshot()
+        self.assertEqual(self.permissions.get("project", PROJECT).default, "deny")
+
+    async def test_local_only_entries_are_removed(self) -> None:
+        """Sets the node's database holds and the shared store does not are removed."""
+        self.permissions.put(parse_permission_set({"default": "deny"}, "project", PROJECT, registry()))
+        self.state.client = _Range(3, [])
+        self.assertEqual(await self.state.load_snapshot(), 1)
+        self.assertEqual(self.permissions.list(), [])

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer

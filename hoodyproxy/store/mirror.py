@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from hoodyproxy.access.model import to_stored_json
 from hoodyproxy.store.etcd import EtcdClient, EtcdError, EtcdUnavailable, KeyValue, WatchCompacted
-from hoodyproxy.store.keys import ALIASES, CONTAINERS, DOMAINS, PERMISSIONS, Keys, alias_from_value
+from hoodyproxy.store.keys import ALIASES, PERMISSIONS, Keys, alias_from_value
 
 log = Logger()
 
@@ -177,14 +177,17 @@ class SharedState(service.Service):
         """Read everything under the prefix and apply what differs; the keys rewritten."""
         revision, kvs = await self.client.range(self.keys.root, prefix=True)
         fresh = {kv.key: kv for kv in kvs}
+        # What this node wrote while the read was under way is newer than the read: kept.
+        newer = {k for k, (known_revision, _) in self.known.items() if known_revision > revision}
         changed = 0
         for key, kv in fresh.items():
             known = self.known.get(key)
-            if known is None or known[0] != kv.mod_revision:
+            if key not in newer and (known is None or known[0] != kv.mod_revision):
                 changed += self.apply(key, kv.mod_revision, kv.value, force=True)
-        for key in [k for k, (_, value) in self.known.items() if value is not None and k not in fresh]:
+        for key in [k for k, (_, value) in self.known.items()
+                    if value is not None and k not in fresh and k not in newer]:
             changed += self.apply(key, revision, None, force=True)
-        changed += self._drop_local_only(fresh)
+        changed += self._drop_local_only(fresh.keys() | newer)
         self.revision = revision
         self.last_resync_changed = changed
         first = not self.snapshot_loaded
@@ -199,7 +202,7 @@ class SharedState(service.Service):
             log.info("store: etcd reachable again at revision {revision}", revision=revision)
         return changed
 
-    def _drop_local_only(self, fresh: dict[str, KeyValue]) -> int:
+    def _drop_local_only(self, fresh: set[str]) -> int:
         """Remove what the local tables hold and the shared store does not (written here
         before the node used etcd, or while a delete was missed)."""
         dropped = 0
