@@ -101,8 +101,10 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((await client.get(self.prefix + "k"))[1].value, b"v")
 
     async def test_unavailable_when_nothing_answers(self) -> None:
-        """With no member reachable a call fails with EtcdUnavailable."""
-        client = self.make_client([f"http://127.0.0.1:{p}" for p in etcd_cluster.free_ports(2)])
+        """With no member reachable a call fails with EtcdUnavailable (at its deadline: the
+        members are tried in rounds until then)."""
+        client = self.make_client([f"http://127.0.0.1:{p}" for p in etcd_cluster.free_ports(2)],
+                                  request_timeout=1.0)
         with self.assertRaises(EtcdUnavailable):
             await client.get("/x")
 
