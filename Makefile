@@ -35,8 +35,9 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 # Debian packages the tests need (command-line tools, servers the tests start).
 # Later work appends to this list (nginx, slapd, pebble, ...; wrk for load across a drain,
-# an upgrade or a killed worker; systemd for systemd-analyze verify of contrib/systemd).
-DEBIAN_TEST_PACKAGES := curl openssl procps slapd iptables conntrack iproute2 pebble nghttp2-client chromium wrk systemd docker.io busybox-static
+# an upgrade or a killed worker; systemd for systemd-analyze verify of contrib/systemd;
+# etcd-server for the shared store's three-member test cluster).
+DEBIAN_TEST_PACKAGES := curl openssl procps slapd iptables conntrack iproute2 pebble nghttp2-client chromium wrk systemd docker.io busybox-static etcd-server
 
 # Debian packages the benchmark harness needs (make bench; see docs/performance.rst).
 # mitmproxy is not among them: the harness installs it into bench/.venv-mitm itself.

@@ -382,6 +382,27 @@ class AliasStore(MirroredTables):
         self._committed([("domain", domain)])
         return True
 
+    def mirror(self, name: str, entry: Alias | None, domains: list[str] | tuple[str, ...] = ()) -> None:
+        """Make alias ``name`` exactly ``entry`` with ``domains`` (``entry`` None: no such
+        alias), unchecked: how a copy of a shared store's alias (already checked when it
+        was written there) is kept here.  A domain held by another alias moves to this one.
+        """
+        def write() -> None:
+            self._conn.execute("DELETE FROM aliases WHERE alias = ?", (name,))  # and its domains
+            if entry is None:
+                return
+            self._conn.execute('INSERT INTO aliases (alias, container_id, program, "index", created) '
+                               "VALUES (?, ?, ?, ?, ?)",
+                               (name, entry.container_id, entry.program, entry.index, entry.created))
+            for domain in domains:
+                self._conn.execute("DELETE FROM domains WHERE domain = ?", (domain,))
+                self._conn.execute("INSERT INTO domains (domain, alias, created) VALUES (?, ?, ?)",
+                                   (domain, name, self._clock()))
+        self._transaction(write)
+        # Our own commit does not move PRAGMA data_version: reload (and notify what changed).
+        self._data_version = -1
+        self.refresh()
+
     # -- change notification ----------------------------------------------------------
 
     def subscribe(self, callback: Callable[[str, str], None]) -> None:

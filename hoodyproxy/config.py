@@ -59,6 +59,34 @@ class ListenAddress:
         return f"{host}:{self.port}"
 
 
+#: Where shared state lives: the node's own SQLite database, or an etcd cluster shared by
+#: many nodes (docs/scale-out.rst).
+STORE_BACKENDS = ("sqlite", "etcd")
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """``[store.etcd]``: how a node reaches the etcd cluster it shares state through."""
+
+    #: Client URLs of the cluster's members (``http://`` or ``https://``), tried in turn.
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    #: Every key the node reads or writes starts with this.
+    prefix: str = "/hoody/v1"
+    username: str | None = None
+    password: str | None = None
+    #: PEM files: the CA that signed the members' certificates, and a client certificate
+    #: and key (set both or neither).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Seconds to wait for a TCP (and TLS) connection to a member.
+    dial_timeout: float = 2.0
+    #: Seconds a request may take (a write without quorum fails after it: 503).
+    request_timeout: float = 5.0
+    #: Seconds the node's published containers outlive the node (its lease's TTL).
+    lease_ttl: int = 10
+
+
 @dataclass(frozen=True)
 class Program:
     """A program name usable in host labels and how its index becomes a port.
@@ -176,6 +204,9 @@ class Settings:
     drain_timeout: float = 60.0
     #: ... and how long WebSockets are given before they are closed with 1001.
     drain_websocket_grace: float = 30.0
+    #: ``[store] backend``: "sqlite" (this node alone) or "etcd" (shared; ``etcd``).
+    store_backend: str = "sqlite"
+    etcd: EtcdSettings = EtcdSettings()
 
     @property
     def suffix(self) -> str:
@@ -333,6 +364,12 @@ _SCHEMA: dict[str, set[str]] = {
     "tap": {"allow_unredacted", "max_taps", "queue_events"},
     "docker": {"enabled", "socket", "network", "label_prefix"},
     "drain": {"timeout", "websocket_grace"},
+    "store": {"backend"},
+}
+#: Sections that hold a table of their own (``[store.etcd]``), and that table's keys.
+_SUBTABLES: dict[str, dict[str, set[str]]] = {
+    "store": {"etcd": {"endpoints", "prefix", "username", "password", "ca_file", "cert_file", "key_file",
+                       "dial_timeout", "request_timeout", "lease_ttl"}},
 }
 #: A Docker network name (what ``docker network create`` accepts).
 DOCKER_NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
@@ -355,7 +392,14 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
             raise ConfigError(f"[{section}]", "must be a table")
         if section != "programs":
             for name in table:
-                if name not in _SCHEMA[section]:
+                subtable = _SUBTABLES.get(section, {}).get(name)
+                if subtable is not None:
+                    if not isinstance(table[name], dict):
+                        raise ConfigError(f"[{section}.{name}]", "must be a table")
+                    for sub in table[name]:
+                        if sub not in subtable:
+                            raise ConfigError(f"[{section}.{name}] {sub}", "unknown key")
+                elif name not in _SCHEMA[section]:
                     raise ConfigError(f"[{section}] {name}", "unknown key")
 
     def get(section: str, name: str, default: Any) -> Any:
@@ -502,6 +546,11 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if kw["drain_websocket_grace"] > kw["drain_timeout"]:
         raise ConfigError("[drain] websocket_grace", "must be at most [drain] timeout (the drain ends "
                                                      "at the timeout, WebSockets or not)")
+    backend = get("store", "backend", d.store_backend)
+    if backend not in STORE_BACKENDS:
+        raise ConfigError("[store] backend", f"must be one of {', '.join(STORE_BACKENDS)}")
+    kw["store_backend"] = backend
+    kw["etcd"] = _etcd(get("store", "etcd", {}), required=backend == "etcd")
     try:
         kw["ratelimit"] = RateLimitSettings.from_mapping(doc.get("ratelimit", {}))
     except InvalidRateLimit as e:
@@ -551,6 +600,46 @@ def _docker_settings(get, d: Settings) -> dict[str, Any]:
     return kw
 
 
+def _etcd(table: Mapping[str, Any], required: bool) -> EtcdSettings:
+    """``[store.etcd]`` validated (files must exist only when the backend is etcd)."""
+    d = EtcdSettings()
+    key = "[store.etcd]"
+    endpoints = table.get("endpoints", list(d.endpoints))
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError(f"{key} endpoints", "must be a list of client URLs (http://host:2379)")
+    for url in endpoints:
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s]+/?", url):
+            raise ConfigError(f"{key} endpoints", "each is a client URL like http://10.0.0.1:2379 (no path)")
+    prefix = _string(f"{key} prefix", table.get("prefix", d.prefix)).rstrip("/")
+    if not prefix.startswith("/") or "//" in prefix or any(c.isspace() for c in prefix):
+        raise ConfigError(f"{key} prefix", "must be an absolute key path like /hoody/v1")
+    strings: dict[str, str | None] = {}
+    for name in ("username", "password", "ca_file", "cert_file", "key_file"):
+        value = table.get(name) or None
+        strings[name] = None if value is None else _string(f"{key} {name}", value)
+    if (strings["username"] is None) != (strings["password"] is None):
+        raise ConfigError(f"{key} password" if strings["password"] is None else f"{key} username",
+                          "username and password go together")
+    if (strings["cert_file"] is None) != (strings["key_file"] is None):
+        raise ConfigError(f"{key} key_file" if strings["key_file"] is None else f"{key} cert_file",
+                          "cert_file and key_file go together")
+    if required:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if strings[name] is not None and not os.path.isfile(strings[name]):
+                raise ConfigError(f"{key} {name}", f"no such file: {strings[name]}")
+    dial = _number(f"{key} dial_timeout", table.get("dial_timeout", d.dial_timeout))
+    request = _number(f"{key} request_timeout", table.get("request_timeout", d.request_timeout))
+    ttl = _number(f"{key} lease_ttl", table.get("lease_ttl", d.lease_ttl), integer=True, minimum=2,
+                  exclusive=False)
+    if ttl > 3600:
+        raise ConfigError(f"{key} lease_ttl", "must be 2 to 3600 seconds")
+    return EtcdSettings(tuple(u.rstrip("/") for u in endpoints), prefix, strings["username"],
+                        strings["password"], strings["ca_file"], strings["cert_file"], strings["key_file"],
+                        dial, request, ttl)
+
+
 def settings_to_mapping(settings: Settings) -> dict[str, Any]:
     """The TOML-shaped mapping that ``settings_from_mapping`` turns back into ``settings``."""
     s = settings
@@ -586,6 +675,13 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
         "docker": {"enabled": s.docker_enabled, "socket": s.docker_socket, "network": s.docker_network,
                    "label_prefix": s.docker_label_prefix},
         "drain": {"timeout": s.drain_timeout, "websocket_grace": s.drain_websocket_grace},
+        "store": {"backend": s.store_backend,
+                  "etcd": {"endpoints": list(s.etcd.endpoints), "prefix": s.etcd.prefix,
+                           "dial_timeout": s.etcd.dial_timeout, "request_timeout": s.etcd.request_timeout,
+                           "lease_ttl": s.etcd.lease_ttl,
+                           **{name: getattr(s.etcd, name)
+                              for name in ("username", "password", "ca_file", "cert_file", "key_file")
+                              if getattr(s.etcd, name) is not None}}},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}

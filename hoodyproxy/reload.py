@@ -10,7 +10,7 @@ removed is ``[programs.NAME]``), and splits the keys that differ in two:
 - those that need a restart (:data:`RESTART_KEYS`) and stay as they were: the listen
   addresses, the node's name, zone, data directory and worker count, whether HTTP/3
   listens, whether rate limits are shared among workers (and how often), the demo, the
-  netfilter mark and table, the Docker provider's settings; and a client IP mode (the node's or a program's) that
+  netfilter mark and table, the Docker provider's settings, the store; and a client IP mode (the node's or a program's) that
   would need transparent-mode rules the node did not install at start.
 
 Pure: no reactor, no I/O but reading the file.  What takes each live key is
@@ -34,6 +34,8 @@ RESTART_KEYS = frozenset({
     "[client_ip] mark", "[client_ip] table",
     # The Docker provider is started (or not) with the node, on its socket and labels.
     "[docker] enabled", "[docker] socket", "[docker] network", "[docker] label_prefix",
+    # The store (SQLite or etcd, its endpoints and credentials) is opened with the node.
+    "[store] backend", "[store] etcd",
 })
 
 

@@ -347,6 +347,13 @@ class NodeService(service.MultiService):
         self.gateway = self.stack.gateway
         self.ca_path = self.stack.ca_path
         self.token = admin_token(settings)
+        #: With [store] backend = "etcd": the shared store (hoodyproxy.store.node.SharedStore).
+        self.shared_store = None
+        if settings.store_backend == "etcd":
+            from hoodyproxy.store.node import SharedStore
+            self.shared_store = SharedStore(settings, self.directory._conn, self.directory,
+                                            self.stack.permissions, self.stack.aliases, reactor)
+            self.shared_store.setServiceParent(self)
         self.netfilter = None
         if "transparent" in client_ip_modes(settings):
             from hoodyproxy.netfilter import NetfilterService
@@ -476,8 +483,12 @@ class NodeService(service.MultiService):
             on_issued=lambda domain: self.workers.notify_change() if self.workers else None)
         self.certificate_manager.setServiceParent(self)
         https_port = https_bound[0].port
-        self.admin_api = AdminAPI(self.directory, self.token, permissions=self.stack.permissions,
-                                  registry=self.stack.registry, aliases=self.stack.aliases,
+        shared = self.shared_store
+        self.admin_api = AdminAPI(self.directory, self.token,
+                                  permissions=shared.permissions if shared else self.stack.permissions,
+                                  registry=self.stack.registry,
+                                  aliases=shared.aliases if shared else self.stack.aliases,
+                                  shared=shared.state if shared else None,
                                   base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
                                   certificate_status=self.certificate_manager.status,
                                   rate_limits=self.stack.rate_limits,
@@ -522,6 +533,8 @@ class NodeService(service.MultiService):
             return False, "draining"
         if not self.ready:
             return False, "starting"
+        if not self.store_ready():
+            return False, "loading the shared store"
         return True, "ready"
 
     def reload(self):
@@ -606,6 +619,12 @@ class NodeService(service.MultiService):
         if self.workers is not None:
             self.workers.reopen_logs()
         log.info("hoodyproxy: logs reopened (audit log {audit})", audit=self.audit.path or "stdout")
+
+    def store_ready(self) -> bool:
+        """The readiness hook for ``readyz``: always true with the node's own SQLite store;
+        with etcd, true once the first snapshot of this run is loaded (a node serving its
+        last-known-good copy while etcd is unreachable is not ready)."""
+        return self.shared_store is None or self.shared_store.ready
 
     #: Seconds between checks for replaced certificate files.
     certificate_check_interval = 10.0

@@ -52,7 +52,8 @@ def start_node(case, config: dict | None = None) -> NodeService:
     node = NodeService(settings_from_mapping(doc), reactor)
     node.privilegedStartService()
     node.startService()
-    case.addCleanup(node.stopService)
+    # (A test may have stopped the node itself, e.g. to start another on its data.)
+    case.addCleanup(lambda: node.stopService() if node.running else None)
     node.https_port = node.ports["https"][0].getHost().port
     node.http_port = node.ports["http"][0].getHost().port
     node.admin_port = node.ports["admin"][0].getHost().port

@@ -15,6 +15,7 @@ from hoodyproxy import config
 from hoodyproxy.config import (
     DEFAULT_PROGRAMS,
     ConfigError,
+    settings_to_mapping,
     ListenAddress,
     Program,
     load_settings,
@@ -506,6 +507,12 @@ class TapConfigTests(TempDirMixin, SynchronousTestCase):
             for name in names:
                 shown = f"\n{name} = " in text or f"\n# {name} = " in text
                 self.assertTrue(shown, f"[{section}] {name} is not in development.toml")
+        for section, tables in config._SUBTABLES.items():
+            for table, names in tables.items():
+                self.assertIn(f"\n[{section}.{table}]\n", text)
+                for name in names:
+                    shown = f"\n{name} = " in text or f"\n# {name} = " in text
+                    self.assertTrue(shown, f"[{section}.{table}] {name} is not in development.toml")
         self.assertEqual(set(doc["programs"]), set(DEFAULT_PROGRAMS))
 
     def test_production(self) -> None:
@@ -543,3 +550,46 @@ class TapConfigTests(TempDirMixin, SynchronousTestCase):
                 if "=" in line and not line.startswith("#") and not line.startswith("["):
                     commented = "#" in line or lines[number - 1].startswith("#")
                     self.assertTrue(commented, f"{os.path.basename(path)}:{number + 1}: {line}")
+
+
+class StoreTests(SynchronousTestCase):
+    """``[store] backend`` and ``[store.etcd]``: the shared store (docs/scale-out.rst)."""
+
+    def test_sqlite_is_the_default(self) -> None:
+        """With nothing configured the store is the node's own SQLite database."""
+        self.assertEqual(settings_from_mapping({}).store_backend, "sqlite")
+
+    def test_etcd_table(self) -> None:
+        """A ``[store.etcd]`` table is read into ``Settings.etcd``."""
+        s = settings_from_mapping({"store": {"backend": "etcd", "etcd": {
+            "endpoints": ["http://10.0.0.1:2379/", "https://10.0.0.2:2379"], "prefix": "/hoody/v2/",
+            "username": "u", "password": "p", "dial_timeout": 1, "request_timeout": 3, "lease_ttl": 5}}})
+        self.assertEqual(s.store_backend, "etcd")
+        self.assertEqual(s.etcd.endpoints, ("http://10.0.0.1:2379", "https://10.0.0.2:2379"))
+        self.assertEqual((s.etcd.prefix, s.etcd.username, s.etcd.password), ("/hoody/v2", "u", "p"))
+        self.assertEqual((s.etcd.dial_timeout, s.etcd.request_timeout, s.etcd.lease_ttl), (1, 3, 5))
+
+    def test_unknown_etcd_key_is_named(self) -> None:
+        """An unknown key in ``[store.etcd]`` is an error naming it."""
+        with self.assertRaises(ConfigError) as e:
+            settings_from_mapping({"store": {"etcd": {"endpoint": "http://x:2379"}}})
+        self.assertEqual(e.exception.key, "[store.etcd] endpoint")
+
+    def test_bad_values(self) -> None:
+        """Bad backends, endpoints, prefixes and half-given credentials name their key."""
+        for doc, key in (({"backend": "redis"}, "[store] backend"),
+                         ({"etcd": {"endpoints": ["10.0.0.1:2379"]}}, "[store.etcd] endpoints"),
+                         ({"etcd": {"endpoints": []}}, "[store.etcd] endpoints"),
+                         ({"etcd": {"prefix": "hoody"}}, "[store.etcd] prefix"),
+                         ({"etcd": {"username": "u"}}, "[store.etcd] password"),
+                         ({"etcd": {"cert_file": "/c.pem"}}, "[store.etcd] key_file"),
+                         ({"etcd": {"lease_ttl": 1}}, "[store.etcd] lease_ttl"),
+                         ({"etcd": "x"}, "[store.etcd]")):
+            with self.assertRaises(ConfigError, msg=repr(doc)) as e:
+                settings_from_mapping({"store": doc})
+            self.assertEqual(e.exception.key, key)
+
+    def test_round_trip(self) -> None:
+        """``settings_to_mapping`` keeps the store (the workers are given settings that way)."""
+        s = settings_from_mapping({"store": {"backend": "etcd", "etcd": {"username": "u", "password": "p"}}})
+        self.assertEqual(settings_from_mapping(settings_to_mapping(s)), s)

@@ -2,7 +2,9 @@
 
 Every request needs ``Authorization: Bearer <admin token>``, but the health paths
 (:data:`HEALTH_PATHS`: ``/healthz``, ``/livez``, ``/readyz``).  A 2xx answer means the
-change is committed to disk.  Errors are a status and a short JSON body naming what was
+change is committed to disk, or, with the shared store (``[store] backend = "etcd"``),
+committed by etcd; when etcd cannot commit, 503 ``store_unavailable`` and nothing
+changed.  Errors are a status and a short JSON body naming what was
 wrong; a traceback never reaches the client.
 
 Served by :func:`admin_site`, a request is judged at the end of its head, before a byte
@@ -18,10 +20,12 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import re
 from dataclasses import replace
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -36,6 +40,7 @@ from hoodyproxy.directory._model import CONTAINER_ID
 from hoodyproxy.frontend.http1 import REASONS, SERVER, early_answer_site, http_date, take_site_request_line
 from hoodyproxy.limits import InvalidRateLimit, merge_rate_limits, parse_rate_limits
 from hoodyproxy.reload import NoConfigFile
+from hoodyproxy.store import StoreUnavailable
 
 log = Logger()
 MAX_BODY = 1024 * 1024
@@ -68,6 +73,37 @@ def _json_body(request) -> Any:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+
+
+def _store_unavailable(e: StoreUnavailable) -> ApiError:
+    return ApiError(503, "store_unavailable", str(e), {b"Retry-After": b"1"})
+
+
+def _after(call, then, errors=lambda e: None):
+    """``then(call())``, at once, or when ``call()`` answers a Deferred (a shared store's
+    write), when it fires.  An exception ``errors(e)`` translates is raised as that
+    ApiError, from ``call`` or from its Deferred."""
+    def translate(e: BaseException) -> BaseException:
+        if isinstance(e, StoreUnavailable):
+            return _store_unavailable(e)
+        translated = errors(e) if isinstance(e, Exception) else None
+        return translated if translated is not None else e
+    try:
+        result = call()
+    except Exception as e:
+        translated = translate(e)
+        if translated is e:
+            raise
+        raise translated from None
+    if not isinstance(result, defer.Deferred):
+        return then(result)
+
+    def failed(failure):
+        translated = translate(failure.value)
+        if translated is failure.value:
+            return failure
+        raise translated
+    return result.addCallbacks(then, failed)
 
 
 def _with_warnings(answer: dict[str, Any], advice: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -104,7 +140,9 @@ class AdminAPI(Resource):
     endpoints answer 404); ``base_url_for(alias)`` is the alias's public URL (default
     ``https://<alias>.<node>.<zone>/``); ``certificate_status(domain)`` (optional, e.g.
     :meth:`hoodyproxy.tls.manager.CertificateManager.status`) adds a domain's certificate
-    state to the domain reads.  ``rate_limits`` is a
+    state to the domain reads.  ``shared`` (with the etcd store) lets the container and
+    alias lists take ``?node=<name>`` or ``?node=*``: what the shared store holds of other
+    nodes (published containers, aliases).  ``rate_limits`` is a
     :class:`hoodyproxy.limits.store.RateLimitStore` (without one the rate-limit endpoints
     answer 404).  ``readiness()`` answers ``(ready, why)`` for ``GET /readyz`` (None:
     always ready); ``reload()`` reads the config again for ``POST /api/v1/reload`` (a
@@ -115,7 +153,7 @@ class AdminAPI(Resource):
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
                  base_url_for=None, certificate_status=None, rate_limits=None, taps=None,
-                 readiness=None, reload=None) -> None:
+                 readiness=None, reload=None, shared=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -129,6 +167,9 @@ class AdminAPI(Resource):
         self.taps = taps
         self.readiness = readiness
         self.reload = reload
+        #: The shared store's view of every node (hoodyproxy.store.mirror.SharedState), or
+        #: None: then ``?node=`` lists are refused.
+        self.shared = shared
 
     @property
     def registry(self):
@@ -143,11 +184,19 @@ class AdminAPI(Resource):
                 status, body = self._health(request.path)
             else:
                 self._authenticate(request)
-                status, body = self._dispatch(request)
+                answer = self._dispatch(request)
+                if isinstance(answer, defer.Deferred):
+                    # A write through the shared store: answered when etcd has committed.
+                    answer.addCallbacks(lambda result: self._answer_later(request, *result),
+                                        lambda failure: self._fail_later(request, failure))
+                    return NOT_DONE_YET
+                status, body = answer
                 if body is STREAMING:
                     return NOT_DONE_YET
         except ApiError as e:
             return self.error_response(request, e)
+        except StoreUnavailable as e:
+            return self.error_response(request, _store_unavailable(e))
         except Exception:
             log.failure("admin API request failed")
             status, body = 500, {"error": "internal_error", "message": "internal error"}
@@ -161,6 +210,26 @@ class AdminAPI(Resource):
             if not ready:
                 return 503, {"status": why}
         return 200, {"status": "ok"}
+
+    def _answer_later(self, request, status: int, body: Any) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.write(self._response(request, status, body))
+        request.finish()
+
+    def _fail_later(self, request, failure) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        error = failure.value
+        if isinstance(error, StoreUnavailable):
+            error = _store_unavailable(error)
+        if isinstance(error, ApiError):
+            body = self.error_response(request, error)
+        else:
+            log.failure("admin API request failed", failure)
+            body = self._response(request, 500, {"error": "internal_error", "message": "internal error"})
+        request.write(body)
+        request.finish()
 
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
@@ -244,7 +313,27 @@ class AdminAPI(Resource):
         project = query.get("project", [None])[0]
         if project is not None and not CONTAINER_ID.match(project):
             raise ApiError(422, "invalid", "project: must be 24 lowercase hexadecimal digits", field="project")
+        node = self._node_query(query)
+        if node is not None:
+            listed = []
+            for owner, _, value in self.shared.view("containers", None if node == "*" else node):
+                entry = json.loads(value)
+                if project is None or entry.get("project") == project:
+                    listed.append({**entry, "node": owner})
+            return 200, {"containers": listed}
         return 200, {"containers": [c.to_json() for c in self.directory.list(project)]}
+
+    def _node_query(self, query: dict) -> str | None:
+        """``?node=`` of a list: a node name or ``*``, read from the shared store's view."""
+        node = query.get("node", [None])[0]
+        if node is None:
+            return None
+        if self.shared is None:
+            raise ApiError(422, "invalid", "node: only a node on the shared store ([store] backend = \"etcd\") "
+                                           "lists other nodes", field="node")
+        if node != "*" and not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", node):
+            raise ApiError(422, "invalid", "node: must be a node name or *", field="node")
+        return node
 
     def _container(self, request, container_id: str) -> tuple[int, Any]:
         self._allow(request, b"GET", b"PUT", b"DELETE")
@@ -314,9 +403,11 @@ class AdminAPI(Resource):
                 raise ApiError(404, "not_found", f"no permission set for this {scope}")
             return 200, to_json(pset, self.registry)
         if request.method == b"DELETE":
-            if not store.delete(scope, set_id):
-                raise ApiError(404, "not_found", f"no permission set for this {scope}")
-            return 204, None
+            def deleted(existed: bool) -> tuple[int, Any]:
+                if not existed:
+                    raise ApiError(404, "not_found", f"no permission set for this {scope}")
+                return 204, None
+            return _after(lambda: store.delete(scope, set_id), deleted)
         body = _json_body(request)
         container = self.directory.lookup(set_id) if scope == "container" else None
         known_project = container.project if container is not None else None
@@ -330,19 +421,21 @@ class AdminAPI(Resource):
             except InvalidPermissions as e:
                 raise ApiError(422, "invalid", str(e), field=e.field) from None
 
+        def written(result: tuple[Any, bool]) -> tuple[int, Any]:
+            pset, created = result
+            advice = advise(body, registry)
+            for field, message in advice:
+                # The field and the advice only: a message never holds the secret itself.
+                log.warn("admin API: permission set of {scope} {id}: {field}: {advice}",
+                         scope=scope, id=set_id, field=field, advice=message)
+            return (201 if created else 200), _with_warnings(to_json(pset, registry), advice)
+
         if request.method == b"PUT":
             pset = parse()
-            created = not store.put(pset)
-        else:
-            # A PATCH with no set yet creates one (merged into empty): the platform sends
-            # its whole set as a PATCH whether or not the node has one.
-            pset, created = store.merge(scope, set_id, parse)
-        advice = advise(body, registry)
-        for field, message in advice:
-            # The field and the advice only: a message never holds the secret itself.
-            log.warn("admin API: permission set of {scope} {id}: {field}: {advice}",
-                     scope=scope, id=set_id, field=field, advice=message)
-        return (201 if created else 200), _with_warnings(to_json(pset, registry), advice)
+            return _after(lambda: store.put(pset), lambda replaced: written((pset, not replaced)))
+        # A PATCH with no set yet creates one (merged into empty): the platform sends
+        # its whole set as a PATCH whether or not the node has one.
+        return _after(lambda: store.merge(scope, set_id, parse), written)
 
     # -- rate limits ------------------------------------------------------------------
 
@@ -416,9 +509,7 @@ class AdminAPI(Resource):
         if len(rest) == 1:
             self._allow(request, b"GET", b"DELETE")
             if request.method == b"DELETE":
-                if not self.aliases.delete(alias.alias):
-                    raise ApiError(404, "not_found", "no such alias")
-                return 204, None
+                return _after(lambda: self.aliases.delete(alias.alias), self._gone("no such alias"))
             return 200, self._alias_json(alias, with_domains=True)
         if rest[1] != "domains" or len(rest) > 3:
             raise ApiError(404, "not_found", "no such endpoint")
@@ -434,9 +525,16 @@ class AdminAPI(Resource):
             raise ApiError(404, "not_found", "no such domain on this alias")
         if request.method == b"GET":
             return 200, self._domain_json(domain, alias.alias)
-        if not self.aliases.detach(domain, alias.alias):
-            raise ApiError(404, "not_found", "no such domain on this alias")
-        return 204, None
+        return _after(lambda: self.aliases.detach(domain, alias.alias), self._gone("no such domain on this alias"))
+
+    @staticmethod
+    def _gone(missing: str):
+        """What a DELETE answers: 204, or 404 ``missing`` when there was nothing to delete."""
+        def answer(existed: bool) -> tuple[int, Any]:
+            if not existed:
+                raise ApiError(404, "not_found", missing)
+            return 204, None
+        return answer
 
     def _known_alias(self, name: str):
         alias = self.aliases.get(name)
@@ -470,6 +568,17 @@ class AdminAPI(Resource):
         if container_id is not None and not CONTAINER_ID.match(container_id):
             raise ApiError(422, "invalid", "container_id: must be 24 lowercase hexadecimal digits",
                            field="container_id")
+        node = self._node_query(query)
+        if node is not None:
+            from hoodyproxy.store.keys import alias_from_value
+            listed = []
+            for owner, name, value in self.shared.view("aliases", None if node == "*" else node):
+                entry, domains = alias_from_value(name, value)
+                if container_id is None or entry.container_id == container_id:
+                    listed.append({"alias": name, "node": owner, "container_id": entry.container_id,
+                                   "program": entry.program, "index": entry.index,
+                                   "url": f"https://{name}.{owner}.{self.aliases.zone}/", "domains": sorted(domains)})
+            return 200, {"aliases": listed}
         return 200, {"aliases": [self._alias_json(a, with_domains=True)
                                  for a in self.aliases.list(container_id)]}
 
@@ -497,12 +606,15 @@ class AdminAPI(Resource):
         if container is None:
             raise ApiError(422, "invalid", "container_id: no such container in the live map",
                            field="container_id")
-        try:
-            created = self.aliases.create(alias, container_id, program, index)
-        except AliasExists:
-            raise ApiError(409, "conflict", "alias: already exists on this node", field="alias") from None
-        advice = target_advice(container, self.aliases.programs[program], index)
-        return 201, _with_warnings(self._alias_json(created), advice)
+        def exists(e: Exception) -> ApiError | None:
+            if isinstance(e, AliasExists):
+                return ApiError(409, "conflict", "alias: already exists on this node", field="alias")
+            return None
+
+        def created(entry) -> tuple[int, Any]:
+            advice = target_advice(container, self.aliases.programs[program], index)
+            return 201, _with_warnings(self._alias_json(entry), advice)
+        return _after(lambda: self.aliases.create(alias, container_id, program, index), created, exists)
 
     def _domain_attach(self, request, alias: str) -> tuple[int, Any]:
         body = _json_body(request)
@@ -513,16 +625,17 @@ class AdminAPI(Resource):
             raise ApiError(422, "invalid", f"{unknown[0]}: unknown field", field=unknown[0])
         if "domain" not in body:
             raise ApiError(422, "invalid", "domain: is required", field="domain")
-        try:
-            domain = self.aliases.attach(alias, body["domain"])
-        except InvalidAlias as e:
-            raise ApiError(422, "invalid", str(e), field=e.field) from None
-        except NoSuchAlias:
-            raise ApiError(404, "not_found", "no such alias") from None
-        except DomainExists as e:
-            where = "this alias" if e.alias == alias else f"alias {e.alias}"
-            raise ApiError(409, "conflict", f"domain: already attached to {where}", field="domain") from None
-        return 201, self._domain_json(domain, alias, with_status=False)
+        def refused(e: Exception) -> ApiError | None:
+            if isinstance(e, InvalidAlias):
+                return ApiError(422, "invalid", str(e), field=e.field)
+            if isinstance(e, NoSuchAlias):
+                return ApiError(404, "not_found", "no such alias")
+            if isinstance(e, DomainExists):
+                where = "this alias" if e.alias == alias else f"alias {e.alias}"
+                return ApiError(409, "conflict", f"domain: already attached to {where}", field="domain")
+            return None
+        return _after(lambda: self.aliases.attach(alias, body["domain"]),
+                      lambda domain: (201, self._domain_json(domain, alias, with_status=False)), refused)
 
 
 class AdminRequest(Request):

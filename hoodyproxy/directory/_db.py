@@ -63,6 +63,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE containers ADD COLUMN source TEXT NOT NULL DEFAULT 'admin';
     """,
+    # With [store] backend = "etcd": the mod_revision of each shared key copied into this
+    # database (the last-known-good copy), so a resync rewrites only what changed.
+    """
+    CREATE TABLE shared_keys (
+        key TEXT PRIMARY KEY,
+        mod_revision INTEGER NOT NULL
+    );
+    CREATE TABLE shared_meta (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 ]
 
 
