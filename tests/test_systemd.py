@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import subprocess
 from unittest import skipIf
 
@@ -87,7 +88,11 @@ class NotifyTests(unittest.SynchronousTestCase):
             name = f"hoodyproxy-test-{os.getpid()}-{id(sock)}"
             sock.bind("\0" + name)
             return sock, "@" + name
-        path = os.path.abspath(self.mktemp())
+        # (a short directory of its own: a socket's path must fit in 108 bytes, and the
+        # test's own temporary directory is as deep as the checkout)
+        directory = tempfile.mkdtemp(prefix="hp-notify-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "notify")
         sock.bind(path)
         return sock, path
 
@@ -116,7 +121,11 @@ class ReadinessTests(ProcessTestCase):
         STOPPING=1 when SIGTERM begins the drain."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
-        path = os.path.abspath(self.mktemp())
+        # (a short directory of its own: a socket's path must fit in 108 bytes, and the
+        # test's own temporary directory is as deep as the checkout)
+        directory = tempfile.mkdtemp(prefix="hp-notify-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "notify")
         sock.bind(path)
         sock.settimeout(TIMEOUT)
         from tests.test_process import Twistd
