@@ -160,6 +160,11 @@ class Settings:
     tap_max_taps: int = 16
     #: Events held for a tap client that is not reading before events are dropped.
     tap_queue_events: int = 1000
+    #: The bearer token ``GET /metrics`` on the admin listener asks for (None: none asked).
+    metrics_token: str | None = None
+    #: Whether request metrics carry a ``container`` label (``[metrics]``): off, because a
+    #: node serves thousands of containers and each would multiply the series.
+    metrics_container_labels: bool = False
 
     @property
     def suffix(self) -> str:
@@ -299,7 +304,7 @@ _SCHEMA: dict[str, set[str]] = {
     "node": {"name", "zone", "data_dir", "workers"},
     "listen": {"https", "http", "admin"},
     "tls": {"certificate", "key"},
-    "admin": {"token"},
+    "admin": {"token", "metrics_token"},
     "audit": {"path"},
     "upstream": {"connect_timeout", "response_timeout", "pool_idle_timeout", "pool_max_idle"},
     "client": {"idle_timeout"},
@@ -315,6 +320,7 @@ _SCHEMA: dict[str, set[str]] = {
     "http2": {"enabled", "max_concurrent_streams", "max_header_list_size", "stream_window", "max_resets"},
     "http3": {"enabled", "advertised_port", "max_concurrent_streams", "retry", "retry_threshold"},
     "tap": {"allow_unredacted", "max_taps", "queue_events"},
+    "metrics": {"container_labels"},
 }
 
 
@@ -372,6 +378,16 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         if len(token) < 16:
             raise ConfigError("[admin] token", "must be at least 16 characters")
     kw["admin_token"] = token
+    metrics_token = get("admin", "metrics_token", None) or None
+    if metrics_token is not None:
+        metrics_token = _string("[admin] metrics_token", metrics_token)
+        if len(metrics_token) < 16:
+            raise ConfigError("[admin] metrics_token", "must be at least 16 characters")
+    kw["metrics_token"] = metrics_token
+    container_labels = get("metrics", "container_labels", d.metrics_container_labels)
+    if not isinstance(container_labels, bool):
+        raise ConfigError("[metrics] container_labels", "must be true or false")
+    kw["metrics_container_labels"] = container_labels
     audit = get("audit", "path", None) or None
     kw["audit_path"] = None if audit is None else _string("[audit] path", audit)
     for section, name, attr, integer in (
@@ -511,11 +527,14 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                   "retry_threshold": s.http3_retry_threshold},
         "tap": {"allow_unredacted": s.tap_allow_unredacted, "max_taps": s.tap_max_taps,
                 "queue_events": s.tap_queue_events},
+        "metrics": {"container_labels": s.metrics_container_labels},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}
     if s.admin_token:
-        doc["admin"] = {"token": s.admin_token}
+        doc.setdefault("admin", {})["token"] = s.admin_token
+    if s.metrics_token:
+        doc.setdefault("admin", {})["metrics_token"] = s.metrics_token
     if s.audit_path:
         doc["audit"] = {"path": s.audit_path}
     return doc
