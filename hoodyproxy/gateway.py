@@ -27,6 +27,7 @@ from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.limits import ALLOWED, Limiters, TooManyRequests
 from hoodyproxy.observe.audit import RouteRecord
+from hoodyproxy.observe.metrics import RequestMetrics
 from hoodyproxy.routing import Router, Target, split_host
 from hoodyproxy.upstream.exchange import Exchange
 from hoodyproxy.upstream.headers import build_request_head, wants_websocket
@@ -126,6 +127,8 @@ class Gateway:
         kinds = policy.kinds if policy is not None else {}
         self.kinds = {name: configured_kind(p.kind, p.kind_options, kinds) if kinds else p.kind
                       for name, p in settings.programs.items()}
+        #: What the exchanges add up to (step 5 counts each one; see hoodyproxy.observe.metrics).
+        self.metrics = RequestMetrics(directory, container_labels=settings.metrics_container_labels)
         self.configure_client_ip(settings)
 
     def configure_client_ip(self, settings: Settings) -> None:
@@ -212,6 +215,7 @@ class Gateway:
     def begin(self, request) -> None:
         """Start serving ``request`` (called at end of its headers)."""
         started = self.now()
+        self.metrics.begun += 1
         uri = request.uri
         if b"?" in uri:
             # A token in the query string is a secret: out of the audit line on every path,
@@ -362,6 +366,8 @@ class Gateway:
             # A body small servers do not read is the next request on the connection: such
             # a connection is never given to another request, this client's or another's.
             reusable=not (has_body and request.method in BODYLESS_METHODS))
+        if upgrade:
+            exchange.metrics = self.metrics  # (counts the WebSocket when it is established)
         request.exchange = exchange
         taps = self.taps
         if taps is not None and taps.active:
@@ -435,7 +441,15 @@ class Gateway:
     # -- 5. audit -----------------------------------------------------------------------
 
     def emit_record(self, record: dict) -> None:
-        """Complete (duration) and emit the audit record of one exchange."""
+        """Complete (duration) and emit the audit record of one exchange, and count it."""
+        elapsed = self.now() - record["time"]
         # (milliseconds to three places: int arithmetic, a third of round(x, 3)'s cost)
-        record["duration_ms"] = int((self.now() - record["time"]) * 1000000.0 + 0.5) / 1000.0
+        record["duration_ms"] = int(elapsed * 1000000.0 + 0.5) / 1000.0
         self.audit.record(record)
+        self.metrics.observe(record, elapsed)
+
+    def emit_refusal(self, record: dict) -> None:
+        """Emit the record of a request its frontend refused before :meth:`begin` (a
+        malformed head): begun and over at once."""
+        self.metrics.begun += 1
+        self.emit_record(record)

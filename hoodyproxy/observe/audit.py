@@ -43,11 +43,14 @@ class RouteRecord(dict):
     line's route part is rendered once, not per request.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "project_key", "container_key")
 
     def __init__(self, target) -> None:
         super().__init__(project=target.project, container=target.container, program=target.program,
                          index=target.index)
+        #: The route's part of a metrics key (hoodyproxy.observe.metrics), made once too.
+        self.project_key = (target.project, target.program)
+        self.container_key = (target.project, target.program, target.container)
         self.text = '{"project":%s,"container":%s,"program":%s,"index":%d}' % (
             _q(target.project), _q(target.container), _q(target.program), target.index)
 
