@@ -162,6 +162,10 @@ class GatewayStack:
         from hoodyproxy.observe.tap import TapHub
         self.taps = self.gateway.taps = TapHub(reactor, allow_unredacted=s.tap_allow_unredacted,
                                                 max_taps=s.tap_max_taps, queue_events=s.tap_queue_events)
+        #: The HTTPS ports' TLS factories and the HTTP/3 listeners: their open connections
+        #: are counted when metrics are asked for.
+        self.tls_factories: list = []
+        self.http3_listeners: list = []
 
     def https_factory(self):
         """The TLS server factory for the HTTPS port: HTTP/2 or HTTP/1.1 by ALPN."""
@@ -171,7 +175,28 @@ class GatewayStack:
         factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
         from hoodyproxy.tls.transport import tls_factory
-        return tls_factory(SNIContextFactory(self.certificates), False, negotiating)
+        factory = tls_factory(SNIContextFactory(self.certificates), False, negotiating)
+        self.tls_factories.append(factory)
+        return factory
+
+    def open_connections(self) -> dict[str, int]:
+        """Client connections open now, by protocol (``tls`` while in the handshake)."""
+        from hoodyproxy.frontend.http2 import connection_protocol
+        counts = {"tls": 0, "h1": 0, "h2": 0, "h3": 0}
+        for factory in self.tls_factories:
+            for wrapper in list(factory.protocols):
+                protocol = connection_protocol(getattr(wrapper, "wrappedProtocol", None))
+                counts[protocol] += 1
+        for listener in self.http3_listeners:
+            counts["h3"] += len(listener.sessions)
+        return counts
+
+    def metrics_snapshot(self) -> dict:
+        """This process's metrics (:func:`hoodyproxy.observe.metrics.process_snapshot`)."""
+        from hoodyproxy.observe.metrics import process_snapshot
+        gateway = self.gateway
+        return process_snapshot(gateway.metrics, kinds={n: p.kind for n, p in gateway.settings.programs.items()},
+                                limiters=gateway.limiters, connections=self.open_connections())
 
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request
@@ -271,6 +296,7 @@ class NodeService(service.MultiService):
     def privilegedStartService(self) -> None:
         from hoodyproxy import listening
         from hoodyproxy.admin.api import AdminAPI, admin_site
+        from hoodyproxy.admin.metrics import MetricsEndpoint, NodeMetrics
         from hoodyproxy.admin.taps import TapEndpoints
         from hoodyproxy.workers import WorkerPool
 
@@ -302,6 +328,7 @@ class NodeService(service.MultiService):
                 self.ports["http3"].append(listen_http3(r, addr.interface, addr.port, gateway=self.gateway,
                                                         certificates=self.stack.certificates, settings=s,
                                                         v6only=listening.v6only_for(addr, https_bound)))
+                self.stack.http3_listeners.append(self.ports["http3"][-1].protocol)
         self.gateway.alt_svc = s.alt_svc_for(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
@@ -322,7 +349,8 @@ class NodeService(service.MultiService):
                                     base_url_for=lambda alias: alias_url(alias, s.suffix, https_port),
                                     certificate_status=self.certificate_manager.status,
                                     rate_limits=self.stack.rate_limits,
-                                    taps=TapEndpoints(self.stack.taps, self.stack.audit)),
+                                    taps=TapEndpoints(self.stack.taps, self.stack.audit),
+                                    metrics=MetricsEndpoint(NodeMetrics(self), s.metrics_token)),
                            r, s.request_head_timeout)
         for addr in s.admin:
             self.ports["admin"].append(r.listenTCP(addr.port, admin, interface=addr.interface))

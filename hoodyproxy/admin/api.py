@@ -1,6 +1,7 @@
 """The admin REST API (a twisted.web Resource): containers, permission sets, rate limits, aliases and domains.
 
-Every request needs ``Authorization: Bearer <admin token>``.  A 2xx answer means the
+Every request needs ``Authorization: Bearer <admin token>``, except the health checks and
+``GET /metrics`` (:mod:`hoodyproxy.admin.metrics`, which has a token of its own).  A 2xx answer means the
 change is committed to disk.  Errors are a status and a short JSON body naming what was
 wrong; a traceback never reaches the client.
 
@@ -40,6 +41,8 @@ MAX_BODY = 1024 * 1024
 DRAIN_BODY = 2 * MAX_BODY
 #: Paths answered without a token.
 HEALTH_PATHS = (b"/healthz", b"/api/v1/health")
+#: Prometheus's path: its own token, or none (see hoodyproxy.admin.metrics).
+METRICS_PATH = b"/metrics"
 
 
 class ApiError(Exception):
@@ -107,7 +110,8 @@ class AdminAPI(Resource):
     isLeaf = True
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
-                 base_url_for=None, certificate_status=None, rate_limits=None, taps=None) -> None:
+                 base_url_for=None, certificate_status=None, rate_limits=None, taps=None,
+                 metrics=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -119,6 +123,8 @@ class AdminAPI(Resource):
         self.rate_limits = rate_limits
         #: The tap endpoints (hoodyproxy.admin.taps.TapEndpoints), or None (404).
         self.taps = taps
+        #: ``GET /metrics`` (hoodyproxy.admin.metrics.MetricsEndpoint), or None (404).
+        self.metrics = metrics
 
     @property
     def registry(self):
@@ -131,6 +137,8 @@ class AdminAPI(Resource):
         try:
             if request.path in HEALTH_PATHS:
                 status, body = 200, {"status": "ok"}
+            elif request.path == METRICS_PATH and self.metrics is not None:
+                return self.metrics.render(self, request)
             else:
                 self._authenticate(request)
                 status, body = self._dispatch(request)
@@ -146,7 +154,11 @@ class AdminAPI(Resource):
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
         token (a health path needs none), 413 for an announced body over MAX_BODY."""
-        if request.path not in HEALTH_PATHS:
+        if request.path == METRICS_PATH and self.metrics is not None:
+            refusal = self.metrics.refusal(request)
+            if refusal is not None:
+                return refusal
+        elif request.path not in HEALTH_PATHS:
             try:
                 self._authenticate(request)
             except ApiError as e:
