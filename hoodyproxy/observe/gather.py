@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
 
 from twisted.application import service
 from twisted.internet import defer
@@ -32,7 +30,7 @@ from twisted.internet.protocol import Factory, ReconnectingClientFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
-from hoodyproxy.limits.shared import _same_user, socket_path
+from hoodyproxy.limits.shared import _same_user, close_unix, listen_unix, socket_path
 from hoodyproxy.observe.metrics import Snapshot, counters_only, merge, total
 
 log = Logger()
@@ -120,15 +118,10 @@ class MetricsHub(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a crashed node's (the data directory is locked: not a live one's)
-        except FileNotFoundError:
-            pass
         factory = Factory.forProtocol(_WorkerSide)
         factory.hub = self
         try:
-            self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600)
+            self.port = listen_unix(self.reactor, self.path, factory)
         except Exception as e:
             log.error("metrics: cannot listen on {path} ({why}); /metrics shows worker 0's numbers only",
                       path=self.path, why=str(e))
@@ -137,18 +130,8 @@ class MetricsHub(service.Service):
         super().stopService()
         for gathering in list(self._gatherings):
             self._finish(gathering)
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for connection in list(self.connections):
-            connection.transport.loseConnection()
-
-        def cleanup(result):
-            if self.temp_dir is not None:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-            return result
-        return defer.DeferredList(waits).addBoth(cleanup)
+        port, self.port = self.port, None
+        return close_unix(port, self.connections, self.temp_dir)
 
     # -- what the workers say -------------------------------------------------------------
 
