@@ -289,7 +289,7 @@ class Gateway:
         if route is None:
             if len(self._route_records) >= ROUTE_CACHE_SIZE:
                 self._route_records.clear()
-            route = self._route_records[target] = RouteRecord(target)
+            route = self._route_records[target] = RouteRecord(target, self.metrics.container_labels)
         record["route"] = route
 
         # 2. locate (absent, stopped or another project's: one answer, so that an outsider

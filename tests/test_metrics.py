@@ -112,6 +112,16 @@ class CountingTests(unittest.SynchronousTestCase):
         self.assertEqual(samples_of(self.snapshot(metrics), "hoodyproxy_requests_total"),
                          {("5xx", "GET", "h1", "http", ""): 2})
 
+    def test_an_invented_container_in_a_known_project_is_still_no_label(self):
+        """After a 503 counted under a project, one for an id the live map lacks in that
+        project is still counted under "": 503s are checked every time."""
+        metrics = RequestMetrics(self.directory)
+        metrics.observe(record(503, route=self.route), 0.001)
+        invented = RouteRecord(Target(PROJECT, OTHER, "http", 8000, "h"))
+        metrics.observe(record(503, route=invented, reason="container absent"), 0.001)
+        self.assertEqual(samples_of(self.snapshot(metrics), "hoodyproxy_requests_total"),
+                         {("5xx", "GET", "h1", "http", PROJECT): 1, ("5xx", "GET", "h1", "http", ""): 1})
+
     def test_a_container_s_own_503_keeps_its_project(self):
         """A 503 the container answered (it is in the live map) is counted under its project."""
         metrics = RequestMetrics(self.directory)
@@ -130,7 +140,7 @@ class CountingTests(unittest.SynchronousTestCase):
     def test_container_labels_only_when_asked(self):
         """With container labels the container is a label of the request and byte metrics."""
         metrics = RequestMetrics(self.directory, container_labels=True)
-        metrics.observe(record(200, route=self.route), 0.0)
+        metrics.observe(record(200, route=RouteRecord(Target(PROJECT, CONTAINER, "http", 8000, "h"), True)), 0.0)
         metrics.observe(record(404), 0.0)
         snap = self.snapshot(metrics)
         self.assertEqual(snap["hoodyproxy_requests_total"]["labels"][-2:], ["project", "container"])
@@ -147,7 +157,8 @@ class CountingTests(unittest.SynchronousTestCase):
         metrics.observe(record(200, route=self.route), 0.0)
         metrics.observe(record(200, route=self.route), 0.0)
         self.assertEqual(len(metrics.exchanges), MAX_SERIES + 1)
-        self.assertEqual(metrics.exchanges[(200, "GET", "1.1", ("other", "http"))][0], 2)
+        self.assertEqual(metrics.exchanges[(200, "GET", "1.1", ("other", "http"))][1], 24)  # (bytes out)
+        self.assertNotIn((200, "GET", "1.1", (PROJECT, "http")), metrics.exchanges)
 
     def test_websockets_are_open_between_their_101_and_their_record(self):
         """A WebSocket is open from its establishment to its record; it is no request in flight."""
@@ -417,7 +428,7 @@ class ScrapeTests(ScrapeTestCase):
         self.assertEqual(value(during, "hoodyproxy_open_connections", protocol="h1"), 1)
         client.sendClose(1000)
         await within(factory.closed)
-        await until(lambda: self.node.gateway.metrics.websockets_ended)
+        await until(lambda: any(key[0] == 101 for key in self.node.gateway.metrics.exchanges))
         after = await self.scrape()
         self.assertEqual(value(after, "hoodyproxy_open_websockets", protocol="h1"), 0)
         self.assertEqual(value(after, "hoodyproxy_requests_total", code_class="1xx", protocol="h1",

@@ -36,12 +36,10 @@ PROTOCOLS = {"1.0": "h1", "1.1": "h1", "2": "h2", "3": "h3"}
 MAX_SERIES = 20000
 #: Fields of an audit record that has none of the optional ones (reason, decision...).
 _PLAIN_RECORD = 11
-#: Where an entry's histogram buckets start (after count, bytes in, bytes out, duration sum).
-_B = 4
-_ENTRY = [0, 0, 0, 0.0] + [0] * (len(BUCKETS) + 1)
-#: The route part of a key for a request with no route, or whose container was not found.
-_NOWHERE = ("", "")
-_NOWHERE_CONTAINER = ("", "", "")
+#: An entry of the request table: bytes in, bytes out, seconds, then one count per bucket
+#: of BUCKETS and +Inf (``_B`` is where they start; the exchanges counted are their sum).
+_B = 3
+_ENTRY = [0, 0, 0.0] + [0] * (len(BUCKETS) + 1)
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
@@ -147,20 +145,29 @@ def decision_result(decision: Mapping[str, Any], status: int) -> str:
 
 
 class RequestMetrics:
-    """The counters of one process's gateway, bumped by the request path."""
+    """The counters of one process's gateway, bumped by the request path.
+
+    The request table is keyed by the record's raw values (status, method, HTTP version,
+    the route's :attr:`~hoodyproxy.observe.audit.RouteRecord.metrics_key`), so that an
+    exchange like one seen before costs a tuple, a lookup and four additions.  Only keys
+    that passed :meth:`_entry` are ever stored: a method outside :data:`METHODS`, a
+    project the live map does not have, or a key past :data:`MAX_SERIES` never is, and such
+    an exchange takes the slow path each time, counted under the bounded key it maps to.
+    """
 
     def __init__(self, directory, *, container_labels: bool = False) -> None:
-        #: The live map, asked only when a request was refused 503 (see the module's doc).
+        #: The live map, asked only for a new key of a request refused 503 (see the module's doc).
         self.directory = directory
+        #: Whether route keys hold the container (RouteRecords are made to match).
         self.container_labels = container_labels
-        self._nowhere = _NOWHERE_CONTAINER if container_labels else _NOWHERE
-        #: (status, method, http, route key) -> [count, bytes in, bytes out, seconds, buckets...]
+        #: (status, method, http, route key or None) -> [bytes in, bytes out, seconds, buckets...]
         self.exchanges: dict[tuple, list] = {}
+        #: The same for the 503s of routed requests (looked up only after a check).
+        self.unavailable: dict[tuple, list] = {}
         #: Requests the gateway began (``begin``), or that a frontend refused before.
         self.begun = 0
-        #: WebSockets established and ended, by the record's ``http``.
+        #: WebSockets established, by the record's ``http`` (their end is their 101 record).
         self.websockets_started: dict[str, int] = {}
-        self.websockets_ended: dict[str, int] = {}
         self.decisions: dict[str, int] = {}
         self.upstream_errors: dict[str, int] = {}
         #: (result, version, transport) -> handshakes
@@ -173,37 +180,21 @@ class RequestMetrics:
 
     def observe(self, record: dict, elapsed: float) -> None:
         """Count one finished exchange (its audit record; ``elapsed`` seconds)."""
-        status = record["status"]
         route = record["route"]
-        if route is None:
-            where = self._nowhere
-        else:
-            try:
-                where = route.container_key if self.container_labels else route.project_key
-            except AttributeError:  # (a plain dict: not a record the gateway made)
-                where = self._where(route)
-            if status == 503 and not self._located(route):
-                # A container the live map does not have (there, or in that project): the
-                # ids are the client's invention, never a label.
-                where = ("", where[1], "") if self.container_labels else ("", where[1])
-        method = record["method"]
-        if method not in METHODS:
-            method = "other"
-        key = (status, method, record["http"], where)
+        try:
+            key = (record["status"], record["method"], record["http"],
+                   route.metrics_key if route is not None else None)
+        except AttributeError:  # (a plain dict: not a record the gateway made)
+            key = (record["status"], record["method"], record["http"], self._route_key(route))
         entry = self.exchanges.get(key)
         if entry is None:
-            entry = self._new_entry(key)
-        entry[0] += 1
-        entry[1] += record["bytes_in"]
-        entry[2] += record["bytes_out"]
-        if status != 101:
-            entry[3] += elapsed
-            entry[_B + bisect_left(BUCKETS, elapsed)] += 1
-        else:
-            http = record["http"]
-            self.websockets_ended[http] = self.websockets_ended.get(http, 0) + 1
+            entry = self._entry(key, route)
+        entry[0] += record["bytes_in"]
+        entry[1] += record["bytes_out"]
+        entry[2] += elapsed
+        entry[_B + bisect_left(BUCKETS, elapsed)] += 1
         if len(record) > _PLAIN_RECORD:
-            self._optional_fields(record, status)
+            self._optional_fields(record)
 
     def websocket_started(self, http: str) -> None:
         """A WebSocket was established (the container answered 101); its record comes at its end."""
@@ -214,7 +205,7 @@ class RequestMetrics:
         key = (result, version, transport)
         self.tls_handshakes[key] = self.tls_handshakes.get(key, 0) + 1
 
-    def _where(self, route: Mapping[str, Any]) -> tuple:
+    def _route_key(self, route: Mapping[str, Any]) -> tuple:
         project, program = route.get("project") or "", route.get("program") or ""
         return (project, program, route.get("container") or "") if self.container_labels else (project, program)
 
@@ -223,17 +214,32 @@ class RequestMetrics:
         container = self.directory.lookup(route.get("container"))
         return container is not None and container.project == route.get("project")
 
-    def _new_entry(self, key: tuple) -> list:
-        if len(self.exchanges) >= MAX_SERIES:
-            where = key[3]
-            key = key[:3] + (("other",) + where[1:2] + (("other",) if self.container_labels else ()),)
-            entry = self.exchanges.get(key)
-            if entry is not None:
-                return entry
-        entry = self.exchanges[key] = list(_ENTRY)
+    def _entry(self, key: tuple, route) -> list:
+        """The entry an exchange with a key not stored yet counts in: its own, made now, or
+        that of the bounded key it maps to."""
+        status, method, http, where = key
+        if method not in METHODS:
+            method = "other"
+        table = self.exchanges
+        if where is not None and status == 503:
+            # Refused because the container is not in the live map, maybe: such keys are
+            # checked every time (a table of their own), since a client's invented ids
+            # are never a label, even in a project the live map has.
+            table = self.unavailable
+            if not self._located(route):
+                where = ("", where[1], "") if self.container_labels else ("", where[1])
+        key = (status, method, http, where)
+        entry = table.get(key)
+        if entry is None:
+            if len(table) >= MAX_SERIES and where is not None:
+                key = (status, method, http, ("other", where[1], "other")[:len(where)])
+                entry = table.get(key)
+            if entry is None:
+                entry = table[key] = list(_ENTRY)
         return entry
 
-    def _optional_fields(self, record: dict, status: int) -> None:
+    def _optional_fields(self, record: dict) -> None:
+        status = record["status"]
         decision = record.get("decision")
         if decision is not None:
             result = decision_result(decision, status)
@@ -301,24 +307,28 @@ def process_snapshot(metrics: RequestMetrics, *, kinds: Mapping[str, str], limit
     sent = _Samples(METRICS["hoodyproxy_sent_bytes_total"][2] + extra)
     durations: dict[tuple, list] = {}
     finished = 0
-    for (status, method, http, where), entry in list(metrics.exchanges.items()):
+    nowhere = ("", "", "") if metrics.container_labels else ("", "")
+    websockets_ended: dict[str, int] = {}
+    for (status, method, http, where), entry in [*metrics.exchanges.items(), *metrics.unavailable.items()]:
         protocol = PROTOCOLS.get(http, "other")
-        if where[1]:
-            kind = kinds.get(where[1], "other")
-        else:
-            kind = "none"
+        if where is None:
+            where = nowhere
+        kind = kinds.get(where[1], "other") if where[1] else "none"
+        count = sum(entry[_B:])
         project_labels = (where[0],) + tuple(where[2:])
-        requests.add((_class(status), method, protocol, kind) + project_labels, entry[0])
-        received.add((protocol,) + project_labels, entry[1])
-        sent.add((protocol,) + project_labels, entry[2])
-        finished += entry[0]
+        if status == 101:  # (a WebSocket's record comes at its end)
+            websockets_ended[http] = websockets_ended.get(http, 0) + count
+        requests.add((_class(status), method, protocol, kind) + project_labels, count)
+        received.add((protocol,) + project_labels, entry[0])
+        sent.add((protocol,) + project_labels, entry[1])
+        finished += count
         if status != 101:
             histogram = durations.get((protocol, kind))
             if histogram is None:
                 histogram = durations[(protocol, kind)] = [0] * (len(BUCKETS) + 1) + [0.0]
             for i in range(len(BUCKETS) + 1):
                 histogram[i] += entry[_B + i]
-            histogram[-1] += entry[3]
+            histogram[-1] += entry[2]
     websockets = _Samples(("protocol",))
     open_websockets = _Samples(("protocol",))
     for protocol in ("h1", "h2", "h3"):
@@ -328,7 +338,7 @@ def process_snapshot(metrics: RequestMetrics, *, kinds: Mapping[str, str], limit
     for http, started in metrics.websockets_started.items():
         protocol = PROTOCOLS.get(http, "other")
         websockets.add((protocol,), started)
-        still_open = max(0, started - metrics.websockets_ended.get(http, 0))
+        still_open = max(0, started - websockets_ended.get(http, 0))
         open_websockets.add((protocol,), still_open)
         open_count += still_open
     snapshot: Snapshot = {
