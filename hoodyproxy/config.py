@@ -207,6 +207,11 @@ class Settings:
     #: ``[store] backend``: "sqlite" (this node alone) or "etcd" (shared; ``etcd``).
     store_backend: str = "sqlite"
     etcd: EtcdSettings = EtcdSettings()
+    #: The bearer token ``GET /metrics`` on the admin listener asks for (None: none asked).
+    metrics_token: str | None = None
+    #: Whether request metrics carry a ``container`` label (``[metrics]``): off, because a
+    #: node serves thousands of containers and each would multiply the series.
+    metrics_container_labels: bool = False
 
     @property
     def suffix(self) -> str:
@@ -346,7 +351,7 @@ _SCHEMA: dict[str, set[str]] = {
     "node": {"name", "zone", "data_dir", "workers"},
     "listen": {"https", "http", "admin"},
     "tls": {"certificate", "key"},
-    "admin": {"token"},
+    "admin": {"token", "metrics_token"},
     "audit": {"path"},
     "upstream": {"connect_timeout", "response_timeout", "pool_idle_timeout", "pool_max_idle"},
     "client": {"idle_timeout"},
@@ -365,6 +370,7 @@ _SCHEMA: dict[str, set[str]] = {
     "docker": {"enabled", "socket", "network", "label_prefix"},
     "drain": {"timeout", "websocket_grace"},
     "store": {"backend"},
+    "metrics": {"container_labels"},
 }
 #: Sections that hold a table of their own (``[store.etcd]``), and that table's keys.
 _SUBTABLES: dict[str, dict[str, set[str]]] = {
@@ -438,6 +444,16 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
         if len(token) < 16:
             raise ConfigError("[admin] token", "must be at least 16 characters")
     kw["admin_token"] = token
+    metrics_token = get("admin", "metrics_token", None) or None
+    if metrics_token is not None:
+        metrics_token = _string("[admin] metrics_token", metrics_token)
+        if len(metrics_token) < 16:
+            raise ConfigError("[admin] metrics_token", "must be at least 16 characters")
+    kw["metrics_token"] = metrics_token
+    container_labels = get("metrics", "container_labels", d.metrics_container_labels)
+    if not isinstance(container_labels, bool):
+        raise ConfigError("[metrics] container_labels", "must be true or false")
+    kw["metrics_container_labels"] = container_labels
     audit = get("audit", "path", None) or None
     kw["audit_path"] = None if audit is None else _string("[audit] path", audit)
     for section, name, attr, integer in (
@@ -682,11 +698,14 @@ def settings_to_mapping(settings: Settings) -> dict[str, Any]:
                            **{name: getattr(s.etcd, name)
                               for name in ("username", "password", "ca_file", "cert_file", "key_file")
                               if getattr(s.etcd, name) is not None}}},
+        "metrics": {"container_labels": s.metrics_container_labels},
     }
     if s.tls_certificate:
         doc["tls"] = {"certificate": s.tls_certificate, "key": s.tls_key}
     if s.admin_token:
-        doc["admin"] = {"token": s.admin_token}
+        doc.setdefault("admin", {})["token"] = s.admin_token
+    if s.metrics_token:
+        doc.setdefault("admin", {})["metrics_token"] = s.metrics_token
     if s.audit_path:
         doc["audit"] = {"path": s.audit_path}
     return doc

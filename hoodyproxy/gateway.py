@@ -27,6 +27,7 @@ from hoodyproxy.config import Settings
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.limits import ALLOWED, Limiters, TooManyRequests
 from hoodyproxy.observe.audit import RouteRecord
+from hoodyproxy.observe.metrics import RequestMetrics
 from hoodyproxy.routing import Router, Target, split_host
 from hoodyproxy.upstream.exchange import Exchange
 from hoodyproxy.upstream.headers import build_request_head, wants_websocket
@@ -119,6 +120,8 @@ class Gateway:
         #: The WebSocket tunnels open now (a draining node closes them with 1001).
         self.tunnels: set = set()
         self.now = now
+        #: What the exchanges add up to (step 5 counts each one; see hoodyproxy.observe.metrics).
+        self.metrics = RequestMetrics(directory, container_labels=settings.metrics_container_labels)
         self._take_settings(settings)
 
     def _take_settings(self, settings: Settings) -> None:
@@ -224,6 +227,7 @@ class Gateway:
     def begin(self, request) -> None:
         """Start serving ``request`` (called at end of its headers)."""
         started = self.now()
+        self.metrics.begun += 1
         uri = request.uri
         if b"?" in uri:
             # A token in the query string is a secret: out of the audit line on every path,
@@ -297,7 +301,7 @@ class Gateway:
         if route is None:
             if len(self._route_records) >= ROUTE_CACHE_SIZE:
                 self._route_records.clear()
-            route = self._route_records[target] = RouteRecord(target)
+            route = self._route_records[target] = RouteRecord(target, self.metrics.container_labels)
         record["route"] = route
 
         # 2. locate (absent, stopped or another project's: one answer, so that an outsider
@@ -376,6 +380,8 @@ class Gateway:
             # A body small servers do not read is the next request on the connection: such
             # a connection is never given to another request, this client's or another's.
             reusable=not (has_body and request.method in BODYLESS_METHODS))
+        if upgrade:
+            exchange.metrics = self.metrics  # (counts the WebSocket when it is established)
         request.exchange = exchange
         taps = self.taps
         if taps is not None and taps.active:
@@ -449,7 +455,15 @@ class Gateway:
     # -- 5. audit -----------------------------------------------------------------------
 
     def emit_record(self, record: dict) -> None:
-        """Complete (duration) and emit the audit record of one exchange."""
+        """Complete (duration) and emit the audit record of one exchange, and count it."""
+        elapsed = self.now() - record["time"]
         # (milliseconds to three places: int arithmetic, a third of round(x, 3)'s cost)
-        record["duration_ms"] = int((self.now() - record["time"]) * 1000000.0 + 0.5) / 1000.0
+        record["duration_ms"] = int(elapsed * 1000000.0 + 0.5) / 1000.0
         self.audit.record(record)
+        self.metrics.observe(record, elapsed)
+
+    def emit_refusal(self, record: dict) -> None:
+        """Emit the record of a request its frontend refused before :meth:`begin` (a
+        malformed head): begun and over at once."""
+        self.metrics.begun += 1
+        self.emit_record(record)

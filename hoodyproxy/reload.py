@@ -36,6 +36,8 @@ RESTART_KEYS = frozenset({
     "[docker] enabled", "[docker] socket", "[docker] network", "[docker] label_prefix",
     # The store (SQLite or etcd, its endpoints and credentials) is opened with the node.
     "[store] backend", "[store] etcd",
+    # The request metrics' label set is fixed for the process (counters never go back).
+    "[metrics] container_labels",
 })
 
 

@@ -168,6 +168,10 @@ class GatewayStack:
         from hoodyproxy.observe.tap import TapHub
         self.taps = self.gateway.taps = TapHub(reactor, allow_unredacted=s.tap_allow_unredacted,
                                                 max_taps=s.tap_max_taps, queue_events=s.tap_queue_events)
+        #: The HTTPS ports' TLS factories and the HTTP/3 listeners: their open connections
+        #: are counted when metrics are asked for.
+        self.tls_factories: list = []
+        self.http3_listeners: list = []
 
     def _certificate_paths(self, s: Settings) -> tuple[str, str]:
         """The default certificate and key: ``[tls]``'s, else the generated development
@@ -200,6 +204,7 @@ class GatewayStack:
         self.https_frontend = negotiating
         from hoodyproxy.tls.transport import tls_factory
         self._https_factory = tls_factory(SNIContextFactory(self.certificates), False, self.https_frontend)
+        self.tls_factories.append(self._https_factory)
         return self._https_factory
 
     def drain(self, frontends=()):
@@ -209,6 +214,25 @@ class GatewayStack:
         parts = ([self.https_frontend] if self.https_frontend is not None else []) + list(frontends)
         return Drain(self.reactor, parts, self.gateway.tunnels, timeout=self.settings.drain_timeout,
                      websocket_grace=self.settings.drain_websocket_grace)
+
+    def open_connections(self) -> dict[str, int]:
+        """Client connections open now, by protocol (``tls`` while in the handshake)."""
+        from hoodyproxy.frontend.http2 import connection_protocol
+        counts = {"tls": 0, "h1": 0, "h2": 0, "h3": 0}
+        for factory in self.tls_factories:
+            for wrapper in list(factory.protocols):
+                protocol = connection_protocol(getattr(wrapper, "wrappedProtocol", None))
+                counts[protocol] += 1
+        for listener in self.http3_listeners:
+            counts["h3"] += len(listener.sessions)
+        return counts
+
+    def metrics_snapshot(self) -> dict:
+        """This process's metrics (:func:`hoodyproxy.observe.metrics.process_snapshot`)."""
+        from hoodyproxy.observe.metrics import process_snapshot
+        gateway = self.gateway
+        return process_snapshot(gateway.metrics, kinds={n: p.kind for n, p in gateway.settings.programs.items()},
+                                limiters=gateway.limiters, connections=self.open_connections())
 
     def redirect_factory(self, https_port: int) -> Site:
         """The plain-HTTP factory: a 308 to HTTPS on ``https_port``, given from the request
@@ -446,6 +470,7 @@ class NodeService(service.MultiService):
     def privilegedStartService(self) -> None:
         from hoodyproxy import listening, sockets
         from hoodyproxy.admin.api import AdminAPI, admin_site
+        from hoodyproxy.admin.metrics import MetricsEndpoint, NodeMetrics
         from hoodyproxy.admin.taps import TapEndpoints
         from hoodyproxy.workers import WorkerPool
 
@@ -474,6 +499,7 @@ class NodeService(service.MultiService):
                 self.ports["http3"].append(listen_http3(r, address.interface, address.port, gateway=self.gateway,
                                                         certificates=self.stack.certificates, settings=s,
                                                         sock=sock))
+                self.stack.http3_listeners.append(self.ports["http3"][-1].protocol)
         self.stack.advertise_http3(https_bound[0].port)
         from hoodyproxy.aliases import alias_url
         from hoodyproxy.tls.manager import CertificateManager, CnameVerifier
@@ -493,7 +519,8 @@ class NodeService(service.MultiService):
                                   certificate_status=self.certificate_manager.status,
                                   rate_limits=self.stack.rate_limits,
                                   taps=TapEndpoints(self.stack.taps, self.stack.audit),
-                                  readiness=self.readiness, reload=self.reload)
+                                  readiness=self.readiness, reload=self.reload,
+                                  metrics=MetricsEndpoint(NodeMetrics(self), s.metrics_token))
         self.admin_site = admin_site(self.admin_api, r, s.request_head_timeout)
         for sock in listeners.of("admin"):
             self.ports["admin"].append(sockets.adopt_stream(r, sock, self.admin_site))

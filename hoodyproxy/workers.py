@@ -90,6 +90,10 @@ class WorkerPool(service.Service):
         self.use_settings(settings)
         self.processes: dict[int, _WorkerProcess] = {}
         self.stopping = False
+        #: Workers that exited and were started again (a metric).
+        self.restarts = 0
+        #: Where a scrape gathers the workers' metrics (hoodyproxy.observe.gather).
+        self.metrics_hub = None
 
     def use_settings(self, settings: Settings) -> None:
         """The settings workers started from now on get (before ``startService``: all of them)."""
@@ -126,6 +130,7 @@ class WorkerPool(service.Service):
             "https_port": address_of(self.listeners.of("https")[0]).port,
             "ratelimit_socket": self.shared_limits.path if self.shared_limits is not None else None,
             "tap_socket": self.tap_relay.path if self.tap_relay is not None else None,
+            "metrics_socket": self.metrics_hub.path if self.metrics_hub is not None else None,
         })
 
     def startService(self) -> None:
@@ -140,6 +145,9 @@ class WorkerPool(service.Service):
             from hoodyproxy.observe.relay import TapRelayServer
             self.tap_relay = TapRelayServer(self.reactor, self.taps, self.settings.data_dir)
             self.tap_relay.startService()
+        from hoodyproxy.observe.gather import MetricsHub
+        self.metrics_hub = MetricsHub(self.reactor, self.settings.data_dir)
+        self.metrics_hub.startService()
         for number in range(1, self.count):
             self._spawn(number)
 
@@ -162,6 +170,7 @@ class WorkerPool(service.Service):
         if self.processes.get(proto.number) is proto:
             del self.processes[proto.number]
         if not self.stopping:
+            self.restarts += 1
             log.warn("worker {n} exited; starting it again", n=proto.number)
             self.reactor.callLater(self.restart_delay, self._spawn, proto.number)
 
@@ -215,6 +224,8 @@ class WorkerPool(service.Service):
                 await self.shared_limits.stopService()
             if self.tap_relay is not None:
                 await self.tap_relay.stopService()
+            if self.metrics_hub is not None:
+                await self.metrics_hub.stopService()
         return defer.ensureDeferred(wait_all())
 
 
@@ -330,6 +341,11 @@ def worker_main(argv: list[str]) -> None:
         relay = TapRelayClient(reactor, stack.taps, spec["tap_socket"])
         relay.start()
         stops.append(relay.stop)
+    if spec.get("metrics_socket"):
+        from hoodyproxy.observe.gather import MetricsReporter
+        reporter = MetricsReporter(reactor, spec["metrics_socket"], int(number), stack.metrics_snapshot)
+        reporter.start()
+        stops.append(reporter.stop)
     stdio.StandardIO(_Control(stack, reactor, certificates), stdout=os.open(os.devnull, os.O_WRONLY))
     _handle_signals(stack, reactor)
     log.info("worker {n} serving (pid {pid})", n=number, pid=os.getpid())

@@ -66,6 +66,8 @@ class FakeGateway:
     def emit_record(self, record: dict) -> None:
         self.records.append(record)
 
+    emit_refusal = emit_record
+
 
 def answer(request, status: int = 200, body: bytes = b"ok") -> None:
     request.start_response(status, b"OK", [(b"Content-Length", b"%d" % len(body))])

@@ -1,7 +1,8 @@
 """The admin REST API (a twisted.web Resource): containers, permission sets, rate limits, aliases and domains.
 
 Every request needs ``Authorization: Bearer <admin token>``, but the health paths
-(:data:`HEALTH_PATHS`: ``/healthz``, ``/livez``, ``/readyz``).  A 2xx answer means the
+(:data:`HEALTH_PATHS`: ``/healthz``, ``/livez``, ``/readyz``) and ``GET /metrics``
+(:mod:`hoodyproxy.admin.metrics`, which has a token of its own).  A 2xx answer means the
 change is committed to disk, or, with the shared store (``[store] backend = "etcd"``),
 committed by etcd; when etcd cannot commit, 503 ``store_unavailable`` and nothing
 changed.  Errors are a status and a short JSON body naming what was
@@ -50,6 +51,8 @@ DRAIN_BODY = 2 * MAX_BODY
 #: Paths answered without a token: health (the process answers), liveness (the same),
 #: readiness (200 once started, 503 while starting or draining).
 HEALTH_PATHS = (b"/healthz", b"/api/v1/health", b"/livez", b"/readyz")
+#: Prometheus's path: its own token, or none (see hoodyproxy.admin.metrics).
+METRICS_PATH = b"/metrics"
 
 
 class ApiError(Exception):
@@ -153,7 +156,8 @@ class AdminAPI(Resource):
 
     def __init__(self, directory, token: str, *, permissions=None, registry=None, aliases=None,
                  base_url_for=None, certificate_status=None, rate_limits=None, taps=None,
-                 readiness=None, reload=None, shared=None) -> None:
+                 readiness=None, reload=None, shared=None,
+                 metrics=None) -> None:
         super().__init__()
         self.directory = directory
         self.token = token.encode()
@@ -170,6 +174,8 @@ class AdminAPI(Resource):
         #: The shared store's view of every node (hoodyproxy.store.mirror.SharedState), or
         #: None: then ``?node=`` lists are refused.
         self.shared = shared
+        #: ``GET /metrics`` (hoodyproxy.admin.metrics.MetricsEndpoint), or None (404).
+        self.metrics = metrics
 
     @property
     def registry(self):
@@ -182,6 +188,8 @@ class AdminAPI(Resource):
         try:
             if request.path in HEALTH_PATHS:
                 status, body = self._health(request.path)
+            elif request.path == METRICS_PATH and self.metrics is not None:
+                return self.metrics.render(self, request)
             else:
                 self._authenticate(request)
                 answer = self._dispatch(request)
@@ -234,7 +242,11 @@ class AdminAPI(Resource):
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
         token (a health path needs none), 413 for an announced body over MAX_BODY."""
-        if request.path not in HEALTH_PATHS:
+        if request.path == METRICS_PATH and self.metrics is not None:
+            refusal = self.metrics.refusal(request)
+            if refusal is not None:
+                return refusal
+        elif request.path not in HEALTH_PATHS:
             try:
                 self._authenticate(request)
             except ApiError as e:

@@ -130,7 +130,7 @@ class H1Guard:
             except Exception:  # (no method parsed yet)
                 method = None
             version = request.http_version
-        gateway.emit_record({
+        gateway.emit_refusal({
             "time": gateway.now() - took, "client": unmapped_ip(getattr(self.peer, "host", "")),
             "host": hosts[0].decode("latin-1") if hosts else None, "route": None,
             "method": method, "path": uri, "http": version,

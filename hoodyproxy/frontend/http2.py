@@ -597,6 +597,14 @@ class H2ServerProtocol(Protocol):
         self.transport_paused = True
 
 
+def _tls_version(transport) -> str:
+    """The TLS version a connection negotiated (``TLSv1.3``...), or ``unknown``."""
+    try:
+        return transport.getHandle().get_protocol_version_name()
+    except AttributeError:  # (not a TLS transport)
+        return "unknown"
+
+
 @implementer(IHandshakeListener)
 class _Negotiator(Protocol):
     """Chooses HTTP/2 or HTTP/1.1 by the protocol ALPN settled on, then steps aside.
@@ -610,12 +618,18 @@ class _Negotiator(Protocol):
         self.addr = addr
         self._timer = None
         self.chosen = None
+        self.timed_out = False
 
     def makeConnection(self, transport) -> None:
         self.transport = transport
         self.connected = True
         # A client that never completes the handshake does not hold the socket forever.
-        self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout, transport.abortConnection)
+        self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout, self._time_is_up)
+
+    def _time_is_up(self) -> None:
+        self._timer = None
+        self.timed_out = True
+        self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         self._choose()
@@ -628,6 +642,9 @@ class _Negotiator(Protocol):
         self._timer = None
         self.factory.negotiating.discard(self)
         transport = self.transport
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.tls_handshake("ok", _tls_version(transport))
         if getattr(transport, "negotiatedProtocol", None) == b"h2" and self.factory.h2_enabled:
             protocol = self.factory.build_h2(self.addr)
         else:
@@ -647,6 +664,8 @@ class _Negotiator(Protocol):
         self.factory.negotiating.discard(self)
         if self.chosen is not None:
             self.chosen.connectionLost(reason)
+        elif self.factory.metrics is not None:
+            self.factory.metrics.tls_handshake("timeout" if self.timed_out else "failed", "unknown")
 
 
 class NegotiatingFactory(Factory):
@@ -657,6 +676,12 @@ class NegotiatingFactory(Factory):
         self.gateway = gateway
         self.certificates = certificates
         self.reactor = reactor
+        #: Where handshakes are counted (the gateway's RequestMetrics), or None.
+        self.metrics = getattr(gateway, "metrics", None)
+        #: Connections in their TLS handshake, and HTTP/2 connections, open now.
+        self.negotiating: set[_Negotiator] = set()
+        self.h2_connections: set[H2ServerProtocol] = set()
+        self.draining = False
         self.use_settings(settings)
 
     def use_settings(self, settings) -> None:
@@ -665,10 +690,6 @@ class NegotiatingFactory(Factory):
         self.h2_enabled = settings.http2_enabled
         # The handshake is the head of a TLS connection: it gets the request head's deadline.
         self.handshake_timeout = settings.request_head_timeout
-        #: Connections in their TLS handshake, and HTTP/2 connections, open now.
-        self.negotiating: set[_Negotiator] = set()
-        self.h2_connections: set[H2ServerProtocol] = set()
-        self.draining = False
 
     def buildProtocol(self, addr):
         negotiator = _Negotiator(self, addr)
@@ -713,3 +734,13 @@ class NegotiatingFactory(Factory):
 
     def doStop(self) -> None:
         self.h1.doStop()
+
+
+def connection_protocol(protocol) -> str:
+    """What a TLS connection on the HTTPS port speaks, by the protocol it wraps now:
+    ``tls`` (still in its handshake), ``h2`` or ``h1`` (a WebSocket over HTTP/1.1 too)."""
+    if isinstance(protocol, _Negotiator):
+        return "tls"
+    if isinstance(protocol, H2ServerProtocol):
+        return "h2"
+    return "h1"

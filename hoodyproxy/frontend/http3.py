@@ -327,6 +327,8 @@ class H3Session:
         if self.handshaking:
             self.handshaking = False
             self.listener.handshake_done(self)
+            if self.listener.metrics is not None:
+                self.listener.metrics.tls_handshake("ok", "TLSv1.3", "quic")
 
     # -- HTTP/3 events ------------------------------------------------------------------
 
@@ -593,6 +595,8 @@ class HTTP3Listener(DatagramProtocol):
     def __init__(self, clock, *, gateway, certificates, settings) -> None:
         self.clock = clock
         self.gateway = gateway
+        #: Where handshakes are counted (the gateway's RequestMetrics), or None.
+        self.metrics = getattr(gateway, "metrics", None)
         self.certificates = certificates
         self.settings = settings
         self.connections: dict[bytes, H3Session] = {}
@@ -732,6 +736,8 @@ class HTTP3Listener(DatagramProtocol):
         if session.handshaking:
             session.handshaking = False
             self.handshaking -= 1
+            if self.metrics is not None:
+                self.metrics.tls_handshake("failed", "unknown", "quic")
         for cid in [cid for cid, s in self.connections.items() if s is session]:
             del self.connections[cid]
 

@@ -90,7 +90,7 @@ from hoodyproxy.limits._sharing import (MAX_BATCH_KEYS, MAX_KEY_LENGTH, MAX_LINE
                                         decode_batch, encode_batch)
 
 __all__ = ["MAX_BATCH_KEYS", "MAX_KEY_LENGTH", "MAX_LINE", "MAX_PENDING_KEYS",
-           "SharedLimitsClient", "SharedLimitsHub", "socket_path"]
+           "SharedLimitsClient", "SharedLimitsHub", "close_unix", "listen_unix", "socket_path"]
 
 log = Logger()
 
@@ -106,6 +106,34 @@ def socket_path(data_dir: str, name: str = SOCKET_NAME) -> tuple[str, str | None
         return path, None
     directory = tempfile.mkdtemp(prefix="hoodyproxy-")  # 0700
     return os.path.join(directory, name), directory
+
+
+def listen_unix(reactor, path: str, factory):
+    """Listen on the UNIX socket ``path`` (mode 0600), replacing one a crashed node left
+    there (the data directory is locked: never a live node's).  Raises what
+    ``listenUNIX`` raises."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return reactor.listenUNIX(path, factory, mode=0o600)
+
+
+def close_unix(port, connections, temp_dir: str | None, waits=()) -> defer.Deferred:
+    """Stop listening on ``port`` (None: nothing), close ``connections`` (protocols), and
+    once that and ``waits`` are done remove ``temp_dir`` (from :func:`socket_path`)."""
+    waits = list(waits)
+    if port is not None:
+        waits.append(defer.maybeDeferred(port.stopListening))
+    for connection in list(connections):
+        connection.transport.loseConnection()
+
+    def cleanup(result):
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        return result
+    return defer.DeferredList(waits).addBoth(cleanup)
 
 
 def _same_user(transport) -> bool:
@@ -250,12 +278,7 @@ class SharedLimitsHub(service.Service):
     def startService(self) -> None:
         super().startService()
         try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a crashed node's (the data directory is locked: not a live one's)
-        except FileNotFoundError:
-            pass
-        try:
-            self.port = self.reactor.listenUNIX(self.path, _HubFactory(self), mode=0o600)
+            self.port = listen_unix(self.reactor, self.path, _HubFactory(self))
         except CannotListenError as e:
             # The workers say they cannot reach it and limit alone; the node still serves.
             log.error("shared rate limits: cannot listen on {path} ({why}); each worker limits alone",
@@ -269,19 +292,9 @@ class SharedLimitsHub(service.Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for member in list(self.connections):
-            waits.append(self._gone.setdefault(member, defer.Deferred()))
-            member.transport.loseConnection()
-
-        def cleanup(result):
-            if self.temp_dir is not None:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-            return result
-        return defer.DeferredList(waits).addBoth(cleanup)
+        port, self.port = self.port, None
+        gone = [self._gone.setdefault(member, defer.Deferred()) for member in self.connections]
+        return close_unix(port, self.connections, self.temp_dir, gone)
 
     def _joined(self, member: _Member) -> None:
         self.members.append(member)

@@ -43,11 +43,15 @@ class RouteRecord(dict):
     line's route part is rendered once, not per request.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "metrics_key")
 
-    def __init__(self, target) -> None:
+    def __init__(self, target, container_label: bool = False) -> None:
         super().__init__(project=target.project, container=target.container, program=target.program,
                          index=target.index)
+        #: The route's part of a metrics key (hoodyproxy.observe.metrics), made once too:
+        #: (project, program), and the container when metrics have container labels.
+        self.metrics_key = ((target.project, target.program, target.container) if container_label
+                            else (target.project, target.program))
         self.text = '{"project":%s,"container":%s,"program":%s,"index":%d}' % (
             _q(target.project), _q(target.container), _q(target.program), target.index)
 

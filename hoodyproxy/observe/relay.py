@@ -20,19 +20,15 @@ connected, it runs no taps.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import stat
 
 from twisted.application import service
-from twisted.internet import defer
 from twisted.internet.protocol import Factory, ReconnectingClientFactory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from hoodyproxy.limits.shared import _same_user, socket_path
+from hoodyproxy.limits.shared import _same_user, close_unix, listen_unix, socket_path
 from hoodyproxy.observe.tap import InvalidTap, TapSpec, dumps
 
 log = Logger()
@@ -102,15 +98,10 @@ class TapRelayServer(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a crashed node's (the data directory is locked: not a live one's)
-        except FileNotFoundError:
-            pass
         factory = Factory.forProtocol(_WorkerSide)
         factory.relay = self
         try:
-            self.port = self.reactor.listenUNIX(self.path, factory, mode=0o600)
+            self.port = listen_unix(self.reactor, self.path, factory)
         except Exception as e:
             log.error("taps: cannot listen on {path} ({why}); taps see worker 0's exchanges only",
                       path=self.path, why=str(e))
@@ -121,18 +112,8 @@ class TapRelayServer(service.Service):
         super().stopService()
         if self._changed in self.hub.on_change:
             self.hub.on_change.remove(self._changed)
-        waits = []
-        if self.port is not None:
-            waits.append(defer.maybeDeferred(self.port.stopListening))
-            self.port = None
-        for connection in list(self.connections):
-            connection.transport.loseConnection()
-
-        def cleanup(result):
-            if self.temp_dir is not None:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
-            return result
-        return defer.DeferredList(waits).addBoth(cleanup)
+        port, self.port = self.port, None
+        return close_unix(port, self.connections, self.temp_dir)
 
 
 @implementer(IPushProducer)

@@ -179,6 +179,20 @@ class CertificateStore:
         cryptography objects: what a QUIC handshake needs."""
         return self.entry_for(server_name).material()
 
+    def expiries(self) -> dict[str, float]:
+        """When each certificate served expires (its not-after, in Unix seconds), by the
+        names it is served for: the default certificate's DNS names, then each name given
+        a certificate of its own.  A certificate whose files cannot be read is left out."""
+        out: dict[str, float] = {}
+        for names, entry in ((None, self._default), *(((name,), e) for name, e in sorted(self._names.items()))):
+            try:
+                certificate, _chain, _key, dns_names = entry.material()
+            except Exception:
+                continue
+            for name in names if names is not None else sorted(dns_names):
+                out[name] = certificate.not_valid_after_utc.timestamp()
+        return out
+
     def names_of_context(self, context: SSL.Context) -> frozenset[str]:
         """The DNS names the certificate of ``context`` (one of ours) is valid for."""
         for entry in (self._default, *self._names.values()):

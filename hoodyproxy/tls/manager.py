@@ -115,6 +115,8 @@ class CertificateManager(service.Service):
         self._domains: dict[str, _Domain] = {}
         self._inflight: set[defer.Deferred] = set()
         self._loop: LoopingCall | None = None
+        #: ACME orders finished, by result (a metric: hoodyproxy_acme_orders_total).
+        self.orders = {"issued": 0, "failed": 0}
         aliases.subscribe(self._changed)
 
     # -- the service -------------------------------------------------------------------
@@ -274,7 +276,9 @@ class CertificateManager(service.Service):
             return  # detached meanwhile: not served, not rescheduled
         state.issuing = False
         now = self.reactor.seconds()
-        if paths is not None and self._load(state, now):
+        loaded = paths is not None and self._load(state, now)
+        self.orders["issued" if loaded else "failed"] += 1
+        if loaded:
             state.failures, state.last_error, state.next_attempt = 0, None, None
             log.info("certificate for {domain} issued, valid until {until}; renewal at {renew}",
                      domain=domain, until=_iso(state.not_after),

@@ -78,7 +78,7 @@ class Exchange:
                  "timeout", "record", "done", "clock", "tunnel_idle_timeout", "conn", "connecting",
                  "pending", "pending_size", "replay", "replay_size", "attempts", "body_paused",
                  "body_producer", "response_started", "response_done", "discarded", "over", "read_only",
-                 "tunnel", "reusable", "reused", "producing", "switch_headers", "capture", "tunnels")
+                 "tunnel", "reusable", "reused", "producing", "switch_headers", "capture", "tunnels", "metrics")
 
     def __init__(self, request: FrontendRequest, pool, *, address: str, port: int, head: bytes,
                  head_request: bool, upgrade: bool, timeout: float, record: dict,
@@ -316,6 +316,9 @@ class Exchange:
         self.tunnel = tunnel
         self.switch_headers = None
         tunnel.start(client_leftover, leftover)
+        metrics = getattr(self, "metrics", None)  # (set for an upgrade by the gateway)
+        if metrics is not None:
+            metrics.websocket_started(self.record["http"])
         # From here only the tunnel's end calls back (its record counts are its own): the
         # request, its head and body buffers are not needed while the WebSocket lives.
         self.request = None

@@ -1,0 +1,136 @@
+"""``GET /metrics`` on the admin listener: the node's numbers in Prometheus's text format.
+
+No token is asked by default (a scraper on the admin listener's network sees counts,
+never a secret); with ``[admin] metrics_token`` set, a scrape needs ``Authorization:
+Bearer <metrics_token>``, and the admin token is not accepted for it (a scraper is given
+the one that can only read numbers).  The answer is written when the numbers are in: this
+process's (:meth:`hoodyproxy.service.GatewayStack.metrics_snapshot`), every other
+worker's (:class:`hoodyproxy.observe.gather.MetricsHub`, which never makes a scrape wait
+more than a second), and the node's own facts, which only worker 0 knows: the
+certificates it serves, its ACME orders, the live map, config reloads, build versions
+(:meth:`NodeMetrics.node_snapshot`).  See docs/metrics.rst for every metric.
+"""
+
+from __future__ import annotations
+
+import hmac
+import platform
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+
+from hoodyproxy.admin.api import ApiError
+from hoodyproxy.frontend.http1 import SERVER
+from hoodyproxy.observe.metrics import Snapshot, merge, total
+
+log = Logger()
+
+def _flat(label: str, values: dict) -> dict:
+    return {"labels": [label], "samples": [[[k], v] for k, v in values.items()]}
+
+
+def _single(value: float) -> dict:
+    return {"labels": [], "samples": [[[], value]]}
+
+
+class NodeMetrics:
+    """What a scrape of this node says, gathered from its processes and its stores."""
+
+    def __init__(self, node) -> None:
+        #: The NodeService (its stack, certificates, workers, reloads...).
+        self.node = node
+
+    def collect(self) -> defer.Deferred:
+        """Fires with the node's snapshot: every worker's numbers added up, and the node's."""
+        node = self.node
+        hub = getattr(node.workers, "metrics_hub", None) if node.workers is not None else None
+        gathered = hub.gather() if hub is not None else defer.succeed(({}, {}, 0))
+
+        def add_up(result):
+            workers, requests, fresh = result
+            own = node.stack.metrics_snapshot()
+            requests = dict(requests)
+            requests[0] = requests.get(0, 0) + total(own, "hoodyproxy_requests_total")
+            facts = self.node_snapshot()
+            facts["hoodyproxy_worker_requests_total"] = _flat("worker", {str(n): v for n, v in
+                                                                         sorted(requests.items())})
+            facts["hoodyproxy_workers_reporting"] = _single(1 + fresh)
+            return merge(own, workers, facts)
+        return gathered.addCallback(add_up)
+
+    def node_snapshot(self) -> Snapshot:
+        """The numbers only worker 0 has: certificates, ACME, the live map, reloads, versions."""
+        node = self.node
+        import twisted
+
+        import hoodyproxy
+        states: dict[str, int] = {"running": 0, "stopped": 0}
+        for container in node.directory.list():
+            states[container.state] = states.get(container.state, 0) + 1
+        manager = getattr(node, "certificate_manager", None)
+        orders = dict(getattr(manager, "orders", None) or {"issued": 0, "failed": 0})
+        reloads = getattr(node, "reloads", None) or {}
+        workers = node.workers
+        return {
+            "hoodyproxy_certificate_expiry_timestamp_seconds": _flat("name", node.certificates.expiries()),
+            "hoodyproxy_acme_orders_total": _flat("result", orders),
+            "hoodyproxy_live_map_containers": _flat("state", states),
+            "hoodyproxy_config_reloads_total": _flat("result", {"ok": reloads.get("ok", 0),
+                                                                "failed": reloads.get("failed", 0)}),
+            "hoodyproxy_config_last_reload_success_timestamp_seconds": _single(reloads.get("last_success") or 0),
+            "hoodyproxy_build_info": {"labels": ["version", "python", "twisted"], "samples": [
+                [[hoodyproxy.__version__, platform.python_version(), twisted.__version__], 1]]},
+            "hoodyproxy_worker_restarts_total": _single(getattr(workers, "restarts", 0) if workers else 0),
+        }
+
+
+class MetricsEndpoint:
+    """``GET /metrics``: the token check and the answer, given when the numbers are in."""
+
+    def __init__(self, source: NodeMetrics, token: str | None = None) -> None:
+        self.source = source
+        self.token = token.encode() if token else None
+
+    def refusal(self, request) -> ApiError | None:
+        """What the head alone earns: 405 for another method, 401 without the token."""
+        if request.method not in (b"GET", b"HEAD"):
+            return ApiError(405, "method_not_allowed", "method not allowed here", {b"Allow": b"GET, HEAD"})
+        if self.token is not None:
+            scheme, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+                return ApiError(401, "unauthorized", "a valid metrics bearer token is required",
+                                {b"WWW-Authenticate": b'Bearer realm="hoodyproxy-metrics"'})
+        return None
+
+    def render(self, api, request):
+        """Answer ``request`` (``api``: the AdminAPI, for its error answers)."""
+        refused = self.refusal(request)
+        if refused is not None:
+            return api.error_response(request, refused)
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = self.source.collect()
+
+        def answer(snapshot):
+            if gone:
+                return
+            from hoodyproxy.observe.exposition import render
+            accept = request.getHeader(b"accept")
+            body, content_type = render(snapshot, accept.decode("latin-1") if accept else None)
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", content_type.encode())
+            request.setHeader(b"Server", SERVER)
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        def failed(failure):
+            log.failure("metrics: a scrape failed", failure)
+            if not gone:
+                request.write(api.error_response(request, ApiError(500, "internal_error", "internal error")))
+                request.finish()
+        d.addCallback(answer).addErrback(failed)
+        return NOT_DONE_YET
