@@ -248,11 +248,14 @@ class TwoNodes(unittest.TestCase):
         register(b2, self.backend.number, container=OTHER_CONTAINER)
         await until(lambda: lines)
         self.assertFalse(b2.store_ready())
+        status, body = await self.api(b2, "GET", "/readyz")
+        self.assertEqual(status, 503, body)
         self.assertEqual(self.project_set(b2).default, "deny")
         self.assertEqual(await self.get_through(b2, OTHER_CONTAINER), 403)
         self.assertEqual(len(lines), 1)
         self.revive(0, 1, 2)
         await until(b2.store_ready)
+        self.assertEqual((await self.api(b2, "GET", "/readyz"))[0], 200)
         self.assertEqual(self.project_set(b2).default, "deny")
 
     async def test_compaction_under_a_watching_node_resyncs_only_changes(self) -> None:
@@ -284,6 +287,18 @@ class TwoNodes(unittest.TestCase):
         for project in projects[2:]:
             self.assertEqual(self.project_set(b, project).default, "deny")
         self.assertEqual(b.shared_store.state.last_resync_changed, 2)
+        # What the node's metrics say of its store (a real Prometheus text parser), once
+        # its watch runs again.
+        await until(lambda: b.shared_store.state.connected)
+        from prometheus_client.parser import text_string_to_metric_families
+        response = await treq.get(f"http://127.0.0.1:{b.admin_port}/metrics", agent=self.agent)
+        samples = {sample.name: sample.value for family in text_string_to_metric_families(
+            (await response.text()).strip() + "\n") for sample in family.samples}
+        self.assertEqual(samples["hoodyproxy_store_connected"], 1)
+        self.assertEqual(samples["hoodyproxy_store_snapshot_loaded"], 1)
+        self.assertGreaterEqual(samples["hoodyproxy_store_resyncs_total"], 1)
+        self.assertGreaterEqual(samples["hoodyproxy_store_watch_restarts_total"], 1)
+        self.assertGreaterEqual(samples["hoodyproxy_store_snapshot_age_seconds"], 0)
 
     async def test_dead_node_containers_vanish_after_the_lease(self) -> None:
         """A's published containers are listed by B, and leave B's list once A stops

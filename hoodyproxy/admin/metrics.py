@@ -72,7 +72,9 @@ class NodeMetrics:
         orders = dict(getattr(manager, "orders", None) or {"issued": 0, "failed": 0})
         reloads = getattr(node, "reloads", None) or {}
         workers = node.workers
+        store = self.store_snapshot()
         return {
+            **store,
             "hoodyproxy_certificate_expiry_timestamp_seconds": _flat("name", node.certificates.expiries()),
             "hoodyproxy_acme_orders_total": _flat("result", orders),
             "hoodyproxy_live_map_containers": _flat("state", states),
@@ -82,6 +84,22 @@ class NodeMetrics:
             "hoodyproxy_build_info": {"labels": ["version", "python", "twisted"], "samples": [
                 [[hoodyproxy.__version__, platform.python_version(), twisted.__version__], 1]]},
             "hoodyproxy_worker_restarts_total": _single(getattr(workers, "restarts", 0) if workers else 0),
+        }
+
+
+    def store_snapshot(self) -> Snapshot:
+        """The shared store's state (``[store] backend = "etcd"``); nothing with SQLite."""
+        shared = getattr(self.node, "shared_store", None)
+        if shared is None:
+            return {}
+        state = shared.state
+        age = state.snapshot_age()
+        return {
+            "hoodyproxy_store_connected": _single(1 if state.connected else 0),
+            "hoodyproxy_store_snapshot_loaded": _single(1 if state.ready else 0),
+            "hoodyproxy_store_snapshot_age_seconds": _single(-1 if age is None else age),
+            "hoodyproxy_store_watch_restarts_total": _single(state.watch_restarts),
+            "hoodyproxy_store_resyncs_total": _single(state.resyncs),
         }
 
 

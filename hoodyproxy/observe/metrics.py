@@ -90,6 +90,15 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "hoodyproxy_config_last_reload_success_timestamp_seconds": (
         GAUGE, "When the config was last reloaded successfully, in Unix seconds (0: never)", ()),
     "hoodyproxy_build_info": (GAUGE, "Always 1; the versions running", ("version", "python", "twisted")),
+    # The shared store ([store] backend = "etcd"; absent with SQLite)
+    "hoodyproxy_store_connected": (GAUGE, "1 while the node's watch on the shared store runs, else 0", ()),
+    "hoodyproxy_store_snapshot_loaded": (
+        GAUGE, "1 once this run has loaded a snapshot of the shared store (readyz waits for it)", ()),
+    "hoodyproxy_store_snapshot_age_seconds": (
+        GAUGE, "Seconds since the node last read the shared store whole (-1: never in this run)", ()),
+    "hoodyproxy_store_watch_restarts_total": (COUNTER, "Times the watch on the shared store started again", ()),
+    "hoodyproxy_store_resyncs_total": (
+        COUNTER, "Full re-reads of the shared store after its history was compacted", ()),
     "hoodyproxy_worker_requests_total": (COUNTER, "Requests answered, by worker process", ("worker",)),
     "hoodyproxy_worker_restarts_total": (COUNTER, "Worker processes that exited and were started again", ()),
     "hoodyproxy_workers_reporting": (
