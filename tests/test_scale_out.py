@@ -281,7 +281,8 @@ class TwoNodes(unittest.TestCase):
         await client.compact(revision)
         resyncs = b.shared_store.state.resyncs
         self.revive(2)
-        await until(lambda: b.shared_store.state.resyncs > resyncs and b.store_ready())
+        # (a bound, not a speed: the member rejoins, B's retry finds it, B reads everything)
+        await until(lambda: b.shared_store.state.resyncs > resyncs and b.store_ready(), timeout=30.0)
         await until(lambda: self.project_set(b, projects[1]) is None)
         self.assertIn("local", self.project_set(b, projects[0]).groups)
         for project in projects[2:]:
