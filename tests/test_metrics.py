@@ -245,6 +245,33 @@ class CountingTests(unittest.SynchronousTestCase):
         self.assertEqual(samples_of(dead, "hoodyproxy_requests_total"), {("2xx", "GET", "h1", "http", PROJECT): 2})
 
 
+class DashboardTests(unittest.SynchronousTestCase):
+
+    def test_the_dashboard_asks_only_for_metrics_a_node_exports(self):
+        """Every query of docs/grafana-dashboard.json names metrics of METRICS (a histogram's
+        _bucket, _count and _sum included), and every panel the issue asks for is there."""
+        import json
+        import re
+
+        from hoodyproxy.observe.metrics import METRICS
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                            "grafana-dashboard.json")
+        with open(path) as f:
+            dashboard = json.load(f)
+        asked = set()
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                asked.update(re.findall(r"hoodyproxy_[a-z0-9_]+", target["expr"]))
+        for name in asked:
+            self.assertIn(re.sub(r"_(bucket|count|sum)$", "", name) if name.startswith(
+                "hoodyproxy_request_duration_seconds") else name, METRICS)
+        for wanted in ("hoodyproxy_requests_total", "hoodyproxy_request_duration_seconds_bucket",
+                       "hoodyproxy_requests_in_flight", "hoodyproxy_open_connections", "hoodyproxy_open_websockets",
+                       "hoodyproxy_upstream_errors_total", "hoodyproxy_permission_decisions_total",
+                       "hoodyproxy_ratelimit_refusals_total", "hoodyproxy_certificate_expiry_timestamp_seconds"):
+            self.assertIn(wanted, asked)
+
+
 class _Clock:
     def seconds(self) -> float:
         return 1000.0

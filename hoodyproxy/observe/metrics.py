@@ -348,28 +348,32 @@ def process_snapshot(metrics: RequestMetrics, *, kinds: Mapping[str, str], limit
         "hoodyproxy_request_duration_seconds": {
             "labels": ["protocol", "kind"],
             "samples": [[list(k), v[:-1], v[-1]] for k, v in durations.items()]},
-        "hoodyproxy_requests_in_flight": {"labels": [], "samples": [
-            [[], max(0, metrics.begun - finished - open_count)]]},
+        "hoodyproxy_requests_in_flight": unlabelled(max(0, metrics.begun - finished - open_count)),
         "hoodyproxy_websockets_total": websockets.to_json(),
         "hoodyproxy_open_websockets": open_websockets.to_json(),
-        "hoodyproxy_upstream_errors_total": _flat(("reason",), {**dict.fromkeys(UPSTREAM_ERRORS, 0),
+        "hoodyproxy_upstream_errors_total": one_label("reason", {**dict.fromkeys(UPSTREAM_ERRORS, 0),
                                                                   **metrics.upstream_errors}),
-        "hoodyproxy_permission_decisions_total": _flat(("result",), {**dict.fromkeys(DECISION_RESULTS, 0),
+        "hoodyproxy_permission_decisions_total": one_label("result", {**dict.fromkeys(DECISION_RESULTS, 0),
                                                                        **metrics.decisions}),
         "hoodyproxy_tls_handshakes_total": {"labels": ["result", "version", "transport"], "samples": [
             [list(k), v] for k, v in metrics.tls_handshakes.items()]},
-        "hoodyproxy_open_connections": _flat(("protocol",), connections or {}),
+        "hoodyproxy_open_connections": one_label("protocol", connections or {}),
     }
     totals = metrics.limiter_totals(limiters)
-    snapshot["hoodyproxy_ratelimit_refusals_total"] = _flat(("limiter",), {n: t[0] for n, t in totals.items()})
-    snapshot["hoodyproxy_ratelimit_dry_run_total"] = _flat(("limiter",), {n: t[1] for n, t in totals.items()})
-    snapshot["hoodyproxy_ratelimit_keys"] = _flat(("limiter",), {n: t[2] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_refusals_total"] = one_label("limiter", {n: t[0] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_dry_run_total"] = one_label("limiter", {n: t[1] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_keys"] = one_label("limiter", {n: t[2] for n, t in totals.items()})
     return snapshot
 
 
-def _flat(labels: tuple[str, ...], values: Mapping[str, Any]) -> dict:
-    """A one-label metric from ``{label value: value}``."""
-    return {"labels": list(labels), "samples": [[[k], v] for k, v in values.items()]}
+def one_label(label: str, values: Mapping[str, Any]) -> dict:
+    """A snapshot's metric with one label, from ``{label value: value}``."""
+    return {"labels": [label], "samples": [[[k], v] for k, v in values.items()]}
+
+
+def unlabelled(value: float) -> dict:
+    """A snapshot's metric with no label and one value."""
+    return {"labels": [], "samples": [[[], value]]}
 
 
 def merge(*snapshots: Snapshot) -> Snapshot:
