@@ -461,6 +461,24 @@ class ScrapeTests(ScrapeTestCase):
         self.assertEqual(value(after, "hoodyproxy_requests_total", code_class="1xx", protocol="h1",
                                project=PROJECT), 1)
 
+    async def test_a_websocket_over_http2_counts_as_h2(self):
+        """A WebSocket by extended CONNECT on an HTTP/2 connection: open under h2 while it
+        lives; when the connection ends, one 1xx over h2 (a GET, as the request model and
+        the audit line have it, whatever the protocol carrying it)."""
+        from tests.h2client import h2_connect
+        client = await h2_connect(self, self.node, self.host())
+        stream = client.request(b"CONNECT", b"/echo", self.host().encode(), protocol=b"websocket",
+                                headers=[(b"sec-websocket-version", b"13")], end_stream=False)
+        await within(stream.head)
+        self.assertEqual(stream.status, 200)
+        during = await self.scrape()
+        self.assertEqual(value(during, "hoodyproxy_open_websockets", protocol="h2"), 1)
+        self.assertEqual(value(during, "hoodyproxy_open_connections", protocol="h2"), 1)
+        client.transport.loseConnection()
+        after = await self.scrape_until(lambda s: value(s, "hoodyproxy_open_websockets", protocol="h2") == 0)
+        self.assertEqual(value(after, "hoodyproxy_requests_total", code_class="1xx", method="GET", protocol="h2",
+                               project=PROJECT), 1)
+
     async def test_upstream_connect_failure(self):
         """A container whose port refuses connections: one 502, one connect_refused."""
         with socket.socket() as s:
