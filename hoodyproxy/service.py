@@ -175,9 +175,9 @@ class GatewayStack:
         factory = H1Factory(self.gateway, self.reactor, timeout=self.settings.client_idle_timeout)
         negotiating = NegotiatingFactory(factory, self.gateway, self.settings, self.certificates, self.reactor)
         from hoodyproxy.tls.transport import tls_factory
-        factory = tls_factory(SNIContextFactory(self.certificates), False, negotiating)
-        self.tls_factories.append(factory)
-        return factory
+        tls = tls_factory(SNIContextFactory(self.certificates), False, negotiating)
+        self.tls_factories.append(tls)
+        return tls
 
     def open_connections(self) -> dict[str, int]:
         """Client connections open now, by protocol (``tls`` while in the handshake)."""

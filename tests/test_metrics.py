@@ -245,6 +245,46 @@ class CountingTests(unittest.SynchronousTestCase):
         self.assertEqual(samples_of(dead, "hoodyproxy_requests_total"), {("2xx", "GET", "h1", "http", PROJECT): 2})
 
 
+class CertificateMetricsTests(unittest.TestCase):
+    """ACME orders by result and the expiry of every certificate the store serves, with the
+    certificate manager on a fake clock and issuer (tests/test_acme.py's)."""
+
+    def test_orders_and_a_domain_s_own_certificate(self):
+        from twisted.internet.task import Clock
+
+        from hoodyproxy.aliases import AliasStore
+        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
+        from hoodyproxy.tls.acme import IssuanceError
+        from hoodyproxy.tls.manager import CertificateManager
+        from tests import test_acme
+        data_dir = tempfile.mkdtemp(prefix="hoodyproxy-metrics-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        dev = ensure_dev_certificates(os.path.join(data_dir, "tls"), test_acme.NODE, test_acme.ZONE)
+        store = CertificateStore(dev.cert_path, dev.key_path)
+        conn = open_database(os.path.join(data_dir, "db"))
+        self.addCleanup(conn.close)
+        aliases = AliasStore(conn, node=test_acme.NODE, zone=test_acme.ZONE)
+        clock, issuer = Clock(), test_acme.FakeIssuer()
+        manager = CertificateManager(store, aliases, issuer, data_dir, reactor=clock, jitter=lambda: 1.0)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        aliases.create("my-api", test_acme.CID, "http", 3000)
+        aliases.attach("my-api", test_acme.DOMAIN)
+        clock.advance(0)
+        issuer.calls[-1][1].errback(IssuanceError("server down"))
+        self.assertEqual(manager.orders, {"issued": 0, "failed": 1})
+        clock.advance(3600)
+        now = time.time()
+        # (write_certificate only needs a data_dir: a stand-in for its test case)
+        paths = test_acme.ManagerTimingTests.write_certificate(
+            type("Case", (), {"data_dir": data_dir})(), test_acme.DOMAIN, now - 60, now + 86400)
+        issuer.calls[-1][1].callback(paths)
+        self.assertEqual(manager.orders, {"issued": 1, "failed": 1})
+        expiries = store.expiries()
+        self.assertLess(abs(expiries[test_acme.DOMAIN] - (now + 86400)), 1)  # (whole seconds in X.509)
+        self.assertIn(f"*.{test_acme.NODE}.{test_acme.ZONE}", expiries)
+
+
 class DashboardTests(unittest.SynchronousTestCase):
 
     def test_the_dashboard_asks_only_for_metrics_a_node_exports(self):

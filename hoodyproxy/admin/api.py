@@ -1,8 +1,8 @@
 """The admin REST API (a twisted.web Resource): containers, permission sets, rate limits, aliases and domains.
 
 Every request needs ``Authorization: Bearer <admin token>``, except the health checks and
-``GET /metrics`` (:mod:`hoodyproxy.admin.metrics`, which has a token of its own).  A 2xx answer means the
-change is committed to disk.  Errors are a status and a short JSON body naming what was
+``GET /metrics`` (:mod:`hoodyproxy.admin.metrics`, which has a token of its own).  A 2xx
+answer means the change is committed to disk.  Errors are a status and a short JSON body naming what was
 wrong; a traceback never reaches the client.
 
 Served by :func:`admin_site`, a request is judged at the end of its head, before a byte
@@ -153,7 +153,8 @@ class AdminAPI(Resource):
 
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
-        token (a health path needs none), 413 for an announced body over MAX_BODY."""
+        token (a health path needs none; /metrics, its own), 413 for an announced body over
+        MAX_BODY."""
         if request.path == METRICS_PATH and self.metrics is not None:
             refusal = self.metrics.refusal(request)
             if refusal is not None:
