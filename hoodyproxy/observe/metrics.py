@@ -4,10 +4,12 @@ The request path pays for a few dict and list operations per exchange, never for
 prometheus_client's locks, label lookups and objects: :meth:`RequestMetrics.observe` is
 called with the audit record when it is emitted (:meth:`hoodyproxy.gateway.Gateway.emit_record`,
 which sees every exchange once, refusals included) and adds it to a dict keyed by the
-record's raw values (status, method, HTTP version, route), each entry a flat list of
-integers: its count, its bytes both ways, its duration sum and a fixed array of histogram
-buckets.  Connections, TLS handshakes and WebSockets are counted where they open and close,
-per connection.  :func:`process_snapshot` turns all of it into labelled samples (code class,
+record's raw values (status, method, HTTP version, route), each entry a flat list: its
+bytes both ways, its duration sum and a fixed array of histogram buckets (whose sum is its
+count).  TLS handshakes and WebSockets are counted once each, where they happen; open
+connections are not counted at all but read from the listeners' own tables at scrape time
+(:meth:`hoodyproxy.service.GatewayStack.open_connections`), rate-limit refusals from the
+limiters' own counters.  :func:`process_snapshot` turns all of it into labelled samples (code class,
 method, protocol, program kind, project) when a scrape asks: a JSON-able
 :data:`Snapshot` that worker 0 adds up across workers (:func:`merge`) and
 :mod:`hoodyproxy.observe.exposition` writes in Prometheus's format.  This module imports
