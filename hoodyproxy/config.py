@@ -282,6 +282,16 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
+def _token(key: str, value: Any) -> str | None:
+    """A bearer token (at least 16 characters), or None when empty or unset."""
+    if not value:
+        return None
+    value = _string(key, value)
+    if len(value) < 16:
+        raise ConfigError(key, "must be at least 16 characters")
+    return value
+
+
 def _dns_name(key: str, value: Any) -> str:
     value = _string(key, value).lower().rstrip(".")
     labels = value.split(".")
@@ -438,18 +448,8 @@ def settings_from_mapping(doc: Mapping[str, Any], overrides: Mapping[str, Any] |
     if (cert is None) != (key is None):
         raise ConfigError("[tls] key" if key is None else "[tls] certificate", "certificate and key go together")
     kw["tls_certificate"], kw["tls_key"] = cert, key
-    token = get("admin", "token", None) or None
-    if token is not None:
-        token = _string("[admin] token", token)
-        if len(token) < 16:
-            raise ConfigError("[admin] token", "must be at least 16 characters")
-    kw["admin_token"] = token
-    metrics_token = get("admin", "metrics_token", None) or None
-    if metrics_token is not None:
-        metrics_token = _string("[admin] metrics_token", metrics_token)
-        if len(metrics_token) < 16:
-            raise ConfigError("[admin] metrics_token", "must be at least 16 characters")
-    kw["metrics_token"] = metrics_token
+    kw["admin_token"] = _token("[admin] token", get("admin", "token", None))
+    kw["metrics_token"] = _token("[admin] metrics_token", get("admin", "metrics_token", None))
     container_labels = get("metrics", "container_labels", d.metrics_container_labels)
     if not isinstance(container_labels, bool):
         raise ConfigError("[metrics] container_labels", "must be true or false")

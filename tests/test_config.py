@@ -337,6 +337,17 @@ class ErrorTests(TempDirMixin, SynchronousTestCase):
         self.assertConfigError({"admin": {"token": "x" * 15}}, "[admin] token")
         self.assertEqual(settings_from_mapping({"admin": {"token": "x" * 16}}).admin_token, "x" * 16)
 
+    def test_metrics_keys(self) -> None:
+        """The metrics token is at least 16 characters (empty: none); container_labels a boolean, off."""
+        self.assertConfigError({"admin": {"metrics_token": "x" * 15}}, "[admin] metrics_token")
+        self.assertEqual(settings_from_mapping({"admin": {"metrics_token": "m" * 16}}).metrics_token, "m" * 16)
+        self.assertIsNone(settings_from_mapping({"admin": {"metrics_token": ""}}).metrics_token)
+        self.assertConfigError({"metrics": {"container_labels": "yes"}}, "[metrics] container_labels")
+        self.assertFalse(settings_from_mapping({}).metrics_container_labels)
+        s = settings_from_mapping({"admin": {"token": "a" * 16, "metrics_token": "m" * 16},
+                                   "metrics": {"container_labels": True}})
+        self.assertEqual(settings_from_mapping(config.settings_to_mapping(s)), s)
+
     def test_bad_demo(self) -> None:
         """demo enabled is a boolean."""
         self.assertConfigError({"demo": {"enabled": "yes"}}, "[demo] enabled")

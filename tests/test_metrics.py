@@ -245,6 +245,73 @@ class CountingTests(unittest.SynchronousTestCase):
         self.assertEqual(samples_of(dead, "hoodyproxy_requests_total"), {("2xx", "GET", "h1", "http", PROJECT): 2})
 
 
+class CertificateMetricsTests(unittest.TestCase):
+    """ACME orders by result and the expiry of every certificate the store serves, with the
+    certificate manager on a fake clock and issuer (tests/test_acme.py's)."""
+
+    def test_orders_and_a_domain_s_own_certificate(self):
+        from twisted.internet.task import Clock
+
+        from hoodyproxy.aliases import AliasStore
+        from hoodyproxy.tls import CertificateStore, ensure_dev_certificates
+        from hoodyproxy.tls.acme import IssuanceError
+        from hoodyproxy.tls.manager import CertificateManager
+        from tests import test_acme
+        data_dir = tempfile.mkdtemp(prefix="hoodyproxy-metrics-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        dev = ensure_dev_certificates(os.path.join(data_dir, "tls"), test_acme.NODE, test_acme.ZONE)
+        store = CertificateStore(dev.cert_path, dev.key_path)
+        conn = open_database(os.path.join(data_dir, "db"))
+        self.addCleanup(conn.close)
+        aliases = AliasStore(conn, node=test_acme.NODE, zone=test_acme.ZONE)
+        clock, issuer = Clock(), test_acme.FakeIssuer()
+        manager = CertificateManager(store, aliases, issuer, data_dir, reactor=clock, jitter=lambda: 1.0)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        aliases.create("my-api", test_acme.CID, "http", 3000)
+        aliases.attach("my-api", test_acme.DOMAIN)
+        clock.advance(0)
+        issuer.calls[-1][1].errback(IssuanceError("server down"))
+        self.assertEqual(manager.orders, {"issued": 0, "failed": 1})
+        clock.advance(3600)
+        now = time.time()
+        # (write_certificate only needs a data_dir: a stand-in for its test case)
+        paths = test_acme.ManagerTimingTests.write_certificate(
+            type("Case", (), {"data_dir": data_dir})(), test_acme.DOMAIN, now - 60, now + 86400)
+        issuer.calls[-1][1].callback(paths)
+        self.assertEqual(manager.orders, {"issued": 1, "failed": 1})
+        expiries = store.expiries()
+        self.assertLess(abs(expiries[test_acme.DOMAIN] - (now + 86400)), 1)  # (whole seconds in X.509)
+        self.assertIn(f"*.{test_acme.NODE}.{test_acme.ZONE}", expiries)
+
+
+class DashboardTests(unittest.SynchronousTestCase):
+
+    def test_the_dashboard_asks_only_for_metrics_a_node_exports(self):
+        """Every query of docs/grafana-dashboard.json names metrics of METRICS (a histogram's
+        _bucket, _count and _sum included), and every panel the issue asks for is there."""
+        import json
+        import re
+
+        from hoodyproxy.observe.metrics import METRICS
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                            "grafana-dashboard.json")
+        with open(path) as f:
+            dashboard = json.load(f)
+        asked = set()
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                asked.update(re.findall(r"hoodyproxy_[a-z0-9_]+", target["expr"]))
+        for name in asked:
+            self.assertIn(re.sub(r"_(bucket|count|sum)$", "", name) if name.startswith(
+                "hoodyproxy_request_duration_seconds") else name, METRICS)
+        for wanted in ("hoodyproxy_requests_total", "hoodyproxy_request_duration_seconds_bucket",
+                       "hoodyproxy_requests_in_flight", "hoodyproxy_open_connections", "hoodyproxy_open_websockets",
+                       "hoodyproxy_upstream_errors_total", "hoodyproxy_permission_decisions_total",
+                       "hoodyproxy_ratelimit_refusals_total", "hoodyproxy_certificate_expiry_timestamp_seconds"):
+            self.assertIn(wanted, asked)
+
+
 class _Clock:
     def seconds(self) -> float:
         return 1000.0
@@ -432,6 +499,24 @@ class ScrapeTests(ScrapeTestCase):
         after = await self.scrape()
         self.assertEqual(value(after, "hoodyproxy_open_websockets", protocol="h1"), 0)
         self.assertEqual(value(after, "hoodyproxy_requests_total", code_class="1xx", protocol="h1",
+                               project=PROJECT), 1)
+
+    async def test_a_websocket_over_http2_counts_as_h2(self):
+        """A WebSocket by extended CONNECT on an HTTP/2 connection: open under h2 while it
+        lives; when the connection ends, one 1xx over h2 (a GET, as the request model and
+        the audit line have it, whatever the protocol carrying it)."""
+        from tests.h2client import h2_connect
+        client = await h2_connect(self, self.node, self.host())
+        stream = client.request(b"CONNECT", b"/echo", self.host().encode(), protocol=b"websocket",
+                                headers=[(b"sec-websocket-version", b"13")], end_stream=False)
+        await within(stream.head)
+        self.assertEqual(stream.status, 200)
+        during = await self.scrape()
+        self.assertEqual(value(during, "hoodyproxy_open_websockets", protocol="h2"), 1)
+        self.assertEqual(value(during, "hoodyproxy_open_connections", protocol="h2"), 1)
+        client.transport.loseConnection()
+        after = await self.scrape_until(lambda s: value(s, "hoodyproxy_open_websockets", protocol="h2") == 0)
+        self.assertEqual(value(after, "hoodyproxy_requests_total", code_class="1xx", method="GET", protocol="h2",
                                project=PROJECT), 1)
 
     async def test_upstream_connect_failure(self):

@@ -241,7 +241,8 @@ class AdminAPI(Resource):
 
     def head_refusal(self, request, length: int | None) -> ApiError | None:
         """What the head alone earns, before a byte of the body is read: 401 for a bad
-        token (a health path needs none), 413 for an announced body over MAX_BODY."""
+        token (a health path needs none; /metrics, its own), 413 for an announced body over
+        MAX_BODY."""
         if request.path == METRICS_PATH and self.metrics is not None:
             refusal = self.metrics.refusal(request)
             if refusal is not None:

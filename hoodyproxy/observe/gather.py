@@ -198,17 +198,18 @@ class MetricsHub(service.Service):
         if not gathering.done.called:
             gathering.done.callback(self.current(gathering.fresh))
 
-    def current(self, fresh: set[int] = frozenset()) -> tuple[Snapshot, dict[int, float], int]:
-        """(the workers' numbers added up, requests per worker number, workers with fresh
+    def current(self, fresh: set[int] = frozenset()) -> tuple[list[Snapshot], dict[int, float], int]:
+        """(the snapshots to add up, requests per worker number, workers with fresh
         numbers): the retired counters, each worker's last counters, and the gauges of
-        those still connected."""
+        those still connected.  (Adding them up is left to the caller: it may do it off
+        the reactor's thread, since nothing here changes them afterwards.)"""
         parts = [self.retired]
         requests = dict(self.retired_requests)
         for number, known in self.workers.items():
             snapshot = known.snapshot if known.connection is not None else counters_only(known.snapshot)
             parts.append(snapshot)
             requests[number] = requests.get(number, 0) + total(known.snapshot, "hoodyproxy_requests_total")
-        return merge(*parts), requests, len(fresh)
+        return parts, requests, len(fresh)
 
 
 class _Worker0Side(LineOnlyReceiver):

@@ -4,10 +4,12 @@ The request path pays for a few dict and list operations per exchange, never for
 prometheus_client's locks, label lookups and objects: :meth:`RequestMetrics.observe` is
 called with the audit record when it is emitted (:meth:`hoodyproxy.gateway.Gateway.emit_record`,
 which sees every exchange once, refusals included) and adds it to a dict keyed by the
-record's raw values (status, method, HTTP version, route), each entry a flat list of
-integers: its count, its bytes both ways, its duration sum and a fixed array of histogram
-buckets.  Connections, TLS handshakes and WebSockets are counted where they open and close,
-per connection.  :func:`process_snapshot` turns all of it into labelled samples (code class,
+record's raw values (status, method, HTTP version, route), each entry a flat list: its
+bytes both ways, its duration sum and a fixed array of histogram buckets (whose sum is its
+count).  TLS handshakes and WebSockets are counted once each, where they happen; open
+connections are not counted at all but read from the listeners' own tables at scrape time
+(:meth:`hoodyproxy.service.GatewayStack.open_connections`), rate-limit refusals from the
+limiters' own counters.  :func:`process_snapshot` turns all of it into labelled samples (code class,
 method, protocol, program kind, project) when a scrape asks: a JSON-able
 :data:`Snapshot` that worker 0 adds up across workers (:func:`merge`) and
 :mod:`hoodyproxy.observe.exposition` writes in Prometheus's format.  This module imports
@@ -357,28 +359,32 @@ def process_snapshot(metrics: RequestMetrics, *, kinds: Mapping[str, str], limit
         "hoodyproxy_request_duration_seconds": {
             "labels": ["protocol", "kind"],
             "samples": [[list(k), v[:-1], v[-1]] for k, v in durations.items()]},
-        "hoodyproxy_requests_in_flight": {"labels": [], "samples": [
-            [[], max(0, metrics.begun - finished - open_count)]]},
+        "hoodyproxy_requests_in_flight": unlabelled(max(0, metrics.begun - finished - open_count)),
         "hoodyproxy_websockets_total": websockets.to_json(),
         "hoodyproxy_open_websockets": open_websockets.to_json(),
-        "hoodyproxy_upstream_errors_total": _flat(("reason",), {**dict.fromkeys(UPSTREAM_ERRORS, 0),
+        "hoodyproxy_upstream_errors_total": one_label("reason", {**dict.fromkeys(UPSTREAM_ERRORS, 0),
                                                                   **metrics.upstream_errors}),
-        "hoodyproxy_permission_decisions_total": _flat(("result",), {**dict.fromkeys(DECISION_RESULTS, 0),
+        "hoodyproxy_permission_decisions_total": one_label("result", {**dict.fromkeys(DECISION_RESULTS, 0),
                                                                        **metrics.decisions}),
         "hoodyproxy_tls_handshakes_total": {"labels": ["result", "version", "transport"], "samples": [
             [list(k), v] for k, v in metrics.tls_handshakes.items()]},
-        "hoodyproxy_open_connections": _flat(("protocol",), connections or {}),
+        "hoodyproxy_open_connections": one_label("protocol", connections or {}),
     }
     totals = metrics.limiter_totals(limiters)
-    snapshot["hoodyproxy_ratelimit_refusals_total"] = _flat(("limiter",), {n: t[0] for n, t in totals.items()})
-    snapshot["hoodyproxy_ratelimit_dry_run_total"] = _flat(("limiter",), {n: t[1] for n, t in totals.items()})
-    snapshot["hoodyproxy_ratelimit_keys"] = _flat(("limiter",), {n: t[2] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_refusals_total"] = one_label("limiter", {n: t[0] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_dry_run_total"] = one_label("limiter", {n: t[1] for n, t in totals.items()})
+    snapshot["hoodyproxy_ratelimit_keys"] = one_label("limiter", {n: t[2] for n, t in totals.items()})
     return snapshot
 
 
-def _flat(labels: tuple[str, ...], values: Mapping[str, Any]) -> dict:
-    """A one-label metric from ``{label value: value}``."""
-    return {"labels": list(labels), "samples": [[[k], v] for k, v in values.items()]}
+def one_label(label: str, values: Mapping[str, Any]) -> dict:
+    """A snapshot's metric with one label, from ``{label value: value}``."""
+    return {"labels": [label], "samples": [[[k], v] for k, v in values.items()]}
+
+
+def unlabelled(value: float) -> dict:
+    """A snapshot's metric with no label and one value."""
+    return {"labels": [], "samples": [[[], value]]}
 
 
 def merge(*snapshots: Snapshot) -> Snapshot:

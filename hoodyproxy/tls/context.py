@@ -184,13 +184,15 @@ class CertificateStore:
         names it is served for: the default certificate's DNS names, then each name given
         a certificate of its own.  A certificate whose files cannot be read is left out."""
         out: dict[str, float] = {}
-        for names, entry in ((None, self._default), *(((name,), e) for name, e in sorted(self._names.items()))):
+        served = [(None, self._default), *sorted(self._names.items())]
+        for name, entry in served:
             try:
                 certificate, _chain, _key, dns_names = entry.material()
-            except Exception:
+            except Exception:  # (unreadable files: reload_if_changed says so in the log)
                 continue
-            for name in names if names is not None else sorted(dns_names):
-                out[name] = certificate.not_valid_after_utc.timestamp()
+            not_after = certificate.not_valid_after_utc.timestamp()
+            for served_name in (sorted(dns_names) if name is None else [name]):
+                out[served_name] = not_after
         return out
 
     def names_of_context(self, context: SSL.Context) -> frozenset[str]:
