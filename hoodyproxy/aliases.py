@@ -384,8 +384,8 @@ class AliasStore(MirroredTables):
 
     def mirror(self, name: str, entry: Alias | None, domains: list[str] | tuple[str, ...] = ()) -> None:
         """Make alias ``name`` exactly ``entry`` with ``domains`` (``entry`` None: no such
-        alias), unchecked: how a copy of a shared store's alias (already checked when it
-        was written there) is kept here.  A domain held by another alias moves to this one.
+        alias), unchecked here: how a copy of a shared store's alias is kept (the
+        mirror, hoodyproxy.store.mirror, checks what it read from etcd first).  A domain held by another alias moves to this one.
         """
         def write() -> None:
             self._conn.execute("DELETE FROM aliases WHERE alias = ?", (name,))  # and its domains

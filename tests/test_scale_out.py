@@ -167,6 +167,34 @@ class TwoNodes(unittest.TestCase):
                          [("my-api", "node-a", CONTAINER)])
         self.assertEqual((await self.api(b, "GET", "/api/v1/proxy/aliases"))[1]["aliases"], [])
 
+    async def test_a_forged_alias_in_etcd_routes_nothing(self) -> None:
+        """Attack: aliases written to etcd by anything but a node's admin API (a leaked
+        etcd credential) are checked as the API checks them: an alias under a program the
+        node does not have, or naming no container id, or a domain under the node's own
+        zone, is refused (logged, left out); a well-formed one written the same way routes."""
+        from hoodyproxy.store.keys import Keys
+        a, b = await self.pair()
+        keys = Keys(self.prefix, "node-a")
+        client = EtcdClient(self.cluster.endpoints, reactor, request_timeout=5.0)
+        self.addCleanup(client.close)
+
+        def value(container_id, program, index, domains=()):
+            return json.dumps({"container_id": container_id, "program": program, "index": index,
+                               "domains": list(domains), "created": 1.0}).encode()
+        forged = {"no-such-program": value(CONTAINER, "ssh", 22),
+                  "not-a-container": value("../../etc", "http", self.backend.number),
+                  "zone-domain": value(CONTAINER, "http", self.backend.number, [f"x.node-b.{ZONE}"])}
+        for name, body in forged.items():
+            await client.put(keys.alias(name), body)
+        await client.put(keys.alias("good"), value(CONTAINER, "http", self.backend.number))
+        await until(lambda: a.stack.aliases.get("good") is not None)
+        for name in forged:
+            self.assertIsNone(a.stack.aliases.get(name), name)
+        self.assertIsNone(a.stack.aliases.resolve_domain(f"x.node-b.{ZONE}"))
+        agent = https_agent(self, a, persistent=False)
+        response = await agent.request(b"GET", f"https://good.node-a.{ZONE}:{a.https_port}/".encode())
+        self.assertEqual((response.code, await treq.content(response)), (200, b"hello"))
+
     async def test_domain_is_claimed_across_nodes(self) -> None:
         """A custom domain attached to an alias of A cannot be attached to one of B (409)."""
         a, b = await self.pair()

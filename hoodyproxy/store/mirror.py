@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hoodyproxy.access.model import to_stored_json
+from hoodyproxy.aliases import check_alias, check_domain, check_target
 from hoodyproxy.store.etcd import EtcdClient, EtcdError, EtcdUnavailable, KeyValue, WatchCompacted
 from hoodyproxy.store.keys import ALIASES, PERMISSIONS, Keys, alias_from_value
 
@@ -266,6 +267,13 @@ class SharedState(service.Service):
                 self.aliases.mirror(name, None)
             return
         entry, domains = alias_from_value(name, value)
+        # Checked as the admin API checks what it writes (InvalidAlias is a ValueError: the
+        # key is logged and left out): whatever else can write to etcd routes nothing here
+        # that this node's own API would have refused.
+        local = self.aliases
+        check_alias(name, local.reserved)
+        check_target(entry.container_id, entry.program, entry.index, local.programs)
+        domains = [check_domain(domain, local.zone, local.node) for domain in domains]
         if self.aliases.get(name) != entry or self.aliases.domains(name) != sorted(domains):
             self.aliases.mirror(name, entry, domains)
 
