@@ -81,9 +81,11 @@ import tempfile
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
 
 from hoodyproxy.limits._limiters import Limiters
 from hoodyproxy.limits._sharing import (MAX_BATCH_KEYS, MAX_KEY_LENGTH, MAX_LINE, MAX_PENDING_KEYS,
@@ -149,12 +151,29 @@ def _same_user(transport) -> bool:
     return uid == os.getuid()
 
 
-class _Line(LineOnlyReceiver):
+@implementer(IPushProducer)
+class PauseFlag:
+    """A connection registered as its own transport's producer only to know when the peer
+    is not keeping up: ``paused`` while the transport's write buffer is full (what is not
+    written meanwhile is the connection's to drop and count)."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _Line(PauseFlag, LineOnlyReceiver):
     """A line-per-batch connection that writes only while the peer keeps up."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
-    paused = False
 
     def connectionMade(self) -> None:
         if not _same_user(self.transport):
@@ -173,16 +192,6 @@ class _Line(LineOnlyReceiver):
             return False
         self.transport.writeSequence((line, b"\n"))
         return True
-
-    # IPushProducer: the transport pauses us when its write buffer is full.
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         log.error("shared rate limits: a line over {n} bytes; closing the connection", n=self.MAX_LENGTH)

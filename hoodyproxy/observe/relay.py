@@ -25,10 +25,8 @@ from twisted.application import service
 from twisted.internet.protocol import Factory, ReconnectingClientFactory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
-from hoodyproxy.limits.shared import _same_user, close_unix, listen_unix, socket_path
+from hoodyproxy.limits.shared import PauseFlag, _same_user, close_unix, listen_unix, socket_path
 from hoodyproxy.observe.tap import InvalidTap, TapSpec, dumps
 
 log = Logger()
@@ -116,13 +114,11 @@ class TapRelayServer(service.Service):
         return close_unix(port, self.connections, self.temp_dir)
 
 
-@implementer(IPushProducer)
-class _Worker0Side(LineOnlyReceiver):
+class _Worker0Side(PauseFlag, LineOnlyReceiver):
     """A worker's end: taps in, events out (dropped while the socket is full)."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
-    paused = False
 
     def connectionMade(self) -> None:
         self.factory.resetDelay()
@@ -148,15 +144,6 @@ class _Worker0Side(LineOnlyReceiver):
                 self.transport.write(dumps({"type": "dropped", "tap": tap, "count": count}))
             self.dropped = {}
         self.transport.write(dumps(event))
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
     def connectionLost(self, reason=None) -> None:
         self.factory.client.lost(self)
