@@ -128,6 +128,8 @@ class Gateway:
         self.settings = settings
         self.router = Router(settings.node, settings.zone, settings.programs)
         self._routes: dict[bytes, Target] = {}
+        #: Host -> (Target, RouteRecord) for route labels (their cached Targets only).
+        self._routed: dict[bytes, tuple[Target, RouteRecord]] = {}
         #: The audit record's "route" per Target, made (and its JSON text rendered) once.
         self._route_records: dict[Target, RouteRecord] = {}
         #: Each program's service kind with the program's method and path sets applied.
@@ -207,6 +209,21 @@ class Gateway:
             self._routes[host] = target
         return target
 
+    def _route_and_record(self, host: bytes | None) -> tuple[Target, RouteRecord]:
+        """The Target of ``host`` and its audit record's "route"; a route label's pair is
+        kept (one lookup per request after the first), an alias's is not (see :meth:`route`)."""
+        target = self.route(host)
+        route = self._route_records.get(target)
+        if route is None:
+            if len(self._route_records) >= ROUTE_CACHE_SIZE:
+                self._route_records.clear()
+            route = self._route_records[target] = RouteRecord(target, self.metrics.container_labels)
+        if host is not None and self._routes.get(host) is target:
+            if len(self._routed) >= ROUTE_CACHE_SIZE:
+                self._routed.clear()
+            self._routed[host] = (target, route)
+        return target, route
+
     def _route_alias(self, host: bytes | None) -> Target | None:
         """The Target of an alias (``my-api.<node>.<zone>``) or an attached custom domain."""
         if self.aliases is None:
@@ -280,7 +297,7 @@ class Gateway:
         verdict = self.limiters.check_client(request.client_ip)
         if verdict is not ALLOWED:
             self._limited(verdict, record)
-        problem = getattr(request, "problem", None)
+        problem = request.problem
         if problem is not None:
             raise problem  # malformed in a way only its frontend could see
         headers = request.requestHeaders
@@ -291,17 +308,15 @@ class Gateway:
             raise errors.BadRequest("the request method is malformed", reason="bad method")
         uri, host = _request_target(request.uri, hosts[0] if hosts else None)
         record["host"] = host.decode("latin-1") if host is not None else None
-        covers = getattr(request, "certificate_covers", None)
+        covers = request.certificate_covers
         if covers is not None and not covers(split_host(host)):
             # A coalesced HTTP/2 or HTTP/3 connection: every request is routed by its own
             # authority, and one the connection's certificate does not cover goes elsewhere.
             raise errors.MisdirectedRequest(reason="certificate does not cover the authority")
-        target = self.route(host)
-        route = self._route_records.get(target)
-        if route is None:
-            if len(self._route_records) >= ROUTE_CACHE_SIZE:
-                self._route_records.clear()
-            route = self._route_records[target] = RouteRecord(target, self.metrics.container_labels)
+        routed = self._routed.get(host)
+        if routed is None:
+            routed = self._route_and_record(host)
+        target, route = routed
         record["route"] = route
 
         # 2. locate (absent, stopped or another project's: one answer, so that an outsider
@@ -323,7 +338,7 @@ class Gateway:
         pairs = getattr(headers, "pairs", None)  # (HTTP/1.1: the fields in the order sent)
         raw = (list(pairs) if pairs is not None else
                [(name, value) for name, values in headers.getAllRawHeaders() for value in values])
-        websocket = getattr(request, "websocket", None)
+        websocket = request.websocket
         if websocket is None:  # HTTP/1.1: an Upgrade in the headers
             upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
                        and wants_websocket(raw))

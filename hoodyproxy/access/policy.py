@@ -46,8 +46,8 @@ def strip_query_token(uri: bytes, *, any_case: bool = False) -> tuple[bytes, byt
     which the gateway does not take as a credential but the audit line does not keep.
     """
     path, sep, query = uri.partition(b"?")
-    if not sep:
-        return uri, None
+    if not sep or (b"%" not in query and TOKEN_NAME not in query.lower()):
+        return uri, None  # (no parameter can decode to the name: the query as it is)
     kept, token = [], None
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")

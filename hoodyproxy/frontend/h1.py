@@ -37,6 +37,7 @@ from hoodyproxy import errors
 from hoodyproxy.frontend.h1request import H1Request
 from hoodyproxy.frontend.h1guard import H1Guard
 from hoodyproxy.frontend.http1 import LINGER_BYTES
+from hoodyproxy.listening import unmapped_ip
 
 log = Logger()
 
@@ -143,6 +144,7 @@ class H1Connection(H1Guard, Protocol):
         self.factory.connections.add(self)
         self.peer = transport.getPeer()
         self.local = transport.getHost()
+        self.client_ip = unmapped_ip(getattr(self.peer, "host", ""))
         self._last_activity = self.clock.seconds()
         self._sleep(self.factory.timeout or self.factory.head_timeout or 60.0)
         if self.factory.draining:

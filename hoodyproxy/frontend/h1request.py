@@ -21,7 +21,10 @@ from twisted.web.http import NO_BODY_CODES
 from hoodyproxy import errors
 from hoodyproxy.frontend.fields import Fields
 from hoodyproxy.frontend.http1 import REASONS, SERVER, http_date
-from hoodyproxy.listening import unmapped_ip
+
+
+#: First letters of the response fields the head writer looks at (Content-Length, Date, Alt-Svc).
+_CDA = frozenset((b"c", b"C", b"d", b"D", b"a", b"A"))
 
 
 class H1Request:
@@ -41,7 +44,11 @@ class H1Request:
     finished = False
     chunked = False
     method = b""
-    _client_ip: str | None = None
+    #: What only an HTTP/2 or HTTP/3 stream has (read by the gateway without a getattr
+    #: that would fail: a failed attribute lookup costs an exception inside).
+    problem = None
+    certificate_covers = None
+    websocket = None
     _head: tuple | None = None
     #: The response's bytes so far, while it has not gone on past one read of the container's.
     _held: list[bytes] | None = None
@@ -56,19 +63,14 @@ class H1Request:
         self.connection = connection
         self.client = connection.peer
         self.host = connection.local
+        #: The client's address, IPv4-mapped IPv6 given as IPv4 (worked out once per connection).
+        self.client_ip = connection.client_ip
         self.uri = b""
         self.requestHeaders = Fields()
         self.clientproto = b"HTTP/1.1"
         self.http_version = "1.1"
         #: Body bytes received before the gateway had the request (a pipelined request).
         self.early_body: list[bytes] | None = None
-
-    @property
-    def client_ip(self) -> str:
-        ip = self._client_ip
-        if ip is None:
-            ip = self._client_ip = unmapped_ip(getattr(self.client, "host", ""))
-        return ip
 
     @property
     def path(self) -> bytes:
@@ -110,13 +112,14 @@ class H1Request:
         has_length = has_date = False
         alt_svc = self.connection.alt_svc
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                has_length = True
-            elif lname == b"date":
-                has_date = True
-            elif lname == b"alt-svc" and alt_svc is not None:
-                continue  # the gateway's own advertisement wins over a container's
+            if name[:1] in _CDA:  # (only such names need a look: no lower() for the others)
+                lname = name.lower()
+                if lname == b"content-length":
+                    has_length = True
+                elif lname == b"date":
+                    has_date = True
+                elif lname == b"alt-svc" and alt_svc is not None:
+                    continue  # the gateway's own advertisement wins over a container's
             parts += (name, b": ", value, b"\r\n")
         if not has_date:
             parts += (b"Date: ", http_date(), b"\r\n")
