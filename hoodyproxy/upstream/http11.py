@@ -22,7 +22,6 @@ sweep (:mod:`hoodyproxy.deadlines`): noticed up to a second late, never early.
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Protocol as TypingProtocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -101,42 +100,9 @@ class _HeadCollector:
         self.complete = True
 
 
-#: A head made only of what every parser agrees on: a status line with three digits and
-#: a reason of visible ASCII, spaces and tabs; fields whose names are tokens and whose
-#: values are visible ASCII, spaces and tabs.  llhttp accepts every such head and reads it
-#: as :func:`_split_head` does; any other head (obs-text, obs-fold, bare CR or LF, a
-#: missing reason...) is left to llhttp's judgement.
-_PLAIN_HEAD = re.compile(rb"HTTP/1\.[01] [0-9]{3} [\t -~]*\r\n"
-                         rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*\r\n")
-
-
-def _split_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
-    """A head :data:`_PLAIN_HEAD` matched, split without a parser object or a callback
-    per field (values without their surrounding spaces and tabs, as llhttp gives them)."""
-    lines = head[:-4].split(b"\r\n")
-    status_line = lines[0]
-    headers = []
-    lnames = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.append((name, value.strip(b" \t")))
-        lnames.append(name.lower())
-    return int(status_line[9:12]), status_line[13:], headers, lnames
-
-
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
     """Status, reason, fields and lower-case field names of ``head`` (one whole head, its
     blank line included)."""
-    if _PLAIN_HEAD.fullmatch(head) is not None:
-        status, reason, headers, lnames = _split_head(head)
-        if status < 100:
-            raise UpstreamProtocolError("bad status code")
-        return status, reason, headers, lnames
-    return _parse_head_llhttp(head)
-
-
-def _parse_head_llhttp(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
-    """:func:`_parse_head` by llhttp, for any head."""
     if not head.startswith(_VERSIONS):
         raise UpstreamProtocolError("bad status line")
     collector = _HeadCollector()
@@ -405,7 +371,7 @@ class UpstreamConnection(Protocol):
                 and status != 204 and status != 304):
             # The usual response: one Content-Length of one value, at most one Connection
             # (the names' passes are C loops; the rules below give the same answer for it).
-            value = headers[lnames.index(b"content-length")][1]
+            value = headers[lnames.index(b"content-length")][1].strip()
             if b"," not in value:
                 keep_alive = False
                 if b"connection" in lnames:
