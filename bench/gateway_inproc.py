@@ -125,7 +125,7 @@ def run(requests: int, fields: str, profile: bool, tap: str = "none") -> float:
         took = time.thread_time() - started
         if profiler:
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            pstats.Stats(profiler).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("ROWS", "30")))
         stack.close()
         return took / requests * 1e6
     finally:

@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from hoodyproxy.upstream.headers import _without_hop_by_hop, response_headers
 from hoodyproxy.upstream.http11 import UpstreamConnection
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -56,3 +57,27 @@ class FrameTests(unittest.SynchronousTestCase):
         ok, failed, framing, remaining, reusable = _framing(
             "_frame", 200, headers, [b"content-length", b"connection"], False, True)
         self.assertEqual((ok, failed, remaining, reusable), (True, [], 12, True))
+
+
+HOP_NAMES = st.sampled_from(["Connection", "connection", "Keep-Alive", "Transfer-Encoding", "Upgrade",
+                             "TE", "Trailer", "Proxy-Connection", "X_Foo", "x-foo", "Content-Length"])
+CONNECTION_VALUES = st.sampled_from(["keep-alive", "close", "Keep-Alive, x-foo", "x_foo", "upgrade",
+                                     "connection", ",", "", "te, trailer", "content-length"])
+
+
+class ResponseFieldsTests(unittest.SynchronousTestCase):
+    """The one-Connection short way out of response_headers removes what the general pass removes."""
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.one_of(st.tuples(NAMES, VALUES), st.tuples(HOP_NAMES, CONNECTION_VALUES)), max_size=8))
+    def test_the_two_filters_agree(self, fields) -> None:
+        headers = [(n.encode("latin-1"), v.strip(" \t").encode("latin-1")) for n, v in fields]
+        lnames = [n.lower() for n, _ in headers]
+        self.assertEqual(response_headers(headers, lnames=list(lnames)), _without_hop_by_hop(headers, lnames))
+        self.assertEqual(response_headers(headers), _without_hop_by_hop(headers, lnames))
+
+    def test_nginx_keep_alive(self) -> None:
+        headers = [(b"Server", b"nginx"), (b"Content-Length", b"12"), (b"Connection", b"keep-alive"),
+                   (b"ETag", b'"x"')]
+        self.assertEqual(response_headers(headers),
+                         [(b"Server", b"nginx"), (b"Content-Length", b"12"), (b"ETag", b'"x"')])

@@ -39,6 +39,9 @@ CLIENT_ADDRESS_HEADERS = frozenset({
 #: Every request header name the gateway never forwards as the client sent it.
 _DROPPED = HOP_BY_HOP | GATEWAY_OWNED | CLIENT_ADDRESS_HEADERS
 
+#: The hop-by-hop names but Connection (a response with only that one takes a short way).
+_HOP_BUT_CONNECTION = HOP_BY_HOP - {b"connection"}
+
 INSTANCE_HEADER = b"X-Hoody-Instance"
 
 
@@ -142,15 +145,28 @@ def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = Fals
         lnames = [name.lower() for name, _ in headers]
     if HOP_BY_HOP.isdisjoint(lnames):
         out = list(headers) if upgrade else headers
+    elif not upgrade and lnames.count(b"connection") == 1 and _HOP_BUT_CONNECTION.isdisjoint(lnames):
+        # The usual hop-by-hop field: one ``Connection: keep-alive`` (nginx's), naming no
+        # field present.  Cut out by its index (C loops; the general pass below agrees).
+        i = lnames.index(b"connection")
+        named = {header_key(t.strip()) for t in headers[i][1].split(b",") if t.strip()}
+        if named.isdisjoint(lnames):
+            return headers[:i] + headers[i + 1:]
+        return _without_hop_by_hop(headers, lnames)
     else:
-        named: set[bytes] = set()
-        for (name, value), lname in zip(headers, lnames):
-            if lname == b"connection":
-                named.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
-            elif lname == b"transfer-encoding":
-                # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
-                named.add(b"content-length")
-        out = [pair for pair, lname in zip(headers, lnames) if lname not in HOP_BY_HOP and lname not in named]
+        out = _without_hop_by_hop(headers, lnames)
     if upgrade:
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     return out
+
+
+def _without_hop_by_hop(headers: list[tuple[bytes, bytes]], lnames: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` without the hop-by-hop fields and those a Connection names (any field list)."""
+    named: set[bytes] = set()
+    for (name, value), lname in zip(headers, lnames):
+        if lname == b"connection":
+            named.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
+        elif lname == b"transfer-encoding":
+            # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
+            named.add(b"content-length")
+    return [pair for pair, lname in zip(headers, lnames) if lname not in HOP_BY_HOP and lname not in named]
