@@ -48,6 +48,11 @@ def strip_query_token(uri: bytes, *, any_case: bool = False) -> tuple[bytes, byt
     path, sep, query = uri.partition(b"?")
     if not sep or (b"%" not in query and TOKEN_NAME not in query.lower()):
         return uri, None  # (no parameter can decode to the name: the query as it is)
+    return _strip_query_token_by_parts(path, query, any_case)
+
+
+def _strip_query_token_by_parts(path: bytes, query: bytes, any_case: bool) -> tuple[bytes, bytes | None]:
+    """:func:`strip_query_token` of ``path?query``, parameter by parameter (any query)."""
     kept, token = [], None
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
