@@ -39,9 +39,10 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # etcd-server for the shared store's three-member test cluster).
 DEBIAN_TEST_PACKAGES := curl openssl procps slapd iptables conntrack iproute2 pebble nghttp2-client chromium wrk systemd docker.io busybox-static etcd-server
 
-# Debian packages the benchmark harness needs (make bench; see docs/performance.rst).
+# Debian packages the benchmark harness needs (make bench; see docs/performance.rst);
+# valgrind for bench/inproc_instructions.py.
 # mitmproxy is not among them: the harness installs it into bench/.venv-mitm itself.
-DEBIAN_BENCH_PACKAGES := nginx haproxy caddy wrk nghttp2-client
+DEBIAN_BENCH_PACKAGES := nginx haproxy caddy wrk nghttp2-client valgrind
 
 TESTS ?= tests
 TRIAL_ARGS ?=

@@ -1,7 +1,7 @@
 """The gateway's own Python cost per request, in process: no sockets, no TLS, no kernel.
 
     PYTHONPATH=. python bench/gateway_inproc.py [--requests N] [--fields small|browser] [--profile]
-                                                [--tap none|other|all]
+                                                [--tap none|other|all] [--runs N]
 
 A node's GatewayStack (its real directory, policy, limits, audit file) serves HTTP/1.1
 requests from an H1Connection on a StringTransport; the pool's connections are
@@ -138,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fields", choices=("small", "browser"), default="small")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tap", choices=("none", "other", "all"), default="none")
+    parser.add_argument("--runs", type=int, default=3, help="runs, the best reported (default 3)")
     args = parser.parse_args(argv)
     if args.profile:
         run(args.requests, args.fields, True, args.tap)
         return 0
-    best = min(run(args.requests, args.fields, False, args.tap) for _ in range(3))
-    print(f"{best:.1f} us of the gateway's own CPU per request ({args.fields} fields; tap: {args.tap}; best of 3 "
-          f"runs of {args.requests:,})")
+    best = min(run(args.requests, args.fields, False, args.tap) for _ in range(max(1, args.runs)))
+    print(f"{best:.1f} us of the gateway's own CPU per request ({args.fields} fields; tap: {args.tap}; best of "
+          f"{max(1, args.runs)} runs of {args.requests:,})")
     return 0
 
 
