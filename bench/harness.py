@@ -183,6 +183,19 @@ class Deadline(Exception):
     pass
 
 
+
+def turned(order: list[str], round_index: int) -> list[str]:
+    """The systems of round ``round_index``: ``direct`` first (the round's reference), the
+    others turned by one place each round, so that no system always runs right after
+    another (the one after ``direct`` meets a backend that has just served tens of
+    thousands of requests a second)."""
+    first = [k for k in order if k == "direct"]
+    rest = [k for k in order if k != "direct"]
+    if not rest:
+        return first
+    n = round_index % len(rest)
+    return first + rest[n:] + rest[:n]
+
 class Harness:
     def __init__(self, args) -> None:
         self.args = args
@@ -272,7 +285,7 @@ class Harness:
         order = [k for k in sc.systems if k in systems.systems]
         for r in range(self.rounds):
             line = []
-            for key in order:
+            for key in turned(order, r):
                 self.check_deadline(load=True)
                 s = systems.systems[key]
                 entry = table.setdefault(key, {"rounds": []})
