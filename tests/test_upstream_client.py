@@ -740,12 +740,19 @@ class TimeoutTests(UpstreamClientTestCase):
         self.both(b"HTTP/1.1 200 OK\r\nContent-Len", check)
 
     def test_headInTimeCancelsTimer(self):
-        """A head before the timeout leaves no pending call on the clock."""
+        """A head before the timeout ends the deadline: the connection may then wait as
+        long as it likes (for the rest of the body, or idle in the pool) without failing."""
         def check(h):
             self.assertEqual(h.listener.kinds(), ["head", "data"])
-            self.assertEqual(h.clock.getDelayedCalls(), [])
             h.clock.advance(TIMEOUT * 10)
             self.assertEqual(h.listener.failures(), [])
+            self.assertFalse(h.aborted)
+            h.feed(b"defghij")
+            self.assertEqual(h.listener.kinds(), ["head", "data", "end"])
+            self.assertEqual(h.listener.body(), b"abcdefghij")
+            h.clock.advance(TIMEOUT * 10)
+            self.assertEqual(h.listener.failures(), [])
+            self.assertFalse(h.aborted)
         self.both(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", check)
 
     def test_failureCancelsTimer(self):
@@ -1073,15 +1080,36 @@ class SharedDeadlineTests(UpstreamClientTestCase):
         b.send()
         self.assertEqual(len(clock.getDelayedCalls()), 1)
 
-    def test_timerGoneWhenLastHeadArrives(self):
-        """The sweep stays while one exchange still waits, and goes with the last head."""
+    def test_timerGoneWithTheLastConnection(self):
+        """The sweep stays while a connection is open, and goes with the last one."""
         clock, (a, b) = self._pair()
         a.send()
         b.send()
         a.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
         b.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        a.conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        b.conn.close()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_oneRequestAtATimeMakesNoTimer(self):
+        """Request after request on one connection, no timer is made or cancelled: the
+        connection's place in the sweep is its deadline (the issue's "no per-request
+        timers", at one request in flight too), and a late answer still times out."""
+        clock, (a, _) = self._pair()
+        calls = clock.getDelayedCalls()
+        self.assertEqual(len(calls), 1)
+        for _ in range(3):
+            a.send(timeout=5)
+            a.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            a.listener.events.clear()
+            clock.advance(2)
+        self.assertEqual(clock.getDelayedCalls(), calls)
+        self.assertFalse(calls[0].cancelled)
+        a.send(timeout=5)
+        clock.advance(6)
+        self.assertEqual(a.listener.failures(), [("failed", "timeout", False)])
 
     def test_eachExchangeTimesOutOnItsOwnDeadline(self):
         """Exchanges started at different times time out at their own deadlines."""

@@ -36,7 +36,7 @@ def _framing(method: str, status: int, headers, lnames, head_request: bool, http
     failed = []
     conn._fail = failed.append
     ok = getattr(conn, method)(status, headers, lnames)
-    conn._cancel_timeout()
+    conn._leave_sweep()
     return ok, failed, conn._framing if ok else None, conn._remaining if ok else None, conn._reusable
 
 

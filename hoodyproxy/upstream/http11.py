@@ -17,7 +17,10 @@ lengths, so through it the bounds on chunk lines, the end of a response to HEAD 
 the bytes that follow a response could not be kept.
 
 The response timeout is not a timer per request but a deadline checked by one shared
-sweep (:mod:`hoodyproxy.deadlines`): noticed up to a second late, never early.
+sweep (:mod:`hoodyproxy.deadlines`): noticed up to a second late, never early.  A
+connection joins the sweep when it is made and leaves it when it is closed, lost or
+upgraded; a request only marks it as awaiting a response, so even one request at a time
+starts and stops no timer.
 """
 
 from __future__ import annotations
@@ -175,7 +178,10 @@ class UpstreamConnection(Protocol):
         self.last_used = clock.seconds()
         self._buf = b""
         self._deadlines = deadlines.shared(clock)
+        #: Whether a response is due (what the sweep asks of each connection it holds).
         self._watched = False
+        #: Whether the sweep holds this connection.
+        self._swept = False
         self._timeout_period = 0.0
         self._progress = 0.0
         self._reusable = False
@@ -195,6 +201,8 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
+        self._swept = True
+        self._deadlines.watch(self)
         callback, self.on_connected = self.on_connected, None
         if callback is not None:
             callback(self)
@@ -226,7 +234,9 @@ class UpstreamConnection(Protocol):
         self._timeout_period = timeout
         self._progress = self.clock.seconds()
         self._watched = True
-        self._deadlines.watch(self)
+        if not self._swept:  # (left by close(): a connection asked to close is not reused)
+            self._swept = True
+            self._deadlines.watch(self)
         self.transport.write(head)
 
     def write_body(self, data: bytes) -> None:
@@ -269,7 +279,7 @@ class UpstreamConnection(Protocol):
         """Drop the connection at once (never reused); no further events are delivered."""
         self._reusable = False
         self.listener = None
-        self._cancel_timeout()
+        self._leave_sweep()
         if self.state != CLOSED:
             self.state = CLOSED
             if self.transport is not None:
@@ -295,7 +305,7 @@ class UpstreamConnection(Protocol):
         if state == IDLE:
             # Nothing was asked: a server talking out of turn cannot be trusted with the next request.
             self._reusable = False
-            self.transport.loseConnection()
+            self.close()
             return
         self._buf += data
         if state == WAITING:
@@ -333,7 +343,7 @@ class UpstreamConnection(Protocol):
                 if not self._upgrade:
                     self._fail("unexpected 101")
                     return
-                self._cancel_timeout()
+                self._leave_sweep()  # (a tunnel has an idle timer of its own)
                 self.state = UPGRADED
                 self._reusable = False
                 if self._large_reads:
@@ -345,7 +355,7 @@ class UpstreamConnection(Protocol):
                 return
             if 100 <= status < 200:
                 continue  # interim responses (100 Continue, 103) are not forwarded
-            self._cancel_timeout()
+            self._watched = False  # (the response has begun: no deadline until the next request)
             self.head_lnames = lnames
             if not self._frame(status, headers, lnames):
                 return
@@ -526,24 +536,33 @@ class UpstreamConnection(Protocol):
                 return
         if not (self._reusable and self._request_done):
             self._reusable = False
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self.close()
 
     # -- failure ----------------------------------------------------------------------
 
-    def _cancel_timeout(self) -> None:
-        if self._watched:
-            self._watched = False
+    def _leave_sweep(self) -> None:
+        """No response will be due on this connection again (closed, lost or upgraded)."""
+        self._watched = False
+        if self._swept:
+            self._swept = False
             self._deadlines.unwatch(self)
 
+    def close(self) -> None:
+        """Close the connection once what is written is sent (the pool's way: an idle
+        connection timed out, evicted, or not kept)."""
+        self._leave_sweep()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def check_deadline(self, now: float) -> None:
-        """The shared sweep's question: has the head been due for ``timeout`` since the
-        last progress of the request (its start, a piece of body, its end)?"""
-        if now - self._progress >= self._timeout_period:
+        """The shared sweep's question: is a response due, and has it been due for
+        ``timeout`` since the last progress of the request (its start, a piece of body,
+        its end)?"""
+        if self._watched and now - self._progress >= self._timeout_period:
             self._fail("timeout")
 
     def _fail(self, why: str) -> None:
-        self._cancel_timeout()
+        self._leave_sweep()
         listener, self.listener = self.listener, None
         self._reusable = False
         if self.transport is not None and self.state != CLOSED:
@@ -553,7 +572,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         state, self.state = self.state, CLOSED
-        self._cancel_timeout()
+        self._leave_sweep()
         listener, self.listener = self.listener, None
         if self.on_closed is not None:
             self.on_closed(self)

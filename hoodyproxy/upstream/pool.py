@@ -222,7 +222,7 @@ class ConnectionPool:
             self._unbusy(conn)
         idle = self._idle.get(key)
         if self.closed or len(idle or ()) >= self._limit(key) or self.max_idle_total <= 0:
-            conn.transport.loseConnection()
+            conn.close()
             return
         if len(self._lru) >= self.max_idle_total:
             self._evict_oldest()
@@ -241,8 +241,7 @@ class ConnectionPool:
         idle.popleft()  # the key's own least recently used: released in the same order
         if not idle:
             del self._idle[oldest.key]
-        if oldest.transport is not None:
-            oldest.transport.loseConnection()
+        oldest.close()
 
     def configure(self, *, connect_timeout: float, idle_timeout: float, max_idle: int) -> None:
         """Take new limits (a config reload): connects begun from now on use
@@ -287,8 +286,7 @@ class ConnectionPool:
                 conn = idle.popleft()  # least recently used first
                 del self._lru[conn]
                 excess -= 1
-                if conn.transport is not None:
-                    conn.transport.loseConnection()
+                conn.close()
             if not idle:
                 del self._idle[key]
         if not self._idle and not self._load and self._sweeper is not None:
@@ -309,8 +307,7 @@ class ConnectionPool:
             self._sweeper = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
-                if conn.transport is not None:
-                    conn.transport.loseConnection()
+                conn.close()
         self._idle.clear()
         self._lru.clear()
         self._load.clear()
