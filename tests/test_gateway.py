@@ -294,6 +294,24 @@ class UpstreamFailureTests(GatewayTestCase):
         self.assertEqual(line["status"], 504)
         self.assertIn("reason", line)
 
+    async def test_kept_connection_that_stops_answering_is_504(self):
+        """A container that answers once, then hangs on the next request of the same
+        keep-alive connection (a deadlocked worker): that request is timed out too, on the
+        pooled connection's deadline, and the connection is closed."""
+        def script(proto, data):
+            if proto.received.count(b"\r\n\r\n") == 1:
+                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        port, factory = raw_backend(self, script)
+        first = await treq.get(self.url("/", index=port), agent=self.agent)
+        self.assertEqual((first.code, await first.content()), (200, b"ok"))
+        second = await treq.get(self.url("/again", index=port), agent=self.agent)
+        self.assertEqual(second.code, 504)
+        self.assertEqual(json.loads(await second.content())["error"], "gateway_timeout")
+        self.assertEqual(len(factory.connections), 1)  # the same, pooled connection
+        self.assertIn(b"GET /again ", factory.connections[0].received)
+        await until(lambda: len(factory.lost) == 1)
+        self.assertEqual([line["status"] for line in audit_lines(self.node)], [200, 504])
+
     async def test_client_going_away_cancels_upstream_request(self):
         """When the client disconnects, the gateway closes its connection to the container."""
         port, factory = raw_backend(self, lambda p, d: None)
