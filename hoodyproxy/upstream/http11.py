@@ -234,7 +234,7 @@ class UpstreamConnection(Protocol):
         self._timeout_period = timeout
         self._progress = self.clock.seconds()
         self._watched = True
-        if not self._swept:  # (left by close(): a connection asked to close is not reused)
+        if not self._swept:  # (a protocol driven without connectionMade, or after close(): the deadline holds)
             self._swept = True
             self._deadlines.watch(self)
         self.transport.write(head)
