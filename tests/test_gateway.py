@@ -114,6 +114,21 @@ class ForwardingTests(GatewayTestCase):
             self.assertNotIn(name, headers)
         self.assertEqual(headers["x-kept"], ["yes"])
 
+    async def test_fields_a_containers_connection_names_stop_at_the_gateway(self):
+        """A container's only hop-by-hop field is ``Connection: keep-alive, ...`` (nginx's
+        usual answer, with more names): the fields it names, in either spelling, are not
+        passed to the client; the others are, in order."""
+        answer = (b"HTTP/1.1 200 OK\r\nX-Before: 1\r\nConnection: keep-alive, X-Internal, X_Debug\r\n"
+                  b"X-Internal: secret\r\nX-Debug: trace\r\nX-After: 2\r\nContent-Length: 2\r\n\r\nok")
+        port, _ = raw_backend(self, lambda proto, data: proto.transport.write(answer))
+        client = await tls_client(self, self.node, host_for(index=port))
+        client.transport.write(f"GET / HTTP/1.1\r\nHost: {host_for(index=port)}\r\n\r\n".encode())
+        await until(lambda: client.received.endswith(b"\r\n\r\nok"))
+        head = client.received.split(b"\r\n\r\n", 1)[0].lower()
+        for name in (b"x-internal", b"x-debug", b"secret", b"trace", b"keep-alive"):
+            self.assertNotIn(name, head)
+        self.assertLess(head.index(b"\r\nx-before: 1"), head.index(b"\r\nx-after: 2"))
+
     async def test_each_request_is_routed_by_its_own_host(self):
         """Two requests on one kept-alive connection go where their own Host says."""
         other = Backend(self, backends.app())
