@@ -51,12 +51,17 @@ def header_key(name: bytes) -> bytes:
     return name.replace(b"_", b"-") if b"_" in name else name
 
 
+def named_by(value: bytes) -> set[bytes]:
+    """The field names one Connection value lists, as :func:`header_key` compares them."""
+    return {header_key(t.strip()) for t in value.split(b",") if t.strip()}
+
+
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """The lowercase tokens of every Connection header."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
+            tokens |= named_by(value)
     return tokens
 
 
@@ -149,8 +154,7 @@ def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = Fals
         # The usual hop-by-hop field: one ``Connection: keep-alive`` (nginx's), naming no
         # field present.  Cut out by its index (C loops; the general pass below agrees).
         i = lnames.index(b"connection")
-        named = {header_key(t.strip()) for t in headers[i][1].split(b",") if t.strip()}
-        if named.isdisjoint(lnames):
+        if named_by(headers[i][1]).isdisjoint(lnames):
             return headers[:i] + headers[i + 1:]
         return _without_hop_by_hop(headers, lnames)
     else:
@@ -165,7 +169,7 @@ def _without_hop_by_hop(headers: list[tuple[bytes, bytes]], lnames: list[bytes])
     named: set[bytes] = set()
     for (name, value), lname in zip(headers, lnames):
         if lname == b"connection":
-            named.update(header_key(t.strip()) for t in value.split(b",") if t.strip())
+            named |= named_by(value)
         elif lname == b"transfer-encoding":
             # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); the gateway re-frames.
             named.add(b"content-length")
