@@ -183,7 +183,6 @@ class Deadline(Exception):
     pass
 
 
-
 def turned(order: list[str], round_index: int) -> list[str]:
     """The systems of round ``round_index``: ``direct`` first (the round's reference), the
     others turned by one place each round, so that no system always runs right after
@@ -195,6 +194,7 @@ def turned(order: list[str], round_index: int) -> list[str]:
         return first
     n = round_index % len(rest)
     return first + rest[n:] + rest[:n]
+
 
 class Harness:
     def __init__(self, args) -> None:
