@@ -419,6 +419,8 @@ class AuditTokenTests(BypassTestCase):
             (self.host(), f"GET /?hoody_token={secret} HTTP/1.1\r\nHost: nowhere.example\r\n\r\n"),
             (self.host(), f"GET /?Hoody%5Ftoken={secret} HTTP/1.1\r\nHost: {self.host()}\r\nHost: x\r\n\r\n"),
             (self.host(), f"GET /?hoody_token={secret} HTTP/1.1\r\nHost: {self.host()}\r\n\r\n"),
+            # another case and no escape: not a credential, still kept out of the line
+            (self.host(), f"GET /?HOODY_TOKEN={secret}&keep=2 HTTP/1.1\r\nHost: {self.host()}\r\n\r\n"),
         ]
         for host, payload in requests:
             await deferToThread(tls_exchange, self.node, host, payload.encode())
@@ -428,13 +430,14 @@ class AuditTokenTests(BypassTestCase):
         h3 = await self.h3()
         stream = h3.request("GET", f"/?hoody_token={secret}", absent)
         await within(stream.done, 10)
-        await until(lambda: len(audit_lines(self.node)) >= 6)
+        await until(lambda: len(audit_lines(self.node)) >= 7)
         with open(self.node.settings.audit_file) as f:
             log = f.read()
         self.assertNotIn(secret, log)
         self.assertIn("keep=1", log)
+        self.assertIn("keep=2", log)
         statuses = sorted(line["status"] for line in audit_lines(self.node))
-        self.assertEqual(statuses, [200, 400, 404, 503, 503, 503])
+        self.assertEqual(statuses, [200, 200, 400, 404, 503, 503, 503])
 
 
 class ForwardingHeaderSpellingTests(unittest.TestCase):
