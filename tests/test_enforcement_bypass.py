@@ -466,6 +466,41 @@ class ForwardingHeaderSpellingTests(unittest.TestCase):
                                                       "x-forwarded-host"):
                 self.assertNotIn(name.lower(), headers)
 
+    async def test_address_headers_are_dropped_where_credentials_are_consumed(self):
+        """The same spellings sent among credentials the gateway takes out (a bearer
+        Authorization, a token cookie beside another cookie) and a field the client's
+        Connection names: the gateway rewrites the field list for the credentials, and not
+        one spoofed address, credential or Connection-named field reaches the container."""
+        node = start_node(self)
+        backend = Backend(self, backends.app())
+        register(node, backend.number)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        response = await treq.put(
+            f"http://127.0.0.1:{node.admin_port}/api/v1/projects/{PROJECT}/proxy/permissions",
+            data=json.dumps(PERMISSIONS).encode(), agent=Agent(reactor, pool=pool),
+            headers={"Authorization": f"Bearer {node.token}"})
+        self.assertEqual(response.code, 201, await response.content())
+        host = host_for(index=backend.number)
+        spoofed = ["X_Forwarded_For", "True-Client-IP", "x-real-ip", "X-Forwarded-For", "Forwarded",
+                   "CF-Connecting-IP", "X_Real_IP"]
+        for credential in (f"Authorization: Bearer {RESTRICTED}\r\nCookie: a=1; hoody_token=nope\r\n",
+                           f"Cookie: hoody_token={RESTRICTED}; a=1\r\n"):
+            lines = [f"{spoofed[0]}: 203.0.113.9\r\n", credential, "Connection: keep-alive, X-Secret\r\n"]
+            lines += [f"{name}: 203.0.113.9\r\n" for name in spoofed[1:]] + ["X-Secret: 198.51.100.7\r\n"]
+            answer = await deferToThread(tls_exchange, node, host, (
+                f"GET /headers HTTP/1.1\r\nHost: {host}\r\n{''.join(lines)}\r\n").encode())
+            self.assertEqual(status_of(answer), 200, answer)
+            headers = json.loads(answer.partition(b"\r\n\r\n")[2])["headers"]
+            seen = json.dumps(headers)
+            for secret in ("203.0.113.9", "198.51.100.7", RESTRICTED, "hoody_token"):
+                self.assertNotIn(secret, seen)
+            self.assertNotIn("authorization", headers)
+            self.assertNotIn("x-secret", headers)
+            self.assertEqual(headers["x-forwarded-for"], ["127.0.0.1"])
+            self.assertEqual(headers["x-real-ip"], ["127.0.0.1"])
+            self.assertEqual(headers["cookie"], ["a=1"])
+
 
 class ContainerStateOracleTests(BypassTestCase):
     """Leak 10: unknown, stopped and another project's containers answered alike."""
