@@ -335,9 +335,12 @@ class Gateway:
         if port is None:
             port = program.port if program.index == "instance" else target.index
 
-        pairs = getattr(headers, "pairs", None)  # (HTTP/1.1: the fields in the order sent)
+        pairs = getattr(headers, "pairs", None)  # (Fields: the fields in the order sent)
         raw = (list(pairs) if pairs is not None else
                [(name, value) for name, values in headers.getAllRawHeaders() for value in values])
+        # Their names in lower case, one for one with ``raw`` while it is that copy: any
+        # change to ``raw`` below sets this to None (the head builder lowers them itself).
+        lnames = headers.lower_names() if pairs is not None else None
         websocket = request.websocket
         if websocket is None:  # HTTP/1.1: an Upgrade in the headers
             upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
@@ -365,9 +368,9 @@ class Gateway:
             uri = consumed.uri  # (the audit line's path was stripped in begin)
             # Credentials meant for the gateway do not travel on to the container.
             if consumed.drop_authorization and challenge_kinds(pset, self.policy.registry):
-                raw = [(n, v) for n, v in raw if n.lower() != b"authorization"]
+                raw, lnames = [(n, v) for n, v in raw if n.lower() != b"authorization"], None
             if consumed.cookie is not None:
-                raw = [(n, v) for n, v in raw if n.lower() != b"cookie"]
+                raw, lnames = [(n, v) for n, v in raw if n.lower() != b"cookie"], None
                 if consumed.cookie:
                     raw.append((b"Cookie", consumed.cookie))
             decision = self.policy.authorize(pset, credentials, self.kinds[target.program], request.method,
@@ -382,7 +385,7 @@ class Gateway:
             request.method, uri, raw,
             host=host, client_ip=request.client_ip, proto=request.proto,
             body_length=request.body_length, upgrade=upgrade,
-            instance=target.index if program.index == "instance" else None)
+            instance=target.index if program.index == "instance" else None, lnames=lnames)
         settings = self.settings
         mode = self._program_client_ip.get(target.program, self.client_ip_mode)
         source = None if mode == "headers" else self._source(mode, request, container.address)

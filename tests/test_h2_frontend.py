@@ -60,6 +60,36 @@ class FieldsTests(unittest.TestCase):
         self.assertEqual([name for name, _ in Fields(list(self.PAIRS)).getAllRawHeaders()],
                          [b"accept", b"x-a", b"cookie", b"host"])
 
+    @hsettings(max_examples=500, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from([b"Host", b"host", b"HOST", b"X-A", b"x-a", b"x_a", b"Connection",
+                                               b"cookie", b"Content-Length"]),
+                              st.sampled_from([b"1", b"2", b"", b"close"])), max_size=8),
+           st.sampled_from(["pairs", "frontend", "add", "behind"]))
+    def test_every_way_of_building_answers_like_headers(self, pairs, way):
+        """Fields built from a list, as the HTTP/1.1 frontend builds them (each pair with its
+        lower-case name), through add(), or with a pair appended without its name, answers
+        every lookup as twisted's Headers does."""
+        if way == "pairs":
+            fields = Fields(list(pairs))
+        else:
+            fields = Fields()
+            for name, value in pairs:
+                if way == "add":
+                    fields.add(name, value)
+                else:
+                    fields.pairs.append((name, value))
+                    if way == "frontend":
+                        fields.lnames.append(name.lower())
+        headers = Headers()
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        for name in (b"host", b"HOST", b"x-a", b"x_a", b"connection", b"cookie", b"content-length", b"absent"):
+            self.assertEqual(fields.getRawHeaders(name), headers.getRawHeaders(name), (name, way))
+            self.assertEqual(fields.hasHeader(name), headers.hasHeader(name), (name, way))
+        self.assertEqual(fields.lower_names(), [name.lower() for name, _ in pairs])
+        self.assertEqual([(n.lower(), list(v)) for n, v in fields.getAllRawHeaders()],
+                         [(n.lower(), list(v)) for n, v in headers.getAllRawHeaders()])
+
 
 _FLAGS = h2.utilities.HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False,
                                             is_push_promise=False)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from hoodyproxy.upstream.headers import (
+    CLIENT_ADDRESS_HEADERS,
+    GATEWAY_OWNED,
+    HOP_BY_HOP as HOP_BY_HOP_NAMES,
     build_request_head,
     connection_tokens,
     forwarded_for,
@@ -335,3 +339,55 @@ class ForwardingBlockCacheTests(SynchronousTestCase):
         for i in range(headers.FORWARDING_CACHE_SIZE + 50):
             headers.forwarding_block("198.51.100.%d" % (i % 250), b"h%d.example" % i, b"https")
         self.assertLessEqual(len(headers._forwarding_blocks), headers.FORWARDING_CACHE_SIZE)
+
+
+_REQUEST_NAMES = st.one_of(
+    st.sampled_from(["Connection", "connection", "CONNECTION", "Keep-Alive", "X-Forwarded-For",
+                     "x_forwarded_for", "X_Real_IP", "True-Client-IP", "Forwarded", "Host", "Content-Length",
+                     "Expect", "Upgrade", "TE", "Cookie", "Authorization", "X-Secret", "x_secret", "Accept"]),
+    st.text(alphabet="abcXYZ-_019!#", min_size=1, max_size=8))
+_REQUEST_VALUES = st.sampled_from(["keep-alive", "close", "X-Secret", "x_secret, keep-alive", "Accept,",
+                                   "cookie", "203.0.113.9", "", "a, b, c"])
+
+
+def reference_forwarded(headers, drop=frozenset()) -> list[tuple[bytes, bytes]]:
+    """The client's fields a container gets, by the rule written out field by field: not
+    hop-by-hop, not the gateway's own, not a client address, not named by a Connection
+    field, not in ``drop``; names compared in lower case with ``_`` read as ``-``."""
+    def key(name: bytes) -> bytes:
+        return name.lower().replace(b"_", b"-")
+    named = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named |= {key(token.strip()) for token in value.split(b",") if token.strip()}
+    never = HOP_BY_HOP_NAMES | GATEWAY_OWNED | CLIENT_ADDRESS_HEADERS
+    return [(name, value) for name, value in headers
+            if key(name) not in never and key(name) not in named and key(name) not in drop]
+
+
+class LowerNamesTests(SynchronousTestCase):
+    """The head built from the caller's lower-case names is the head built without them,
+    and forwards what the rule written out field by field forwards, few fields or many."""
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(st.tuples(_REQUEST_NAMES, _REQUEST_VALUES), max_size=14), st.booleans(),
+           st.sampled_from([0, None, 5]), st.sampled_from([frozenset(), frozenset({b"cookie"}),
+                                                         frozenset({b"authorization", b"x-secret"})]))
+    def test_the_same_head_with_or_without_lnames(self, fields, upgrade, body_length, drop) -> None:
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields]
+        lnames = [n.lower() for n, _ in headers]
+        built = head(headers, lnames=lnames, upgrade=upgrade, body_length=body_length, drop=drop)
+        self.assertEqual(built, head(headers, upgrade=upgrade, body_length=body_length, drop=drop))
+        self.assertEqual(connection_tokens(headers, lnames), connection_tokens(headers))
+        _, sent = parse(built)
+        self.assertEqual(sent[0], (b"Host", HOST))
+        forwarded = sent[1:[name for name, _ in sent].index(b"X-Forwarded-For")]
+        self.assertEqual(forwarded, reference_forwarded(headers, drop))
+
+    def test_names_of_another_list_are_not_used(self) -> None:
+        """Names one short (the list changed after they were taken) are ignored: a spoofed
+        address one place along is still dropped."""
+        headers = [(b"Cookie", b"a=1"), (b"X-Forwarded-For", b"203.0.113.9")]
+        built = head(headers, lnames=[b"cookie"])
+        self.assertNotIn(b"203.0.113.9", built)
+        self.assertEqual(built, head(headers))

@@ -5,8 +5,10 @@ The frontends build one :class:`Fields` per request instead of a
 (:meth:`~Fields.getRawHeaders`, :meth:`~Fields.hasHeader`) and walks them
 (:meth:`~Fields.getAllRawHeaders`), the three methods of ``Headers`` it uses, with the
 same results, except that names keep the spelling the client sent instead of being
-re-capitalized (HTTP/2 and HTTP/3 send them in lower case).  Building it costs one list;
-the index by lower-case name is built on the first lookup, once.
+re-capitalized (HTTP/2 and HTTP/3 send them in lower case).  Building it costs one list
+and the names in lower case (the HTTP/1.1 frontend has them already; otherwise made on the
+first lookup, once): a lookup scans that list in C, and the gateway's header filter reads
+it instead of lowering each name again.
 """
 
 from __future__ import annotations
@@ -19,30 +21,41 @@ _T = TypeVar("_T")
 class Fields:
     """Header fields in the order received; names compared without regard to case."""
 
-    __slots__ = ("pairs", "_index")
+    __slots__ = ("pairs", "lnames", "_index")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]] | None = None) -> None:
-        """``pairs``: the (name, value) pairs, owned by this object from now on."""
+    def __init__(self, pairs: list[tuple[bytes, bytes]] | None = None,
+                 lnames: list[bytes] | None = None) -> None:
+        """``pairs``: the (name, value) pairs, owned by this object from now on; ``lnames``,
+        their names in lower case, one for one, when the caller has them already."""
         #: The (name, value) pairs in the order received, names as sent (what is forwarded).
         self.pairs = pairs if pairs is not None else []
+        #: Their names in lower case, one for one (None: made on first use).  Whoever
+        #: appends a pair appends its lower-case name in the same statement; a list that
+        #: is not one for one is never read (:meth:`lower_names` makes it again).
+        self.lnames = lnames if lnames is not None else ([] if pairs is None else None)
         #: lower-case name -> (the name as first seen, [values]); built on first use.
         self._index: dict[bytes, tuple[bytes, list[bytes]]] | None = None
 
-    def add(self, name: bytes, value: bytes) -> None:
-        """One more field, as received (HTTP/1.1 builds its fields as llhttp parses them)."""
+    def add(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
+        """One more field, as received (HTTP/1.1 builds its fields as llhttp parses them);
+        ``lname``: ``name`` in lower case, if the caller has it."""
+        lnames = self.lower_names()
         self.pairs.append((name, value))
-        index = self._index
-        if index is not None:
-            entry = index.get(name.lower())
-            if entry is None:
-                index[name.lower()] = (name, [value])
-            else:
-                entry[1].append(value)
+        lnames.append(name.lower() if lname is None else lname)
+        self._index = None
+
+    def lower_names(self) -> list[bytes]:
+        """The names in lower case, one for each pair, in order (made once; the list is the
+        object's own: read it, do not change it)."""
+        lnames = self.lnames
+        if lnames is None or len(lnames) != len(self.pairs):
+            # (a pair appended without its name is still compared by its name)
+            lnames = self.lnames = [name.lower() for name, _ in self.pairs]
+        return lnames
 
     def _indexed(self) -> dict[bytes, tuple[bytes, list[bytes]]]:
         index: dict[bytes, tuple[bytes, list[bytes]]] = {}
-        for name, value in self.pairs:
-            key = name.lower()
+        for (name, value), key in zip(self.pairs, self.lower_names()):
             entry = index.get(key)
             if entry is None:
                 index[key] = (name, [value])
@@ -53,14 +66,23 @@ class Fields:
 
     def getRawHeaders(self, name: bytes, default: _T | None = None) -> list[bytes] | _T | None:
         """The values of the field ``name`` (any case) in the order received, or ``default``."""
-        index = self._index if self._index is not None else self._indexed()
-        entry = index.get(name.lower())
-        return default if entry is None else entry[1]
+        key = name.lower()
+        lnames = self.lnames
+        if lnames is None or len(lnames) != len(self.pairs):
+            lnames = self.lower_names()
+        # A scan of a short list in C: cheaper than building an index for a few lookups.
+        if key not in lnames:
+            return default
+        if lnames.count(key) == 1:
+            return [self.pairs[lnames.index(key)][1]]
+        return [value for (_, value), lname in zip(self.pairs, lnames) if lname == key]
 
     def hasHeader(self, name: bytes) -> bool:
         """Whether a field ``name`` (any case) is present."""
-        index = self._index if self._index is not None else self._indexed()
-        return name.lower() in index
+        lnames = self.lnames
+        if lnames is None or len(lnames) != len(self.pairs):
+            lnames = self.lower_names()
+        return name.lower() in lnames
 
     def getAllRawHeaders(self) -> Iterator[tuple[bytes, Sequence[bytes]]]:
         """(name, [values]) per distinct name, in the order names were first seen."""

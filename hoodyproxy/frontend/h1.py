@@ -45,6 +45,8 @@ log = Logger()
 MAX_HEAD_BYTES = 16 * 1024
 #: The most header fields a request head may have: 431 beyond it.
 MAX_FIELDS = 500
+#: The framing fields a request's head is checked for as each field arrives.
+_FRAMING = frozenset({b"transfer-encoding", b"content-length"})
 #: Pipelined requests parsed ahead of the one being answered; past them the connection
 #: reads no more and closes after answering them.
 MAX_PIPELINED = 32
@@ -247,26 +249,30 @@ class H1Connection(H1Guard, Protocol):
             self._fields_this_read += 1
             return
         self._fields_this_read += 1
-        self._head_size += len(name) + len(value) + 4
-        self._fields += 1
-        if self._head_size > MAX_HEAD_BYTES or self._fields > MAX_FIELDS:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        count = self._fields = self._fields + 1
+        if size > MAX_HEAD_BYTES or count > MAX_FIELDS:
             raise _Refuse(HeadTooLarge(reason="request head too large"))
         value = value.rstrip(b" \t")
         lname = name.lower()
-        if lname == b"transfer-encoding":
-            # RFC 9112 6.3: one field, exactly chunked; anything else leaves the length unknown.
-            if self._te_seen or value.lower() != b"chunked":
-                raise _Refuse(errors.BadRequest(reason="transfer-encoding not chunked"))
-            if self._length_seen:
-                raise _Refuse(errors.BadRequest(reason="conflicting framing"))
-            self._te_seen = True
-        elif lname == b"content-length":
-            if not value.isdigit():
-                raise _Refuse(errors.BadRequest(reason="bad content-length"))
-            if self._te_seen or self._length_seen:
-                raise _Refuse(errors.BadRequest(reason="conflicting framing"))
-            self._length_seen = True
-        request.requestHeaders.add(name, value)
+        if lname in _FRAMING:
+            if lname == b"transfer-encoding":
+                # RFC 9112 6.3: one field, exactly chunked; anything else leaves the length unknown.
+                if self._te_seen or value.lower() != b"chunked":
+                    raise _Refuse(errors.BadRequest(reason="transfer-encoding not chunked"))
+                if self._length_seen:
+                    raise _Refuse(errors.BadRequest(reason="conflicting framing"))
+                self._te_seen = True
+            else:
+                if not value.isdigit():
+                    raise _Refuse(errors.BadRequest(reason="bad content-length"))
+                if self._te_seen or self._length_seen:
+                    raise _Refuse(errors.BadRequest(reason="conflicting framing"))
+                self._length_seen = True
+        fields = request.requestHeaders
+        # The pair and its lower-case name, together (Fields.lnames is one for one).
+        fields.pairs.append((name, value))
+        fields.lnames.append(lname)
 
     def on_headers_complete(self) -> None:
         request = self.receiving
@@ -286,7 +292,8 @@ class H1Connection(H1Guard, Protocol):
             request.body_complete = True  # (no body; on_message_complete confirms)
         connection = request.requestHeaders.getRawHeaders(b"connection")
         if version == "1.0" or (connection is not None and any(
-                b"close" in [token.strip() for token in value.lower().split(b",")] for value in connection)):
+                b"close" in [token.strip() for token in value.lower().split(b",")]
+                for value in connection if b"close" in value.lower())):  # (the token only where the word is)
             request.keep_alive = False
             self.persistent = False
         if self.active is None:

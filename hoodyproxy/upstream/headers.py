@@ -12,6 +12,8 @@ compared with ``_`` and ``-`` alike (CGI and WSGI servers merge ``X_Forwarded_Fo
 
 from __future__ import annotations
 
+from itertools import compress
+from operator import not_
 from typing import Iterable
 
 HOP_BY_HOP = frozenset({
@@ -39,6 +41,8 @@ CLIENT_ADDRESS_HEADERS = frozenset({
 #: Every request header name the gateway never forwards as the client sent it.
 _DROPPED = HOP_BY_HOP | GATEWAY_OWNED | CLIENT_ADDRESS_HEADERS
 
+_NONE: frozenset[bytes] = frozenset()
+
 #: The hop-by-hop names but Connection (a response with only that one takes a short way).
 _HOP_BUT_CONNECTION = HOP_BY_HOP - {b"connection"}
 
@@ -51,13 +55,33 @@ def header_key(name: bytes) -> bytes:
     return name.replace(b"_", b"-") if b"_" in name else name
 
 
-def named_by(value: bytes) -> set[bytes]:
-    """The field names one Connection value lists, as :func:`header_key` compares them."""
-    return {header_key(t.strip()) for t in value.split(b",") if t.strip()}
+def named_by(value: bytes) -> frozenset[bytes]:
+    """The field names one Connection value lists, as :func:`header_key` compares them
+    (kept for the values in use: nginx and browsers send ``keep-alive`` every time)."""
+    named = _named.get(value)
+    if named is None:
+        named = frozenset(header_key(t.strip()) for t in value.split(b",") if t.strip())
+        if len(_named) >= NAMED_CACHE_SIZE:
+            _named.clear()
+        _named[value] = named
+    return named
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """The lowercase tokens of every Connection header."""
+_named: dict[bytes, frozenset[bytes]] = {}
+#: Connection values whose names are kept; then the cache restarts.
+NAMED_CACHE_SIZE = 256
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]],
+                      lnames: list[bytes] | None = None) -> set[bytes] | frozenset[bytes]:
+    """The lowercase tokens of every Connection header (``lnames``: the names of a list
+    ``headers`` in lower case, one for one, if the caller has them)."""
+    if lnames is not None:
+        count = lnames.count(b"connection")
+        if count == 0:
+            return _NONE
+        if count == 1:
+            return named_by(headers[lnames.index(b"connection")][1])
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
@@ -107,22 +131,32 @@ def forwarding_block(client_ip: str, host: bytes, proto: bytes) -> bytes:
 def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes, bytes]], *,
                        host: bytes, client_ip: str, proto: bytes = b"https",
                        body_length: int | None, upgrade: bool = False,
-                       instance: int | None = None, drop: frozenset[bytes] = frozenset()) -> bytes:
+                       instance: int | None = None, drop: frozenset[bytes] = frozenset(),
+                       lnames: list[bytes] | None = None) -> bytes:
     """The HTTP/1.1 request head the gateway sends to a container.
 
     ``body_length`` None means the body length is unknown and is sent chunked; 0 means no body.
     ``drop`` names further (lowercase) headers to remove, such as consumed credentials.
+    ``lnames``: the names of ``headers`` in lower case, one for one, when the caller has
+    them (a list of another length is not used).
     """
-    headers = list(headers)
-    named = connection_tokens(headers)
+    if type(headers) is not list:
+        headers = list(headers)
+    if lnames is None or len(lnames) != len(headers):
+        lnames = [name.lower() for name, _ in headers]
+    named = connection_tokens(headers, lnames) if b"connection" in lnames else _NONE
     out = [method, b" ", uri, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for name, value in headers:
-        key = name.lower()
-        if b"_" in key:
-            key = key.replace(b"_", b"-")  # (header_key, inlined: once per field per request)
-        if key in _DROPPED or key in named or key in drop:
-            continue
-        out += (name, b": ", value, b"\r\n")
+    if len(headers) > 4:
+        kept = _kept(headers, lnames, named, drop)
+        if kept:
+            out += (b"\r\n".join(map(b": ".join, kept)), b"\r\n")
+    else:  # (a few fields: a pass over them costs less than setting up the iterators)
+        for (name, value), key in zip(headers, lnames):
+            if b"_" in key:
+                key = key.replace(b"_", b"-")  # (header_key, inlined)
+            if key in _DROPPED or key in named or key in drop:
+                continue
+            out += (name, b": ", value, b"\r\n")
     out.append(forwarding_block(client_ip, host, proto))
     if instance is not None:
         out += (INSTANCE_HEADER, b": %d\r\n" % instance)
@@ -134,6 +168,20 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
         out.append(b"Content-Length: %d\r\n" % body_length)
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def _kept(headers: list[tuple[bytes, bytes]], lnames: list[bytes], named: frozenset[bytes] | set[bytes],
+          drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The fields :func:`build_request_head` forwards: every field but those whose name (with
+    ``_`` read as ``-``) is the gateway's, hop-by-hop, named by a Connection field or in
+    ``drop``; by C iterators rather than a pass in Python over each field."""
+    keys = lnames if b"_" not in b"".join(lnames) else [key.replace(b"_", b"-") for key in lnames]
+    dropped = _DROPPED
+    if named and not named.isdisjoint(keys):
+        dropped = dropped | named
+    if drop and not drop.isdisjoint(keys):
+        dropped = dropped | drop
+    return list(compress(headers, map(not_, map(dropped.__contains__, keys))))
 
 
 def response_headers(headers: list[tuple[bytes, bytes]], *, upgrade: bool = False,
