@@ -2,6 +2,7 @@
 
     python -m bench.inproc_instructions [--tree PATH ...] [--fields small|browser]
                                         [--tap none|other|all] [--requests N]
+                                        [--response small|nginx]
 
 Runs ``bench/gateway_inproc.py`` (one node's request path in process, no sockets, TLS or
 kernel) under ``valgrind --tool=callgrind`` twice, for ``N`` and ``3N`` requests, and
@@ -34,13 +35,15 @@ ROOT = os.path.dirname(HERE)
 _COLLECTED = re.compile(r"Collected\s*:\s*([\d,]+)")
 
 
-def instructions(tree: str, requests: int, fields: str, tap: str) -> int:
+def instructions(tree: str, requests: int, fields: str, tap: str, response: str = "small") -> int:
     """Instructions callgrind counted for one run of ``requests`` requests from ``tree``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, ROOT]), PYTHONHASHSEED="0")
     with tempfile.TemporaryDirectory(prefix="hoodyproxy-callgrind-") as out:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={os.path.join(out, 'cg.out')}",
                sys.executable, os.path.join(HERE, "gateway_inproc.py"), "--requests", str(requests),
                "--runs", "1", "--fields", fields, "--tap", tap]
+        if response != "small":
+            cmd += ["--response", response]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
@@ -48,8 +51,9 @@ def instructions(tree: str, requests: int, fields: str, tap: str) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_request(tree: str, requests: int, fields: str, tap: str) -> int:
-    return (instructions(tree, 3 * requests, fields, tap) - instructions(tree, requests, fields, tap)) // (2 * requests)
+def per_request(tree: str, requests: int, fields: str, tap: str, response: str = "small") -> int:
+    return (instructions(tree, 3 * requests, fields, tap, response)
+            - instructions(tree, requests, fields, tap, response)) // (2 * requests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fields", choices=("small", "browser"), default="small")
     parser.add_argument("--tap", choices=("none", "other", "all"), default="none")
     parser.add_argument("--requests", type=int, default=1000, help="N: the runs are N and 3N requests (default 1,000)")
+    parser.add_argument("--response", choices=("small", "nginx"), default="small",
+                        help="the container's answer: three fields, or the five nginx sends")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind; make bench installs it as root)",
@@ -70,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--tree {tree}: no hoodyproxy package there")
     results = []
     for tree in [os.path.abspath(t) for t in args.tree] + [ROOT]:
-        n = per_request(tree, args.requests, args.fields, args.tap)
+        n = per_request(tree, args.requests, args.fields, args.tap, args.response)
         results.append(n)
-        print(f"{n:>9,} instructions per request  {tree}  ({args.fields} fields; tap: {args.tap})", flush=True)
+        print(f"{n:>9,} instructions per request  {tree}  ({args.fields} fields; {args.response} response; "
+              f"tap: {args.tap})", flush=True)
     if len(results) > 1:
         print(f"this checkout / the first tree: {results[-1] / results[0]:.3f}x")
     return 0
