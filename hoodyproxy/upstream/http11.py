@@ -385,10 +385,14 @@ class UpstreamConnection(Protocol):
             if b"," not in value:
                 keep_alive = False
                 if b"connection" in lnames:
-                    tokens = {t.strip() for t in headers[lnames.index(b"connection")][1].lower().split(b",")}
-                    if b"close" in tokens:
-                        self._reusable = False
-                    keep_alive = b"keep-alive" in tokens
+                    connection = headers[lnames.index(b"connection")][1]
+                    if connection == b"keep-alive":
+                        keep_alive = True  # (nginx's, on every response: no split)
+                    else:
+                        tokens = {t.strip() for t in connection.lower().split(b",")}
+                        if b"close" in tokens:
+                            self._reusable = False
+                        keep_alive = b"keep-alive" in tokens
                 if self._http10 and not keep_alive:
                     self._reusable = False
                 if not value.isdigit() or len(value) > 18:
