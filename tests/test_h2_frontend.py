@@ -64,22 +64,19 @@ class FieldsTests(unittest.TestCase):
     @given(st.lists(st.tuples(st.sampled_from([b"Host", b"host", b"HOST", b"X-A", b"x-a", b"x_a", b"Connection",
                                                b"cookie", b"Content-Length"]),
                               st.sampled_from([b"1", b"2", b"", b"close"])), max_size=8),
-           st.sampled_from(["pairs", "frontend", "add", "behind"]))
+           st.sampled_from(["pairs", "frontend", "behind"]))
     def test_every_way_of_building_answers_like_headers(self, pairs, way):
         """Fields built from a list, as the HTTP/1.1 frontend builds them (each pair with its
-        lower-case name), through add(), or with a pair appended without its name, answers
-        every lookup as twisted's Headers does."""
+        lower-case name), or with pairs appended without their names, answers every lookup
+        as twisted's Headers does."""
         if way == "pairs":
             fields = Fields(list(pairs))
         else:
             fields = Fields()
             for name, value in pairs:
-                if way == "add":
-                    fields.add(name, value)
-                else:
-                    fields.pairs.append((name, value))
-                    if way == "frontend":
-                        fields.lnames.append(name.lower())
+                fields.pairs.append((name, value))
+                if way == "frontend":
+                    fields.lnames.append(name.lower())
         headers = Headers()
         for name, value in pairs:
             headers.addRawHeader(name, value)

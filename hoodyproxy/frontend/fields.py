@@ -23,26 +23,17 @@ class Fields:
 
     __slots__ = ("pairs", "lnames", "_index")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]] | None = None,
-                 lnames: list[bytes] | None = None) -> None:
-        """``pairs``: the (name, value) pairs, owned by this object from now on; ``lnames``,
-        their names in lower case, one for one, when the caller has them already."""
+    def __init__(self, pairs: list[tuple[bytes, bytes]] | None = None) -> None:
+        """``pairs``: the (name, value) pairs, owned by this object from now on (none: the
+        HTTP/1.1 frontend appends each pair and its lower-case name as llhttp parses them)."""
         #: The (name, value) pairs in the order received, names as sent (what is forwarded).
         self.pairs = pairs if pairs is not None else []
         #: Their names in lower case, one for one (None: made on first use).  Whoever
         #: appends a pair appends its lower-case name in the same statement; a list that
         #: is not one for one is never read (:meth:`lower_names` makes it again).
-        self.lnames = lnames if lnames is not None else ([] if pairs is None else None)
+        self.lnames: list[bytes] | None = [] if pairs is None else None
         #: lower-case name -> (the name as first seen, [values]); built on first use.
         self._index: dict[bytes, tuple[bytes, list[bytes]]] | None = None
-
-    def add(self, name: bytes, value: bytes, lname: bytes | None = None) -> None:
-        """One more field, as received (HTTP/1.1 builds its fields as llhttp parses them);
-        ``lname``: ``name`` in lower case, if the caller has it."""
-        lnames = self.lower_names()
-        self.pairs.append((name, value))
-        lnames.append(name.lower() if lname is None else lname)
-        self._index = None
 
     def lower_names(self) -> list[bytes]:
         """The names in lower case, one for each pair, in order (made once; the list is the

@@ -144,19 +144,10 @@ def build_request_head(method: bytes, uri: bytes, headers: Iterable[tuple[bytes,
         headers = list(headers)
     if lnames is None or len(lnames) != len(headers):
         lnames = [name.lower() for name, _ in headers]
-    named = connection_tokens(headers, lnames) if b"connection" in lnames else _NONE
     out = [method, b" ", uri, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    if len(headers) > 4:
-        kept = _kept(headers, lnames, named, drop)
-        if kept:
-            out += (b"\r\n".join(map(b": ".join, kept)), b"\r\n")
-    else:  # (a few fields: a pass over them costs less than setting up the iterators)
-        for (name, value), key in zip(headers, lnames):
-            if b"_" in key:
-                key = key.replace(b"_", b"-")  # (header_key, inlined)
-            if key in _DROPPED or key in named or key in drop:
-                continue
-            out += (name, b": ", value, b"\r\n")
+    kept = _kept(headers, lnames, connection_tokens(headers, lnames), drop)
+    if kept:
+        out += (b"\r\n".join(map(b": ".join, kept)), b"\r\n")
     out.append(forwarding_block(client_ip, host, proto))
     if instance is not None:
         out += (INSTANCE_HEADER, b": %d\r\n" % instance)
@@ -174,13 +165,19 @@ def _kept(headers: list[tuple[bytes, bytes]], lnames: list[bytes], named: frozen
           drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
     """The fields :func:`build_request_head` forwards: every field but those whose name (with
     ``_`` read as ``-``) is the gateway's, hop-by-hop, named by a Connection field or in
-    ``drop``; by C iterators rather than a pass in Python over each field."""
+    ``drop``; past a few fields by C iterators rather than a pass in Python over each."""
     keys = lnames if b"_" not in b"".join(lnames) else [key.replace(b"_", b"-") for key in lnames]
     dropped = _DROPPED
     if named and not named.isdisjoint(keys):
         dropped = dropped | named
     if drop and not drop.isdisjoint(keys):
         dropped = dropped | drop
+    if len(keys) <= 4:  # (a few fields: a loop costs less than setting up the iterators)
+        kept = []
+        for pair, key in zip(headers, keys):
+            if key not in dropped:
+                kept.append(pair)
+        return kept
     return list(compress(headers, map(not_, map(dropped.__contains__, keys))))
 
 
