@@ -375,6 +375,23 @@ class PipeliningTests(unittest.TestCase):
         self.assertTrue(front.transport.disconnecting)
         front.close()
 
+    def test_close_in_any_case_or_list_is_the_last_request(self):
+        """``close`` in any case, among other tokens or in a second Connection field, makes
+        the request the last (its answer says so and the connection closes, whether or not
+        anything was sent after it); a word that only contains it does not."""
+        for fields, last in ((b"Connection: Keep-Alive, CLOSE\r\n", True), (b"Connection: TE,Close \r\n", True),
+                             (b"Connection: keep-alive\r\nConnection: cLoSe\r\n", True),
+                             (b"Connection: closed, x-close\r\n", False)):
+            for after in (b"", b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"):
+                front = Frontend()
+                front.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n" + after)
+                answer(front.gateway.begun[0])
+                expected = [b"/1"] if last or not after else [b"/1", b"/2"]
+                self.assertEqual([r.uri for r in front.gateway.begun], expected, (fields, after))
+                self.assertEqual(b"Connection: close" in front.written, last, (fields, after))
+                self.assertEqual(front.transport.disconnecting, last, (fields, after))
+                front.close()
+
     def test_pipelining_ahead_is_bounded(self):
         """A thousand tiny requests in one read while the first is unanswered: at most
         MAX_PIPELINED wait (not one object per request sent); they are answered in order,
