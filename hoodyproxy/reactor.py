@@ -10,6 +10,11 @@ whatever a protocol raises, logs it (``log.err``) and disconnects that descripto
 line says ``-`` where it said the protocol's prefix, and the gateway logs through
 ``twisted.logger`` with its own namespaces anyway.
 
+It also holds the writes of the gateway's eager TCP transports while it dispatches one
+poll's ready events and sends them when the batch is done (every 64 events at most):
+:mod:`hoodyproxy.eagertcp` says why.  Writes made outside a batch (timers, threads'
+calls) are sent at once, as before.
+
 This is a subclass using the reactor's documented extension points (``doPoll``,
 ``_doReadOrWrite``, ``_selectables``), not a patch: Twisted is left as it is, and a
 reactor chosen with ``twistd --reactor`` wins (:func:`install_unless_chosen`).
@@ -22,9 +27,16 @@ import sys
 
 from twisted.internet.epollreactor import EPollReactor
 
+from hoodyproxy.eagertcp import BATCH, Cork
+
 
 class GatewayReactor(EPollReactor):
-    """EPollReactor dispatching I/O events without ``log.callWithLogger``."""
+    """EPollReactor dispatching I/O events without ``log.callWithLogger``, holding the
+    eager transports' writes until a batch of events is dispatched (:class:`Cork`)."""
+
+    def __init__(self) -> None:
+        self.cork = Cork()
+        super().__init__()
 
     def doPoll(self, timeout):
         if timeout is None:
@@ -37,10 +49,24 @@ class GatewayReactor(EPollReactor):
             raise
         selectables = self._selectables
         dispatch = self._doReadOrWrite
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is not None:
-                dispatch(selectable, fd, event)
+        cork = self.cork
+        cork.active = True
+        try:
+            if len(events) <= BATCH:
+                for fd, event in events:
+                    selectable = selectables.get(fd)
+                    if selectable is not None:
+                        dispatch(selectable, fd, event)
+            else:
+                for start in range(0, len(events), BATCH):
+                    for fd, event in events[start:start + BATCH]:
+                        selectable = selectables.get(fd)
+                        if selectable is not None:
+                            dispatch(selectable, fd, event)
+                    cork.release()
+        finally:
+            cork.active = False
+            cork.release()
 
     doIteration = doPoll
 
