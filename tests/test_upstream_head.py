@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from hoodyproxy.upstream.headers import _without_hop_by_hop, response_headers
+from hoodyproxy.upstream import http11
 from hoodyproxy.upstream.http11 import UpstreamConnection
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -81,3 +82,54 @@ class ResponseFieldsTests(unittest.SynchronousTestCase):
                    (b"ETag", b'"x"')]
         self.assertEqual(response_headers(headers),
                          [(b"Server", b"nginx"), (b"Content-Length", b"12"), (b"ETag", b'"x"')])
+
+
+def _parsed(head: bytes):
+    """``_parse_head``'s answer, or the refusal's text."""
+    try:
+        return http11._parse_head(head)
+    except http11.UpstreamProtocolError as e:
+        return ("refused", str(e))
+
+
+class HeadCacheTests(unittest.SynchronousTestCase):
+    """A head seen before is answered from memory: exactly as a fresh parse answers it."""
+
+    def setUp(self) -> None:
+        http11._heads.clear()
+        self.addCleanup(http11._heads.clear)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.sampled_from(["HTTP/1.1 200 OK", "HTTP/1.0 404 Not Found", "HTTP/1.1 2000 OK", "HTTP/1.1 99 X",
+                            "HTTP/1.1 204 ", "HTTP/2 200 OK"]),
+           st.lists(st.tuples(NAMES, VALUES), max_size=6), st.sampled_from(["", " folded", "\tx"]))
+    def test_a_head_seen_before_gets_a_fresh_parse_s_answer(self, status_line, fields, fold) -> None:
+        lines = [status_line] + [f"{n}: {v}" for n, v in fields] + ([fold] if fold else [])
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        http11._heads.clear()
+        first = _parsed(head)
+        as_first = tuple(list(x) if isinstance(x, list) else x for x in first)
+        if first[0] != "refused":
+            first[2].append((b"X-Added", b"by a caller"))  # the caller's lists are its own
+            first[3].append(b"x-added")
+        second = _parsed(head)
+        http11._heads.clear()
+        fresh = _parsed(head)
+        self.assertEqual(second, fresh)
+        self.assertEqual(as_first, fresh)
+
+    def test_the_cache_is_bounded(self) -> None:
+        for i in range(http11.HEAD_CACHE_SIZE * 3):
+            http11._parse_head(b"HTTP/1.1 200 OK\r\nX-Request-Id: %d\r\nContent-Length: 0\r\n\r\n" % i)
+            self.assertLessEqual(len(http11._heads), http11.HEAD_CACHE_SIZE)
+        long = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * http11.HEAD_CACHE_LONGEST + b"\r\n\r\n"
+        http11._parse_head(long)
+        self.assertNotIn(long, http11._heads)
+
+    def test_a_refused_head_is_refused_every_time(self) -> None:
+        """A container's malformed head is not remembered as anything: each one fails its
+        exchange (502), the first and the next."""
+        head = b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n"
+        for _ in range(3):
+            self.assertEqual(_parsed(head)[0], "refused")
+        self.assertNotIn(head, http11._heads)

@@ -103,9 +103,33 @@ class _HeadCollector:
         self.complete = True
 
 
+#: Response heads parsed already, by their bytes: a container answers most requests with
+#: the same head (nginx's differs by its Date, once a second), and parsing is a function of
+#: the bytes alone, so a head seen before is not parsed again.  Bounded: emptied when full;
+#: a head longer than :data:`HEAD_CACHE_LONGEST` is never kept.
+_heads: dict[bytes, tuple] = {}
+HEAD_CACHE_SIZE = 256
+HEAD_CACHE_LONGEST = 2048
+
+
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
     """Status, reason, fields and lower-case field names of ``head`` (one whole head, its
-    blank line included)."""
+    blank line included); the lists are the caller's own."""
+    seen = _heads.get(head)
+    if seen is not None:
+        status, reason, headers, lnames = seen
+        return status, reason, list(headers), list(lnames)
+    status, reason, headers, lnames = parsed = _parse_new_head(head)
+    if len(head) <= HEAD_CACHE_LONGEST:
+        if len(_heads) >= HEAD_CACHE_SIZE:
+            _heads.clear()
+        _heads[head] = (status, reason, tuple(headers), tuple(lnames))
+    return parsed
+
+
+def _parse_new_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], list[bytes]]:
+    """:func:`_parse_head`'s work: llhttp's parse (a refused head raises
+    :class:`UpstreamProtocolError`, and is not kept)."""
     if not head.startswith(_VERSIONS):
         raise UpstreamProtocolError("bad status line")
     collector = _HeadCollector()
