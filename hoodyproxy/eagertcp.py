@@ -20,7 +20,8 @@ and the answers reach the clients, while the peer is still awake from the first;
 writes to one connection in one batch go in one ``send``.  This is Netty's
 ``FlushConsolidationHandler`` (writes flushed at the end of the read loop) or libuv's
 and nginx's posted events, for a reactor: nothing waits longer than the batch it was
-written in, which at one connection is the one event that wrote it.
+written in, and a poll with one ready event (one client, a quiet node) is no batch: its
+writes go at once.
 """
 
 from __future__ import annotations

@@ -49,6 +49,14 @@ class GatewayReactor(EPollReactor):
             raise
         selectables = self._selectables
         dispatch = self._doReadOrWrite
+        if len(events) == 1:
+            # One ready event (one client, a quiet node): nothing to send together with, so
+            # its writes go at once, before the bookkeeping that follows them.
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    dispatch(selectable, fd, event)
+            return
         cork = self.cork
         cork.active = True
         try:

@@ -20,15 +20,23 @@ from hoodyproxy.reactor import GatewayReactor
 
 
 class Server(Protocol):
+    nudger = False
+
     def connectionMade(self) -> None:
         self.factory.made.append(self)
         self.lost = []
 
     def dataReceived(self, data: bytes) -> None:
-        self.factory.on_data(self, data)
+        if not self.nudger:
+            self.factory.on_data(self, data)
 
     def connectionLost(self, reason) -> None:
         self.lost.append(reason)
+
+
+#: What the tests' extra connection sends so that a poll has more than one ready event
+#: (a batch: one event alone is dispatched with its writes sent at once).
+NUDGE = b"\0"
 
 
 def readable(sock: socket.socket) -> bytes | None:
@@ -47,13 +55,22 @@ class CorkedWritesTests(unittest.TestCase):
         self.reactor = GatewayReactor()
         self.factory = Factory.forProtocol(Server)
         self.factory.made = []
+        self.extra = []
         self.factory.on_data = lambda proto, data: None
         self.port = eagertcp.listen_tcp(self.reactor, 0, self.factory, interface="127.0.0.1")
         self.addCleanup(self._close)
         self.peers: list[socket.socket] = []
+        (self.nudger,) = self.connect()
+        self.extra.append(self.factory.made.pop(0))  # (its protocol: not one the tests look at)
+        self.extra[0].nudger = True
+
+    def send(self, peer: socket.socket, data: bytes) -> None:
+        """``peer`` sends ``data``, and another connection a byte: one poll, two events."""
+        self.nudger.sendall(NUDGE)
+        peer.sendall(data)
 
     def _close(self) -> None:
-        for proto in self.factory.made:
+        for proto in self.factory.made + self.extra:
             if getattr(proto.transport, "socket", None) is not None:
                 proto.transport.socket.close()
         for peer in self.peers:
@@ -99,10 +116,24 @@ class CorkedWritesTests(unittest.TestCase):
             proto.transport.write(b"second")
             seen_during.append(readable(peer))
         self.factory.on_data = on_data
-        peer.sendall(b"go")
+        self.send(peer, b"go")
         self.spin(lambda: seen_during)
         self.assertEqual(seen_during, [None])
         self.assertEqual(self.read_all(peer, 12), b"first second")
+
+    def test_one_ready_event_writes_at_once(self):
+        """A poll with one ready event (one client, a quiet node) has nothing to send its
+        writes with: they go at once, before whatever its handler does next."""
+        (peer,) = self.connect()
+        seen_during = []
+
+        def on_data(proto, data):
+            proto.transport.write(b"answer")
+            seen_during.append(readable(peer))
+        self.factory.on_data = on_data
+        peer.sendall(b"go")
+        self.spin(lambda: seen_during)
+        self.assertEqual(seen_during, [b"answer"])
 
     def test_a_write_outside_a_batch_goes_at_once(self):
         """A timer's or another thread's write (no batch running) is sent by write()."""
@@ -119,7 +150,7 @@ class CorkedWritesTests(unittest.TestCase):
             proto.transport.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
             proto.transport.loseConnection()
         self.factory.on_data = on_data
-        peer.sendall(b"junk")
+        self.send(peer, b"junk")
         self.spin(lambda: self.factory.made[0].lost)
         self.assertEqual(self.read_all(peer, 1 << 20), b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
 
@@ -131,7 +162,7 @@ class CorkedWritesTests(unittest.TestCase):
             proto.transport.write(b"bye")
             proto.transport.loseWriteConnection()
         self.factory.on_data = on_data
-        peer.sendall(b"x")
+        self.send(peer, b"x")
         self.spin(lambda: self.factory.made[0].transport._writeDisconnected)
         self.assertEqual(self.read_all(peer, 1 << 20), b"bye")
 
@@ -146,7 +177,7 @@ class CorkedWritesTests(unittest.TestCase):
             b.transport.write(b"for the second")
             b.transport.connectionLost(failure.Failure(error.ConnectionLost()))
         self.factory.on_data = on_data
-        first.sendall(b"x")
+        self.send(first, b"x")
         self.spin(lambda: b.lost)
         self.assertEqual(self.read_all(second, 1 << 20), b"for the second")
         self.spin(lambda: True)  # the batch's end finds nothing of b's left to send
@@ -158,7 +189,7 @@ class CorkedWritesTests(unittest.TestCase):
             proto.transport.write(b"never")
             proto.transport.abortConnection()
         self.factory.on_data = on_data
-        peer.sendall(b"x")
+        self.send(peer, b"x")
         self.spin(lambda: self.factory.made[0].lost)
         try:
             got = self.read_all(peer, 1 << 20)
@@ -186,7 +217,7 @@ class CorkedWritesTests(unittest.TestCase):
         proto.transport.write(big)
         self.assertTrue(proto.transport.dataBuffer or proto.transport._tempDataLen)
         self.factory.on_data = lambda p, data: p.transport.write(b"TAIL")
-        peer.sendall(b"x")
+        self.send(peer, b"x")
         received = bytearray()
         while len(received) < len(big) + 4:
             self.reactor.doIteration(0.01)
@@ -215,7 +246,7 @@ class CorkedWritesTests(unittest.TestCase):
         producer = Producer()
         proto.transport.registerProducer(producer, True)
         self.factory.on_data = lambda p, data: p.transport.write(b"z" * (8 << 20))
-        peer.sendall(b"x")
+        self.send(peer, b"x")
         self.spin(lambda: producer.paused)
         self.assertEqual(producer.paused, 1)
 
