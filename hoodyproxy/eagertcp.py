@@ -26,12 +26,13 @@ writes go at once.
 
 from __future__ import annotations
 
-from twisted.internet import tcp
-
-
 import os
 import socket
 
+from twisted.internet import tcp
+from twisted.logger import Logger
+
+_log = Logger(namespace="hoodyproxy.eagertcp")
 ENABLED = os.environ.get("HOODYPROXY_EAGER_WRITES", "1") != "0"
 
 
@@ -60,7 +61,12 @@ class Cork:
         while self.held:
             held, self.held = self.held, []
             for transport in held:
-                transport._release()
+                try:
+                    transport._release()
+                except Exception:
+                    # (a producer's pauseProducing raising, say: the other transports
+                    # are still sent what they hold)
+                    _log.failure("sending the writes held for a batch")
 
 
 class _EagerWrite:

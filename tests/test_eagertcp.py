@@ -250,6 +250,32 @@ class CorkedWritesTests(unittest.TestCase):
         self.spin(lambda: producer.paused)
         self.assertEqual(producer.paused, 1)
 
+    def test_a_failure_sending_one_connection_s_writes_spares_the_others(self):
+        """What one transport's sending raises (a producer that fails when paused) is
+        logged; every other connection written in the batch still gets its bytes."""
+        first, second = self.connect(2)
+        a, b = self.factory.made
+
+        class Failing:
+            def pauseProducing(self):
+                raise RuntimeError("a producer bug")
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+        a.transport.registerProducer(Failing(), True)
+
+        def on_data(proto, data):
+            a.transport.write(b"a" * (8 << 20))  # (does not fit: the producer is paused)
+            b.transport.write(b"for b")
+        self.factory.on_data = on_data
+        self.send(first, b"x")
+        self.spin(lambda: readable_peek(second))
+        self.assertEqual(second.recv(100), b"for b")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
 
 def readable_peek(sock: socket.socket) -> bool:
     sock.setblocking(False)
