@@ -45,8 +45,9 @@ log = Logger()
 MAX_HEAD_BYTES = 16 * 1024
 #: The most header fields a request head may have: 431 beyond it.
 MAX_FIELDS = 500
-#: The framing fields a request's head is checked for as each field arrives.
-_FRAMING = frozenset({b"transfer-encoding", b"content-length"})
+#: The fields a request's head is checked for as each field arrives: the framing fields,
+#: and those looked up once the head is in (only when present: a lookup is a scan).
+_NOTED = frozenset({b"transfer-encoding", b"content-length", b"connection", b"expect"})
 #: Pipelined requests parsed ahead of the one being answered; past them the connection
 #: reads no more and closes after answering them.
 MAX_PIPELINED = 32
@@ -255,8 +256,12 @@ class H1Connection(H1Guard, Protocol):
             raise _Refuse(HeadTooLarge(reason="request head too large"))
         value = value.rstrip(b" \t")
         lname = name.lower()
-        if lname in _FRAMING:
-            if lname == b"transfer-encoding":
+        if lname in _NOTED:
+            if lname == b"connection":
+                request.has_connection = True
+            elif lname == b"expect":
+                request.has_expect = True
+            elif lname == b"transfer-encoding":
                 # RFC 9112 6.3: one field, exactly chunked; anything else leaves the length unknown.
                 if self._te_seen or value.lower() != b"chunked":
                     raise _Refuse(errors.BadRequest(reason="transfer-encoding not chunked"))
@@ -290,7 +295,7 @@ class H1Connection(H1Guard, Protocol):
             request.body_length = int(request.requestHeaders.getRawHeaders(b"content-length")[0])
         if request.body_length == 0:
             request.body_complete = True  # (no body; on_message_complete confirms)
-        connection = request.requestHeaders.getRawHeaders(b"connection")
+        connection = request.requestHeaders.getRawHeaders(b"connection") if request.has_connection else None
         if version == "1.0" or (connection is not None and any(
                 b"close" in [token.strip() for token in value.lower().split(b",")]
                 for value in connection if b"close" in value.lower())):  # (the token only where the word is)
@@ -334,7 +339,7 @@ class H1Connection(H1Guard, Protocol):
         """Hand ``request`` to the gateway, with whatever of its body came meanwhile."""
         self.active = request
         self.gateway.begin(request)
-        expect = request.requestHeaders.getRawHeaders(b"expect")
+        expect = request.requestHeaders.getRawHeaders(b"expect") if request.has_expect else None
         if (expect is not None and not request.started and request.body_length != 0
                 and not request.body_complete and request.clientproto == b"HTTP/1.1"
                 and expect[0].lower() == b"100-continue"):

@@ -58,6 +58,9 @@ class H1Request:
     #: The connection may carry another request after this one (False: HTTP/1.0, a
     #: ``Connection: close``, an answer given before the body was in).
     keep_alive = True
+    #: The head has a Connection field, an Expect field (set as the fields arrive).
+    has_connection = False
+    has_expect = False
 
     def __init__(self, connection) -> None:
         self.connection = connection
