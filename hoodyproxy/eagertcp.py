@@ -44,7 +44,7 @@ BATCH = 64
 class Cork:
     """Writes held while a reactor dispatches a batch of events, then sent in order.
 
-    :meth:`hold` is on while a batch runs; an eager transport written then keeps the bytes
+    ``active`` is set while a batch runs; an eager transport written then keeps the bytes
     (joined later into one ``send``) and enlists itself; :meth:`release` sends what every
     enlisted transport holds.  A transport sends what it holds before it is closed, half
     closed or lost, so nothing written is dropped or overtaken.

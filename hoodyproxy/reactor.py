@@ -49,28 +49,16 @@ class GatewayReactor(EPollReactor):
             raise
         selectables = self._selectables
         dispatch = self._doReadOrWrite
-        if len(events) == 1:
-            # One ready event (one client, a quiet node): nothing to send together with, so
-            # its writes go at once, before the bookkeeping that follows them.
-            for fd, event in events:
+        cork = self.cork
+        # One ready event (one client, a quiet node) has nothing to be sent with: its
+        # writes go at once, before the bookkeeping that follows them.
+        cork.active = len(events) > 1
+        try:
+            for count, (fd, event) in enumerate(events, 1):
                 selectable = selectables.get(fd)
                 if selectable is not None:
                     dispatch(selectable, fd, event)
-            return
-        cork = self.cork
-        cork.active = True
-        try:
-            if len(events) <= BATCH:
-                for fd, event in events:
-                    selectable = selectables.get(fd)
-                    if selectable is not None:
-                        dispatch(selectable, fd, event)
-            else:
-                for start in range(0, len(events), BATCH):
-                    for fd, event in events[start:start + BATCH]:
-                        selectable = selectables.get(fd)
-                        if selectable is not None:
-                            dispatch(selectable, fd, event)
+                if not count % BATCH:
                     cork.release()
         finally:
             cork.active = False

@@ -208,6 +208,25 @@ class CorkedWritesTests(unittest.TestCase):
             self.spin(lambda: readable_peek(peer))
             self.assertEqual(peer.recv(100), b"REQ%d" % i)
 
+    def test_a_long_batch_sends_every_batch_events(self):
+        """A poll with more ready events than BATCH does not hold the first answers until
+        the last event: what the first BATCH wrote is sent before the rest are handled."""
+        n = eagertcp.BATCH + 10
+        peers = self.connect(n)
+        peer_of = {id(proto): peer for proto, peer in zip(self.factory.made, peers)}
+        handled, first_answered = [], []
+
+        def on_data(proto, data):
+            proto.transport.write(b"answer")
+            handled.append(proto)
+            if len(handled) == n:
+                first_answered.append(readable_peek(peer_of[id(handled[0])]))
+        self.factory.on_data = on_data
+        for peer in peers:
+            peer.sendall(b"x")
+        self.spin(lambda: first_answered)
+        self.assertEqual(first_answered, [True])
+
     def test_order_kept_behind_data_the_socket_did_not_take(self):
         """A write held while earlier bytes wait in Twisted's queue (the peer reads slowly)
         arrives after them: the stream is never reordered."""
