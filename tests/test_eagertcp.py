@@ -183,6 +183,9 @@ class CorkedWritesTests(unittest.TestCase):
         self.spin(lambda: True)  # the batch's end finds nothing of b's left to send
 
     def test_abort_drops_what_is_held(self):
+        """An abort in the batch that wrote: the bytes held are dropped with the connection,
+        as Twisted drops what it has queued (a container connection aborted mid-request
+        sends nothing more)."""
         (peer,) = self.connect()
 
         def on_data(proto, data):
