@@ -20,12 +20,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from hoodyproxy.upstream import http11
 from hoodyproxy.upstream.readonly import masked_frame
 from tests import backends
 from tests.h2client import h2_connect
 from tests.h3client import connect as h3_connect, within
 from tests.naive import NaiveContainer
-from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, host_for, register, start_node,
+from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, host_for, raw_backend, register, start_node,
                            tls_exchange, until, wait)
 
 RESTRICTED = "restricted-token-0123456789abcdef"
@@ -528,3 +529,45 @@ class ContainerStateOracleTests(BypassTestCase):
         stream = client.request(b"GET", b"/", hosts["stopped"].encode())
         await within(stream.done, 10)
         self.assertEqual((stream.status, stream.body), answers["absent"])
+
+
+class RepeatedResponseHeadTests(unittest.TestCase):
+    """A container that answers every request with the same head (as nginx does within a
+    second) and, once, smuggles a second response after its body: the gateway answers that
+    head from memory after the first time, and must still judge every response's framing
+    itself.  The smuggled response never reaches a client; the connection it came on is
+    not used again."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nServer: liar\r\nContent-Length: 2\r\n\r\n"
+    SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPWNED!"
+
+    def setUp(self):
+        http11._heads.clear()
+        self.addCleanup(http11._heads.clear)
+        self.node = start_node(self)
+        self.requests = 0
+
+        def script(proto, data):
+            while b"\r\n\r\n" in proto.received:
+                _, proto.received = proto.received.split(b"\r\n\r\n", 1)
+                self.requests += 1
+                proto.transport.write(self.HEAD + b"ok" + (self.SMUGGLED if self.requests == 2 else b""))
+        self.port, self.factory = raw_backend(self, script)
+        register(self.node, self.port)
+
+    async def test_a_smuggled_response_after_a_remembered_head_reaches_nobody(self):
+        host = host_for(program="http", index=self.port)
+        answers = []
+        for i in range(4):
+            answers.append(await deferToThread(
+                tls_exchange, self.node, host,
+                f"GET /?n={i} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()))
+            if i == 0:
+                self.assertIn(self.HEAD, http11._heads)  # the next ones are answered from memory
+        for answer in answers:
+            self.assertEqual(status_of(answer), 200, answer)
+            self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
+            self.assertNotIn(b"PWNED", answer)
+        self.assertEqual(self.requests, 4)
+        # The connection that carried the smuggled bytes was closed, and another opened.
+        self.assertGreaterEqual(len(self.factory.connections), 2)
