@@ -96,6 +96,15 @@ class CorkedWritesTests(unittest.TestCase):
         self.spin(lambda: len(self.factory.made) == start + n)
         return peers
 
+    def write_then(self, peer: socket.socket, data: bytes, then: str) -> None:
+        """``peer`` sends a byte (in a batch, see :meth:`send`); the server writes ``data``
+        and calls its transport's ``then`` (loseConnection ...) in the same event."""
+        def on_data(proto, _):
+            proto.transport.write(data)
+            getattr(proto.transport, then)()
+        self.factory.on_data = on_data
+        self.send(peer, b"x")
+
     def read_all(self, peer: socket.socket, size: int) -> bytes:
         out = b""
         while len(out) < size:
@@ -145,24 +154,14 @@ class CorkedWritesTests(unittest.TestCase):
         """An answer written and the connection closed in the same event: the peer reads
         the answer, then end of file."""
         (peer,) = self.connect()
-
-        def on_data(proto, data):
-            proto.transport.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
-            proto.transport.loseConnection()
-        self.factory.on_data = on_data
-        self.send(peer, b"junk")
+        self.write_then(peer, b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n", "loseConnection")
         self.spin(lambda: self.factory.made[0].lost)
         self.assertEqual(self.read_all(peer, 1 << 20), b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
 
     def test_write_then_half_close_delivers_then_shuts_down(self):
         """Written, then the write side shut: the peer reads it, then end of file."""
         (peer,) = self.connect()
-
-        def on_data(proto, data):
-            proto.transport.write(b"bye")
-            proto.transport.loseWriteConnection()
-        self.factory.on_data = on_data
-        self.send(peer, b"x")
+        self.write_then(peer, b"bye", "loseWriteConnection")
         self.spin(lambda: self.factory.made[0].transport._writeDisconnected)
         self.assertEqual(self.read_all(peer, 1 << 20), b"bye")
 
@@ -187,12 +186,7 @@ class CorkedWritesTests(unittest.TestCase):
         as Twisted drops what it has queued (a container connection aborted mid-request
         sends nothing more)."""
         (peer,) = self.connect()
-
-        def on_data(proto, data):
-            proto.transport.write(b"never")
-            proto.transport.abortConnection()
-        self.factory.on_data = on_data
-        self.send(peer, b"x")
+        self.write_then(peer, b"never", "abortConnection")
         self.spin(lambda: self.factory.made[0].lost)
         try:
             got = self.read_all(peer, 1 << 20)
