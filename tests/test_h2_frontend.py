@@ -3,7 +3,8 @@ reads (:class:`~hoodyproxy.frontend.fields.Fields`), the malformed-block checks 
 place of h2's, and the HPACK coders that stand in for hpack's on the hot path.
 
 Each replacement is held to what it replaces on random input (hypothesis): the checks to
-h2's ``validate_headers``, the encoder to hpack's decoder, the decoder to hpack's.
+h2's ``validate_headers``, the encoder to hpack's decoder, the decoder to hpack's, and
+the connection's direct response frames to h2's own (the same bytes, states and windows).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from hoodyproxy.frontend.fields import Fields
-from hoodyproxy.frontend.h2codec import HeaderDecoder, HeaderEncoder, malformed
+from hoodyproxy.frontend.h2codec import HeaderDecoder, HeaderEncoder, ServerConnection, malformed
 from hoodyproxy.frontend.http2 import H2ServerProtocol
 from hoodyproxy.frontend.stream import parse_request_head
 
@@ -218,6 +219,142 @@ class HeaderEncoderTests(unittest.TestCase):
             self.assertEqual(block[0] & 0xF0, 0x10)
             decoder.decode(block, raw=True)
         self.assertEqual(decoder.header_table._current_size, 0)
+
+
+_SERVER_CONFIG = dict(client_side=False, header_encoding=None, validate_outbound_headers=False,
+                      normalize_outbound_headers=False, validate_inbound_headers=False,
+                      normalize_inbound_headers=False)
+
+#: Response-side header blocks: a final head, an informational one, trailers, fields that
+#: are not bytes (h2 encodes them), and one past a 16 KiB frame (CONTINUATION).
+_send_blocks = st.one_of(
+    st.builds(lambda status, rest: [(b":status", status)] + rest,
+              st.sampled_from([b"200", b"204", b"404", b"100", b"103", b"1"]), _response_fields),
+    _response_fields,
+    st.just([(b":status", b"200"), (b"x-big", b"v" * 20000)]),
+    st.just([(b":status", b"200"), (b":method", b"GET"), (b"server", b"x")]),
+    st.just([(":status", "200"), ("server", "str")]),
+    st.just([]))
+
+_operations = st.lists(st.one_of(
+    st.tuples(st.just("headers"), st.integers(0, 3), _send_blocks, st.booleans()),
+    st.tuples(st.just("data"), st.integers(0, 3), st.sampled_from([0, 1, 12, 100, 16384, 16385, 70000]),
+              st.booleans(), st.sampled_from(["bytes", "bytes", "memoryview", "padded"])),
+    st.tuples(st.just("window"), st.integers(-1, 3), st.sampled_from([1, 100, 65535])),
+    st.tuples(st.just("reset"), st.integers(0, 3))), max_size=25)
+
+
+class ServerConnectionTests(unittest.TestCase):
+    """:class:`ServerConnection` sends a response's frames itself: held to h2's own path,
+    operation by operation, on the same connection history."""
+
+    def _pair(self, window: int, frame_size: int):
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+                                h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size})
+        servers = []
+        for kind in (h2.connection.H2Connection, ServerConnection):
+            server = kind(h2.config.H2Configuration(**_SERVER_CONFIG))
+            server.encoder = HeaderEncoder()
+            server.initiate_connection()
+            servers.append(server)
+        return client, servers
+
+    @staticmethod
+    def _state(server) -> tuple:
+        streams = {sid: (s.state_machine.state, s.outbound_flow_control_window, s.request_method,
+                         s.state_machine.headers_sent, s.state_machine.trailers_sent)
+                   for sid, s in server.streams.items()}
+        return (server.state_machine.state, server.outbound_flow_control_window, streams,
+                server.data_to_send())
+
+    @staticmethod
+    def _apply(server, op, ids):
+        kind = op[0]
+        if kind == "headers":
+            server.send_headers(ids[op[1]], op[2], end_stream=op[3])
+        elif kind == "data":
+            _, index, size, end, form = op
+            data = b"d" * size
+            if form == "memoryview":
+                server.send_data(ids[index], memoryview(data), end_stream=end)
+            elif form == "padded":
+                server.send_data(ids[index], data, end_stream=end, pad_length=3)
+            else:
+                server.send_data(ids[index], data, end_stream=end)
+        elif kind == "reset":
+            server.reset_stream(ids[op[1]])
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(st.sampled_from([100, 65535, 1 << 20]), st.sampled_from([16384, 20000]),
+           st.lists(st.booleans(), min_size=4, max_size=4), _operations)
+    def test_same_as_h2(self, window, frame_size, ended, operations):
+        """Every operation raises what h2 raises (or nothing) and leaves the same bytes
+        to send, the same stream states, windows and request methods."""
+        client, servers = self._pair(window, frame_size)
+        ids = []
+        for end in ended:
+            stream_id = client.get_next_available_stream_id()
+            client.send_headers(stream_id, GET, end_stream=end)
+            ids.append(stream_id)
+        wire = client.data_to_send()
+        for server in servers:
+            server.receive_data(wire)
+        self.assertEqual(self._state(servers[0]), self._state(servers[1]))
+        for op in operations:
+            if op[0] == "window":
+                _, index, size = op
+                client.increment_flow_control_window(size, None if index < 0 else ids[index])
+                wire = client.data_to_send()
+                outcomes = []
+                for server in servers:
+                    try:
+                        server.receive_data(wire)
+                        outcomes.append(None)
+                    except h2.exceptions.ProtocolError as e:
+                        outcomes.append(type(e))
+            else:
+                outcomes = []
+                for server in servers:
+                    try:
+                        self._apply(server, op, ids)
+                        outcomes.append(None)
+                    except Exception as e:  # (whatever h2 raises, an empty block's IndexError too)
+                        outcomes.append(type(e))
+            self.assertEqual(outcomes[0], outcomes[1], op)
+            self.assertEqual(self._state(servers[0]), self._state(servers[1]), op)
+
+    def test_blocks_of_whole_frames(self):
+        """A block exactly one or two frames long ends its last frame, no empty one after."""
+        def block_length(n: int) -> int:  # (0xff costs more in Huffman: sent as it is)
+            return len(HeaderEncoder().encode([(b":status", b"200"), (b"x-big", b"\xff" * n)]))
+
+        for frames in (1, 2):
+            near = 16384 * frames - 16  # (the length's own encoding is as long here as at the answer)
+            value_length = 16384 * frames - (block_length(near) - near)
+            self.assertEqual(block_length(value_length), 16384 * frames)
+            client, servers = self._pair(65535, 16384)
+            client.send_headers(1, GET, end_stream=True)
+            wire = client.data_to_send()
+            for server in servers:
+                server.receive_data(wire)
+                server.send_headers(1, [(b":status", b"200"), (b"x-big", b"\xff" * value_length)])
+            self.assertEqual(self._state(servers[0]), self._state(servers[1]))
+
+    def test_a_response_is_two_frames_the_client_reads(self):
+        """HEADERS then DATA with END_STREAM, as h2's client reads them."""
+        client, (_, server) = self._pair(65535, 16384)
+        client.send_headers(1, GET, end_stream=True)
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.send_headers(1, [(b":status", b"200"), (b"content-length", b"5")])
+        server.send_data(1, b"hello", end_stream=True)
+        events = client.receive_data(server.data_to_send())
+        self.assertEqual([type(e) for e in events],
+                         [h2.events.ResponseReceived, h2.events.DataReceived, h2.events.StreamEnded])
+        self.assertEqual(events[0].headers, [(b":status", b"200"), (b"content-length", b"5")])
+        self.assertEqual(events[1].data, b"hello")
 
 
 def _blocks(draw_fields):

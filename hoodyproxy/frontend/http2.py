@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from hoodyproxy.frontend.h2codec import DECODER_PARTS, HeaderDecoder, HeaderEncoder, malformed
+from hoodyproxy.frontend.h2codec import DECODER_PARTS, HeaderDecoder, HeaderEncoder, ServerConnection, malformed
 from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
 from hoodyproxy.tls.context import name_covered, server_name
@@ -148,7 +148,7 @@ class H2ServerProtocol(Protocol):
                                            normalize_outbound_headers=False,
                                            validate_inbound_headers=False,
                                            normalize_inbound_headers=False)
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = ServerConnection(config=config)
         self.conn.encoder = HeaderEncoder()
         stock = self.conn.decoder
         if all(hasattr(stock, part) for part in DECODER_PARTS):
