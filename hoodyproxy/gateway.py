@@ -58,6 +58,10 @@ def _request_target(uri: bytes, host: bytes | None) -> tuple[bytes, bytes | None
     raise errors.BadRequest("the request target is malformed", reason="bad uri")
 
 
+#: Clients whose transparent sources are kept (past it the table starts again).
+_TRANSPARENT_SOURCES = 4096
+
+
 def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1"
 
@@ -158,27 +162,42 @@ class Gateway:
         self._program_client_ip = {name: concrete(p.client_ip) for name, p in settings.programs.items()
                                    if p.client_ip is not None}
         self._fallbacks_said: set[str] = set()
+        #: (client address, container address) -> its TransparentSource: one object per
+        #: client, so the pool's keys compare by identity (bounded, emptied when full).
+        self._transparent_sources: dict[tuple[str, str], TransparentSource] = {}
 
     def _source(self, mode: str, request, address: str):
         """Whose upstream connection a request in ``mode`` takes (None: a shared one)."""
         client = request.client_ip
         if mode == "transparent":
-            if (":" in client) != (":" in address):
-                self._fallback("an IPv%s client cannot reach an IPv%s container transparently"
-                               % ((6, 4) if ":" in client else (4, 6)))
-                return None
-            if ":" in client and not self.transparent_ipv6:
-                self._fallback("IPv6 is not transparent on this host")
-                return None
-            if _loopback(client) != _loopback(address):
-                # A loopback source cannot leave the host; a service on loopback answers a
-                # remote address through the host's own routes, never back to this socket.
-                self._fallback("a loopback client and a networked container (or a networked client and "
-                               "a container on loopback) cannot be joined transparently")
-                return None
-            return TransparentSource(client)
+            source = self._transparent_sources.get((client, address))
+            if source is None:
+                source = self._transparent_source(client, address)
+                if source is not None:
+                    if len(self._transparent_sources) >= _TRANSPARENT_SOURCES:
+                        self._transparent_sources.clear()
+                    self._transparent_sources[(client, address)] = source
+            return source
         peer, local = getattr(request, "client", None), getattr(request, "host", None)
         return ProxySource(client, getattr(peer, "port", 0), getattr(local, "host", ""), getattr(local, "port", 0))
+
+    def _transparent_source(self, client: str, address: str) -> TransparentSource | None:
+        """The source of ``client``'s transparent connections to ``address``, or None
+        (said once) where the two cannot be joined transparently."""
+        if (":" in client) != (":" in address):
+            self._fallback("an IPv%s client cannot reach an IPv%s container transparently"
+                           % ((6, 4) if ":" in client else (4, 6)))
+            return None
+        if ":" in client and not self.transparent_ipv6:
+            self._fallback("IPv6 is not transparent on this host")
+            return None
+        if _loopback(client) != _loopback(address):
+            # A loopback source cannot leave the host; a service on loopback answers a
+            # remote address through the host's own routes, never back to this socket.
+            self._fallback("a loopback client and a networked container (or a networked client and "
+                           "a container on loopback) cannot be joined transparently")
+            return None
+        return TransparentSource(client)
 
     def _fallback(self, why: str) -> None:
         if why not in self._fallbacks_said:

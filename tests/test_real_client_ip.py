@@ -618,6 +618,51 @@ class HeadersOverrideTests(_ProxyBackendCase):
         self.assertEqual(await self.get(client), {"proxy": None})
 
 
+class _Asking:
+    """What the gateway's choice of source reads of a request."""
+
+    def __init__(self, client_ip: str) -> None:
+        self.client_ip = client_ip
+
+
+class TransparentSourceChoiceTests(unittest.TestCase):
+    """Which source a transparent request's upstream connection comes from (no rules
+    needed: the choice only)."""
+
+    def setUp(self):
+        self.gateway = start_node(self).gateway
+
+    def test_one_source_per_client(self):
+        """A client's requests share one source object (the pool's keys compare by
+        identity); another client, or the same client to another container, has its own."""
+        choose = self.gateway._source
+        first = choose("transparent", _Asking("203.0.113.50"), "198.51.100.7")
+        self.assertEqual(first, TransparentSource("203.0.113.50"))
+        self.assertIs(choose("transparent", _Asking("203.0.113.50"), "198.51.100.7"), first)
+        self.assertEqual(choose("transparent", _Asking("203.0.113.51"), "198.51.100.7"),
+                         TransparentSource("203.0.113.51"))
+        self.assertEqual(choose("transparent", _Asking("203.0.113.50"), "198.51.100.8"), first)
+
+    def test_refusals_are_asked_again(self):
+        """A client that cannot be joined transparently is not remembered as one that can:
+        a loopback client to a networked container, and an IPv4 client of an IPv6 one."""
+        choose = self.gateway._source
+        for _ in range(2):
+            self.assertIsNone(choose("transparent", _Asking("127.0.0.1"), "198.51.100.7"))
+            self.assertIsNone(choose("transparent", _Asking("203.0.113.50"), "2001:db8::7"))
+        self.assertEqual(choose("transparent", _Asking("127.0.0.1"), "127.0.0.1"), TransparentSource("127.0.0.1"))
+        self.assertIsNone(choose("transparent", _Asking("127.0.0.1"), "198.51.100.7"))
+
+    def test_the_table_is_bounded(self):
+        """Past its bound the table starts again; every client still gets its own source."""
+        from hoodyproxy import gateway as module
+        choose = self.gateway._source
+        for n in range(module._TRANSPARENT_SOURCES + 10):
+            client = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            self.assertEqual(choose("transparent", _Asking(client), "198.51.100.7").client_ip, client)
+        self.assertLessEqual(len(self.gateway._transparent_sources), module._TRANSPARENT_SOURCES)
+
+
 # == transparent on loopback (root: the node installs its rules in this namespace) ===================
 
 class TransparentLoopbackTests(unittest.TestCase):
