@@ -207,6 +207,25 @@ class StreamTests(Http2Case):
         await ok.done
         self.assertEqual(ok.status, 200)
 
+    async def test_each_host_keeps_its_own_answer(self):
+        """The connection remembers which hosts its certificate covers: asked again, and
+        past the number it remembers, a host not covered is still 421 and a covered one
+        still served."""
+        from hoodyproxy.frontend.http2 import COVERED_HOSTS
+        client = await h2_connect(self, self.node, self.host)
+        own = self.host.encode()
+        others = [b"shop-%d.example.com" % i for i in range(COVERED_HOSTS + 8)]
+        for _ in range(2):
+            for start in range(0, len(others), 10):
+                streams = []
+                for other in others[start:start + 10]:
+                    streams.append((other, client.request(b"GET", b"/", other)))
+                    streams.append((own, client.request(b"GET", b"/headers", own)))
+                for _, stream in streams:
+                    await stream.done
+                self.assertEqual([(host, stream.status) for host, stream in streams],
+                                 [(host, 200 if host == own else 421) for host, _ in streams])
+
     async def test_the_sni_name_itself_is_not_misdirected(self):
         """A client that asked for a name in its handshake and took the certificate it got
         (no certificate of its own yet, verification off) is routed as over HTTP/1.1; only

@@ -83,6 +83,8 @@ _MAX_STREAM_ID = (1 << 31) - 1
 #: and close before it is aborted: unlike after an error, what is still being written is
 #: answers.
 DRAIN_CLOSE_GRACE = 15.0
+#: Hosts whose coverage by the certificate a connection remembers (then it starts anew).
+COVERED_HOSTS = 32
 
 
 class _Stream:
@@ -125,6 +127,8 @@ class H2ServerProtocol(Protocol):
         self.transport_paused = False
         self.closed = False
         self._names = None
+        #: Host -> whether the certificate covers it (at most COVERED_HOSTS, then anew).
+        self._covered: dict[str | None, bool] = {}
         self._resets = 0
         self._reset_window_start = 0.0
         self._last_activity = 0.0
@@ -167,6 +171,7 @@ class H2ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.peer = self.transport.getPeer()
+        self.client_ip = client_ip_of(self.peer)
         self.local = self.transport.getHost()
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
@@ -364,7 +369,11 @@ class H2ServerProtocol(Protocol):
     # -- requests ------------------------------------------------------------------------
 
     def _covers(self, host: str) -> bool:
-        """Whether this connection's certificate (or SNI name) covers ``host`` (else 421)."""
+        """Whether this connection's certificate (or SNI name) covers ``host`` (else 421):
+        the connection's answer for each host it has been asked about is kept (a few)."""
+        covered = self._covered.get(host)
+        if covered is not None:
+            return covered
         if self._names is None:
             names, sni = frozenset(), None
             handle = getattr(self.transport, "getHandle", None)
@@ -373,7 +382,11 @@ class H2ServerProtocol(Protocol):
                 names = self.certificates.names_of_context(connection.get_context())
                 sni = server_name(connection)
             self._names, self._sni = names, sni
-        return name_covered(self._names, host, self._sni)
+        covered = name_covered(self._names, host, self._sni)
+        if len(self._covered) >= COVERED_HOSTS:
+            self._covered.clear()
+        self._covered[host] = covered
+        return covered
 
     def _request(self, event) -> None:
         stream_id = event.stream_id
@@ -389,7 +402,7 @@ class H2ServerProtocol(Protocol):
             return
         fields, problem = parse_request_head(event.headers, event.stream_ended is not None)
         request = StreamRequest(self, stream_id, **fields, client=self.peer, host=self.local,
-                                version=b"HTTP/2", covers=self._covers)
+                                version=b"HTTP/2", covers=self._covers, client_ip=self.client_ip)
         request.problem = problem
         self.streams[stream_id] = _Stream(request)
         request.begin()

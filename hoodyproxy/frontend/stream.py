@@ -188,10 +188,14 @@ class StreamRequest:
 
     def __init__(self, connection: StreamConnection, stream_id: int, *, method: bytes, uri: bytes,
                  authority: bytes | None, headers: list[tuple[bytes, bytes]], body_length: int | None,
-                 client, host, version: bytes, websocket: bool = False, covers=None) -> None:
+                 client, host, version: bytes, websocket: bool = False, covers=None,
+                 client_ip: str | None = None) -> None:
         self.connection = connection
         self.stream_id = stream_id
         self.client = client
+        #: The client's address, IPv4-mapped IPv6 given as IPv4 (``client_ip``: worked out
+        #: once per connection by the caller).
+        self.client_ip = client_ip if client_ip is not None else client_ip_of(client)
         self.host = host
         self.clientproto = version
         self.http_version = version[5:].decode("ascii")
@@ -241,15 +245,6 @@ class StreamRequest:
         self.body_length = body_length
         if body_length == 0 and not websocket and not self._body_forbidden:
             self.body_complete = True
-
-    _client_ip: str | None = None
-
-    @property
-    def client_ip(self) -> str:
-        ip = self._client_ip  # (unwrapped once per request: see H1Request.client_ip)
-        if ip is None:
-            ip = self._client_ip = client_ip_of(self.client)
-        return ip
 
     def begin(self) -> None:
         """Hand the request to the gateway (at end of the header block)."""
