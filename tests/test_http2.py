@@ -25,8 +25,8 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from tests import backends
 from tests.h2client import h2_connect
-from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, curl, host_for, register, start_node,
-                           until, url, wait)
+from tests.support import (CONTAINER, PROJECT, Backend, audit_lines, curl, host_for, raw_backend, register,
+                           start_node, until, url, wait)
 
 OTHER = "0123456789abcdef01234567"
 TOKEN = "robot-token-0123456789abcdefghijklmnop"
@@ -495,6 +495,38 @@ class OptionsTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 settings_from_mapping(doc)
             self.assertEqual(caught.exception.key, key)
+
+
+class LargeResponseHeadTests(unittest.TestCase):
+    """A naive container's head larger than one HTTP/2 frame: the gateway packs the
+    HEADERS and CONTINUATION frames itself (h2codec.ServerConnection)."""
+
+    #: 40,000 hex digits: past a 16 KiB frame after HPACK's Huffman coding too.
+    BIG = hashlib.sha256(b"seed").hexdigest().encode() * 625
+
+    def setUp(self):
+        self.node = start_node(self)
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Big: " + self.BIG
+                + b"\r\nContent-Length: 2\r\n\r\n")
+
+        def script(proto, data):
+            while b"\r\n\r\n" in proto.received:
+                request, proto.received = proto.received.split(b"\r\n\r\n", 1)
+                proto.transport.write(head + (b"" if request.startswith(b"HEAD ") else b"ok"))
+        self.port, _ = raw_backend(self, script)
+        register(self.node, self.port)
+
+    async def test_a_head_past_one_frame_arrives_whole(self):
+        """GET twice (the second head from the gateway's memory and HPACK's table) and
+        HEAD (END_STREAM on the HEADERS frame that CONTINUATION frames follow): h2's own
+        client, which checks every frame and field, reads each head whole."""
+        host = host_for(program="http", index=self.port)
+        client = await h2_connect(self, self.node, host)
+        for method in (b"GET", b"GET", b"HEAD"):
+            stream = client.request(method, b"/", host.encode())
+            await stream.done
+            self.assertEqual((stream.status, stream.header(b"x-big")), (200, self.BIG), method)
+            self.assertEqual(stream.body, b"" if method == b"HEAD" else b"ok", method)
 
 
 class StreamBookkeepingTests(Http2Case):
