@@ -349,7 +349,7 @@ class H2ServerProtocol(Protocol):
             head_left = self._head_started + self.settings.request_head_timeout - now
             if head_left <= 0:
                 log.info("HTTP/2 client {peer}: header block incomplete after {t:g} s: connection closed",
-                         peer=client_ip_of(self.peer), t=self.settings.request_head_timeout)
+                         peer=self.client_ip, t=self.settings.request_head_timeout)
                 self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                 return
             wake = head_left
@@ -439,7 +439,7 @@ class H2ServerProtocol(Protocol):
             self._resets += 1
             if self._resets > self.settings.http2_max_resets:
                 log.warn("HTTP/2 client {peer} reset {n} streams in {w:g} s: connection closed "
-                         "(rapid reset guard)", peer=client_ip_of(self.peer), n=self._resets,
+                         "(rapid reset guard)", peer=self.client_ip, n=self._resets,
                          w=RESET_WINDOW)
                 stream.request.stream_lost()
                 self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
