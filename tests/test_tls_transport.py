@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 
 from twisted.internet import protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
+from OpenSSL.SSL import Error as TLSError, WantReadError
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
 from hoodyproxy.tls import CertificateStore, SNIContextFactory, ensure_dev_certificates
+from hoodyproxy.tls import transport as gateway_transport
 from hoodyproxy.tls.transport import GatewayTLSFactory, GatewayTLSTransport, tls_factory
 
 NODE, ZONE = "node-us", "containers.example.com"
@@ -27,9 +32,13 @@ NODE, ZONE = "node-us", "containers.example.com"
 class Recorder(protocol.Protocol):
     def __init__(self) -> None:
         self.data = bytearray()
+        self.lost = None
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
 
 
 class CountingTransport(StringTransport):
@@ -45,7 +54,7 @@ class CountingTransport(StringTransport):
 
 
 class GatewayTLSTransportTests(unittest.TestCase):
-    def setUp(self) -> None:
+    def setUp(self, **client_options) -> None:
         directory = self.mktemp()
         certs = ensure_dev_certificates(directory, NODE, ZONE)
         with open(certs.ca_path, "rb") as f:
@@ -55,8 +64,9 @@ class GatewayTLSTransportTests(unittest.TestCase):
         self.contexts = SNIContextFactory(CertificateStore(certs.cert_path, certs.key_path))
         server_factory = GatewayTLSFactory(self.contexts, False, protocol.Factory.forProtocol(lambda: self.server_app),
                                            clock=self.clock)
-        client_factory = TLSMemoryBIOFactory(optionsForClientTLS(f"a.{NODE}.{ZONE}", trustRoot=ca), True,
-                                             protocol.Factory.forProtocol(lambda: self.client_app), clock=self.clock)
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS(f"a.{NODE}.{ZONE}", trustRoot=ca, extraCertificateOptions=client_options), True,
+            protocol.Factory.forProtocol(lambda: self.client_app), clock=self.clock)
         self.server = server_factory.buildProtocol(None)
         self.client = client_factory.buildProtocol(None)
         self.server_wire, self.client_wire = CountingTransport(), CountingTransport()
@@ -102,20 +112,83 @@ class GatewayTLSTransportTests(unittest.TestCase):
         self.assertEqual(len(self.client_app.data), 1024 * 1024)
 
     def test_a_record_is_read_with_one_recv(self):
-        """Reading one record asks OpenSSL once: no recv that can only raise WantReadError."""
-        connection = self.server._tlsConnection
+        """Reading one record asks OpenSSL once: no read that can only raise WantReadError."""
         calls = []
-        recv = connection.recv
+        read = gateway_transport._SSL_read
 
-        def counting(size):
+        def counting(ssl, buffer, size):
             calls.append(size)
-            return recv(size)
+            return read(ssl, buffer, size)
 
-        connection.recv = counting
+        self.patch(gateway_transport, "_SSL_read", counting)
         self.client.write(b"one request")
         self.pump()
         self.assertEqual(bytes(self.server_app.data), b"one request")
         self.assertEqual(len(calls), 1)
+
+    def test_records_cut_anywhere_arrive_whole(self):
+        """Records delivered a few bytes at a time (each piece ending mid-record, where
+        OpenSSL wants more) arrive whole and in order; so do several records at once."""
+        sent = b""
+        for size in (1, 700, 16384, 40000):
+            piece = os.urandom(size)
+            sent += piece
+            self.client.write(piece)
+            self.clock.advance(0)
+        wire = self.client_wire.value()
+        self.client_wire.clear()
+        for start in range(0, len(wire), 997):
+            self.server.dataReceived(wire[start:start + 997])
+        self.assertEqual(bytes(self.server_app.data), sent)
+        self.assertIsNone(self.server_app.lost)
+
+    def test_close_notify_ends_the_connection_cleanly(self):
+        """The client's TLS close ends the application's connection as done, after its bytes."""
+        self.client.write(b"last words")
+        self.client.loseConnection()
+        self.clock.advance(0)
+        self.server.dataReceived(self.client_wire.value())
+        self.assertEqual(bytes(self.server_app.data), b"last words")
+        self.assertTrue(self.server_wire.disconnecting)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.server_app.lost)
+        self.assertTrue(self.server_app.lost.check(ConnectionDone))
+
+    def test_a_corrupt_record_loses_the_connection_with_the_tls_error(self):
+        """A record whose bytes were changed on the way delivers nothing: the connection
+        is lost with OpenSSL's error, and the application sees that error."""
+        self.client.write(b"secret request")
+        self.clock.advance(0)
+        wire = bytearray(self.client_wire.value())
+        self.client_wire.clear()
+        wire[-3] ^= 0x01  # (in the record's authentication tag)
+        self.server.dataReceived(bytes(wire))
+        self.assertEqual(bytes(self.server_app.data), b"")
+        self.assertTrue(self.server_wire.disconnecting)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.server_app.lost)
+        self.assertTrue(self.server_app.lost.check(TLSError))
+
+    def test_a_client_renegotiation_is_refused(self):
+        """A TLS 1.2 client that asks to renegotiate after a request (a way to make the
+        server do a full handshake's work again and again) gets no new handshake: the
+        connection ends, and nothing it sends afterwards reaches the application."""
+        self.setUp(lowerMaximumSecurityTo=TLSVersion.TLSv1_2)
+        connection = self.client._tlsConnection
+        self.assertEqual(connection.get_protocol_version_name(), "TLSv1.2")
+        self.client.write(b"first")
+        self.pump()
+        self.assertEqual(bytes(self.server_app.data), b"first")
+        self.assertTrue(connection.renegotiate())
+        with self.assertRaises(WantReadError):
+            connection.do_handshake()
+        self.client._flushSendBIO()
+        self.pump()
+        self.client.write(b"after")
+        self.pump()
+        self.assertEqual(bytes(self.server_app.data), b"first")
+        self.assertEqual(self.server._tlsConnection.total_renegotiations(), 0)
+        self.assertTrue(self.server_wire.disconnecting)
 
     def test_write_now_sends_in_the_same_turn_after_what_was_aggregated(self):
         """write_now sends at once, after the bytes the small-write aggregation held."""

@@ -11,6 +11,14 @@ per MiB), and it writes a complete small answer on the next reactor turn (a
 
 - before asking for more decrypted bytes, it checks whether any can exist (bytes in the
   incoming BIO or a decrypted record pending in OpenSSL); likewise for encrypted bytes;
+- once the handshake is done, it calls OpenSSL's ``BIO_write``, ``SSL_read``, ``SSL_write``
+  and ``BIO_read`` itself, through pyOpenSSL's binding, and leaves errors to pyOpenSSL's
+  own raising only when a call fails: pyOpenSSL's methods check for a callback's failure
+  and look up the error after every call, and allocate a buffer for every read (four
+  such calls per proxied request). A callback that fails (certificate verification,
+  ALPN, OCSP) fails the handshake, so there is nothing to report after a call that
+  succeeded; decrypted and encrypted bytes are copied out of one module buffer before
+  anything else runs;
 - a write is encrypted record by record into the outgoing BIO and sent once, whole;
 - :meth:`GatewayTLSTransport.write_now` writes at once, after whatever the aggregation
   holds, for a frontend that knows an answer is complete.
@@ -29,8 +37,11 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 try:
-    from OpenSSL._util import ffi as _ffi, lib as _lib
+    from OpenSSL._util import ffi as _ffi, lib as _lib, no_zero_allocator as _allocate
     _get_mem_data = _lib.BIO_get_mem_data
+    _SSL_read, _SSL_write, _SSL_pending = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending
+    _BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
+    _from_buffer, _cbuffer = _ffi.from_buffer, _ffi.buffer
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without its binding
     _get_mem_data = None
 
@@ -43,13 +54,49 @@ def _pending(bio) -> int:
 RECORD = 16384
 #: The most decrypted bytes asked for at once (Twisted's figure).
 READ_SIZE = 32768
+#: Where OpenSSL's output is copied from, one call at a time (the reactor is one thread,
+#: and each call's bytes are copied out before anything else runs).
+_BUFFER = _allocate("char[]", READ_SIZE) if _get_mem_data is not None else None
 
-_OVERRIDDEN = ("_flushReceiveBIO", "_flushSendBIO", "_write", "_bufferedWrite", "_tlsShutdownFinished",
-               "_shutdownTLS")
+
+def _recv(connection) -> bytes:
+    """``connection.recv(READ_SIZE)``, without pyOpenSSL's checks after a call that succeeded
+    (a buffer of its own, the error check on every call; the callbacks whose failures
+    those checks report fail the handshake, so they can only follow a failed call)."""
+    ssl = connection._ssl
+    result = _SSL_read(ssl, _BUFFER, READ_SIZE)
+    if result <= 0:
+        connection._raise_ssl_error(ssl, result)  # (WantReadError, ZeroReturnError, Error)
+        return b""
+    return _cbuffer(_BUFFER, result)[:]
+
+
+def _send(connection, data) -> int:
+    """``connection.send(data)`` (bytes or a memoryview), likewise."""
+    ssl = connection._ssl
+    result = _SSL_write(ssl, _from_buffer(data), len(data))
+    if result <= 0:
+        connection._raise_ssl_error(ssl, result)
+    return result
+
+_OVERRIDDEN = ("dataReceived", "_flushReceiveBIO", "_flushSendBIO", "_write", "_bufferedWrite",
+               "_tlsShutdownFinished", "_shutdownTLS", "_handshakeDone")
+#: pyOpenSSL's own error raising, called after a failed call as its methods do.
+_RAISERS = ("_raise_ssl_error", "_handle_bio_errors")
 
 
 class GatewayTLSTransport(_tls.BufferingTLSTransport):
     """BufferingTLSTransport without needless WantReadErrors, sending each write once."""
+
+    def dataReceived(self, data: bytes) -> None:
+        incoming = getattr(self._tlsConnection, "_into_ssl", None)
+        if (incoming is None or not self._handshakeDone or self._appSendBuffer or not data
+                or _BIO_write(incoming, data, len(data)) <= 0):
+            # (the handshake, writes waiting for it, or bytes a memory BIO refused whole:
+            # Twisted's way, which raises what pyOpenSSL raises)
+            _tls.TLSMemoryBIOProtocol.dataReceived(self, data)
+            return
+        self._flushReceiveBIO()
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
@@ -59,7 +106,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             return
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(READ_SIZE)
+                data = _recv(connection)
             except WantReadError:
                 break  # (the bytes received did not complete a record)
             except ZeroReturnError:
@@ -71,7 +118,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             else:
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)
-                if not connection.pending() and not _pending(incoming):
+                if not _SSL_pending(connection._ssl) and not _pending(incoming):
                     break  # nothing left to decrypt: another recv would only raise
         self._flushSendBIO()
 
@@ -83,7 +130,11 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             return
         waiting = _pending(outgoing)
         if waiting:
-            self.transport.write(connection.bio_read(waiting))
+            buffer = _BUFFER if waiting <= READ_SIZE else _allocate("char[]", waiting)
+            got = _BIO_read(outgoing, buffer, waiting)
+            if got <= 0:
+                connection._handle_bio_errors(outgoing, got)
+            self.transport.write(_cbuffer(buffer, got)[:])
 
     def _write(self, data) -> None:
         if self._lostTLSConnection:
@@ -93,7 +144,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         done, size = 0, len(data)
         while done < size:
             try:
-                done += connection.send(view[done:done + RECORD])
+                done += _send(connection, view[done:done + RECORD])
             except WantReadError:
                 self._bufferedWrite(bytes(view[done:]))
                 break
@@ -117,7 +168,8 @@ class GatewayTLSFactory(_tls.TLSMemoryBIOFactory):
 def tls_factory(context_factory, is_client: bool, wrapped_factory) -> _tls.TLSMemoryBIOFactory:
     """A TLS wrapping factory: :class:`GatewayTLSFactory` where this Twisted and pyOpenSSL
     have what it relies on, else Twisted's own."""
+    from OpenSSL.SSL import Connection
     usable = _get_mem_data is not None and all(hasattr(_tls.TLSMemoryBIOProtocol, name) for name in _OVERRIDDEN) \
-        and hasattr(_tls.BufferingTLSTransport, "__init__")
+        and hasattr(_tls.BufferingTLSTransport, "__init__") and all(hasattr(Connection, name) for name in _RAISERS)
     factory = GatewayTLSFactory if usable else _tls.TLSMemoryBIOFactory
     return factory(context_factory, is_client, wrapped_factory)
