@@ -240,7 +240,10 @@ class CertificateStore:
     def _build(self, cert_path: str, key_path: str) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        # No renegotiation (TLS 1.2), as nginx and HAProxy: a client could otherwise make the
+        # node do a full handshake's work again and again on one connection.  (OpenSSL 3
+        # refuses a client's by default; this says so whatever OpenSSL the node has.)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
         # Free OpenSSL's 16+ KiB read and write buffers while a connection is idle: most of
         # what an idle WebSocket would otherwise cost.
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
