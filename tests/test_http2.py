@@ -211,7 +211,7 @@ class StreamTests(Http2Case):
         """The connection remembers which hosts its certificate covers: asked again, and
         past the number it remembers, a host not covered is still 421 and a covered one
         still served."""
-        from hoodyproxy.frontend.http2 import COVERED_HOSTS
+        from hoodyproxy.tls.context import COVERED_HOSTS
         client = await h2_connect(self, self.node, self.host)
         own = self.host.encode()
         others = [b"shop-%d.example.com" % i for i in range(COVERED_HOSTS + 8)]

@@ -254,6 +254,25 @@ class ErrorTests(HTTP3TestCase):
         stream = await self.get(client, authority="api.example.com")
         self.assertEqual(stream.status, 421)
 
+    async def test_each_host_keeps_its_own_answer(self):
+        """The connection remembers which hosts its certificate covers: asked again, and
+        past the number it remembers, a host not covered is still 421 and a covered one
+        still served."""
+        from hoodyproxy.tls.context import COVERED_HOSTS
+        client = await self.client()
+        own = self.host()
+        others = ["shop-%d.example.com" % i for i in range(COVERED_HOSTS + 4)]
+        for _ in range(2):
+            for start in range(0, len(others), 12):
+                streams = []
+                for other in others[start:start + 12]:
+                    streams.append((other, client.request("GET", "/", other)))
+                    streams.append((own, client.request("GET", "/headers", own)))
+                for _, stream in streams:
+                    await within(stream.done)
+                self.assertEqual([(host, stream.status) for host, stream in streams],
+                                 [(host, 200 if host == own else 421) for host, _ in streams])
+
     async def test_malformed_requests_get_400_and_the_connection_serves_on(self):
         """:scheme http, CONNECT with an unknown :protocol, :protocol without CONNECT: each is
         a 400 with a JSON body (a plain CONNECT a 405: no forward proxy here), each has an

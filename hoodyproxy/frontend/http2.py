@@ -54,7 +54,7 @@ from zope.interface import implementer
 from hoodyproxy.frontend.h2codec import DECODER_PARTS, HeaderDecoder, HeaderEncoder, ServerConnection, malformed
 from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
-from hoodyproxy.tls.context import name_covered, server_name
+from hoodyproxy.tls.context import Coverage, server_name
 
 log = Logger()
 
@@ -83,8 +83,6 @@ _MAX_STREAM_ID = (1 << 31) - 1
 #: and close before it is aborted: unlike after an error, what is still being written is
 #: answers.
 DRAIN_CLOSE_GRACE = 15.0
-#: Hosts whose coverage by the certificate a connection remembers (then it starts anew).
-COVERED_HOSTS = 32
 
 
 class _Stream:
@@ -126,9 +124,8 @@ class H2ServerProtocol(Protocol):
         self.streams: dict[int, _Stream] = {}
         self.transport_paused = False
         self.closed = False
-        self._names = None
-        #: Host -> whether the certificate covers it (at most COVERED_HOSTS, then anew).
-        self._covered: dict[str | None, bool] = {}
+        #: Whether the connection's certificate covers a host (made at the first request).
+        self._coverage: Coverage | None = None
         self._resets = 0
         self._reset_window_start = 0.0
         self._last_activity = 0.0
@@ -369,24 +366,17 @@ class H2ServerProtocol(Protocol):
     # -- requests ------------------------------------------------------------------------
 
     def _covers(self, host: str) -> bool:
-        """Whether this connection's certificate (or SNI name) covers ``host`` (else 421):
-        the connection's answer for each host it has been asked about is kept (a few)."""
-        covered = self._covered.get(host)
-        if covered is not None:
-            return covered
-        if self._names is None:
+        """Whether this connection's certificate (or SNI name) covers ``host`` (else 421)."""
+        coverage = self._coverage
+        if coverage is None:
             names, sni = frozenset(), None
             handle = getattr(self.transport, "getHandle", None)
             if self.certificates is not None and handle is not None:
                 connection = handle()
                 names = self.certificates.names_of_context(connection.get_context())
                 sni = server_name(connection)
-            self._names, self._sni = names, sni
-        covered = name_covered(self._names, host, self._sni)
-        if len(self._covered) >= COVERED_HOSTS:
-            self._covered.clear()
-        self._covered[host] = covered
-        return covered
+            coverage = self._coverage = Coverage(names, sni)
+        return coverage(host)
 
     def _request(self, event) -> None:
         stream_id = event.stream_id

@@ -61,7 +61,7 @@ from twisted.logger import Logger
 
 from hoodyproxy.frontend.http1 import client_ip_of
 from hoodyproxy.frontend.stream import StreamRequest, parse_request_head
-from hoodyproxy.tls.context import name_covered
+from hoodyproxy.tls.context import Coverage
 
 __all__ = ["listen_http3", "HTTP3Listener", "H3Session", "GatewayQuicConnection"]
 
@@ -201,6 +201,9 @@ class H3Session:
         self._inbox: dict[int, None] = {}
         #: Request streams with bytes but no head yet -> when their first bytes came.
         self._heads: dict[int, float] = {}
+        #: What every request of the connection shares (made at the first request): the
+        #: client, the local address, the version, whether the certificate covers a host.
+        self._common: dict | None = None
         quic.may_extend = self._may_extend
 
     # -- driving aioquic ----------------------------------------------------------------
@@ -362,10 +365,12 @@ class H3Session:
             self.transmit_soon()
             return
         self._next_stream = max(self._next_stream, stream_id + 4)
-        local = self.listener.port.getHost()
-        dns_names, sni = self.quic.dns_names, self.quic.sni
-        common = {"client": self.peer, "host": _address(local.host, local.port), "version": b"HTTP/3",
-                  "covers": lambda host: name_covered(dns_names, host, sni)}
+        common = self._common
+        if common is None:
+            # (the certificate and SNI name were chosen by the ClientHello, before any stream)
+            local = self.listener.port.getHost()
+            common = self._common = {"client": self.peer, "host": _address(local.host, local.port),
+                                     "version": b"HTTP/3", "covers": Coverage(self.quic.dns_names, self.quic.sni)}
         fields, problem = parse_request_head(headers, ended)
         request = StreamRequest(self, stream_id, **fields, **common)
         request.problem = problem

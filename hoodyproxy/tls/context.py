@@ -100,6 +100,35 @@ def name_covered(names: frozenset[str], hostname: str | None, sni: str | None = 
     return "." in name and "*." + name.split(".", 1)[1] in names
 
 
+#: Hosts whose coverage one connection remembers (then it starts anew).
+COVERED_HOSTS = 32
+
+
+class Coverage:
+    """:func:`name_covered` for one HTTP/2 or HTTP/3 connection: whether the certificate
+    it was served (and the SNI name it asked for) covers each host a request names, the
+    answer for each host asked kept (at most :data:`COVERED_HOSTS`, then anew).
+
+    Both are the connection's for its life (chosen in its handshake), so a kept answer
+    stays true; coalescing clients send the same few authorities on every request.
+    """
+
+    __slots__ = ("names", "sni", "_known")
+
+    def __init__(self, names: frozenset[str], sni: str | None) -> None:
+        self.names, self.sni = names, sni
+        self._known: dict[str | None, bool] = {}
+
+    def __call__(self, host: str | None) -> bool:
+        covered = self._known.get(host)
+        if covered is None:
+            covered = name_covered(self.names, host, self.sni)
+            if len(self._known) >= COVERED_HOSTS:
+                self._known.clear()
+            self._known[host] = covered
+        return covered
+
+
 class CertificateStore:
     """Certificates by hostname (exact or ``*.`` wildcard) with a default, as SSL contexts."""
 
