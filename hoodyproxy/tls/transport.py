@@ -79,6 +79,7 @@ def _send(connection, data) -> int:
         connection._raise_ssl_error(ssl, result)
     return result
 
+
 _OVERRIDDEN = ("dataReceived", "_flushReceiveBIO", "_flushSendBIO", "_write", "_bufferedWrite",
                "_tlsShutdownFinished", "_shutdownTLS", "_handshakeDone")
 #: pyOpenSSL's own error raising, called after a failed call as its methods do.
