@@ -142,17 +142,22 @@ class GatewayTLSTransportTests(unittest.TestCase):
         self.assertEqual(bytes(self.server_app.data), sent)
         self.assertIsNone(self.server_app.lost)
 
+    def assert_ended(self, delivered: bytes, reason: type) -> None:
+        """The application got ``delivered`` and no more, the server is closing its socket,
+        and once the socket is gone the application is told ``reason``."""
+        self.assertEqual(bytes(self.server_app.data), delivered)
+        self.assertTrue(self.server_wire.disconnecting)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.server_app.lost)
+        self.assertTrue(self.server_app.lost.check(reason), self.server_app.lost)
+
     def test_close_notify_ends_the_connection_cleanly(self):
         """The client's TLS close ends the application's connection as done, after its bytes."""
         self.client.write(b"last words")
         self.client.loseConnection()
         self.clock.advance(0)
         self.server.dataReceived(self.client_wire.value())
-        self.assertEqual(bytes(self.server_app.data), b"last words")
-        self.assertTrue(self.server_wire.disconnecting)
-        self.server.connectionLost(Failure(ConnectionDone()))
-        self.assertIsNotNone(self.server_app.lost)
-        self.assertTrue(self.server_app.lost.check(ConnectionDone))
+        self.assert_ended(b"last words", ConnectionDone)
 
     def test_a_corrupt_record_loses_the_connection_with_the_tls_error(self):
         """A record whose bytes were changed on the way delivers nothing: the connection
@@ -163,11 +168,7 @@ class GatewayTLSTransportTests(unittest.TestCase):
         self.client_wire.clear()
         wire[-3] ^= 0x01  # (in the record's authentication tag)
         self.server.dataReceived(bytes(wire))
-        self.assertEqual(bytes(self.server_app.data), b"")
-        self.assertTrue(self.server_wire.disconnecting)
-        self.server.connectionLost(Failure(ConnectionDone()))
-        self.assertIsNotNone(self.server_app.lost)
-        self.assertTrue(self.server_app.lost.check(TLSError))
+        self.assert_ended(b"", TLSError)
 
     def test_a_client_renegotiation_is_refused(self):
         """A TLS 1.2 client that asks to renegotiate after a request (a way to make the
