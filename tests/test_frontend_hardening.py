@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from twisted.internet import reactor, tcp
@@ -444,6 +445,39 @@ class FramingTests(NodeCase):
                                "5\r\nhello\r\n0\r\n\r\n".encode())
         await until(lambda: client.received.endswith(b"ok"))
         self.assertIn(b"hello", factory.connections[0].received)
+
+
+class TamperedRecordTests(NodeCase):
+    """A TLS record changed on the way, over a real socket to a real node."""
+
+    async def test_a_tampered_record_reaches_no_container(self):
+        """After one good request, a record with one bit of its authentication tag flipped:
+        none of it reaches the container, the node ends that connection, and serves the
+        next one; the container saw the request before the record and the one after."""
+        def answer(proto, data):
+            for _ in range(data.count(b"\r\n\r\n")):
+                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        port, factory = raw_backend(self, answer)
+        host = host_for(index=port)
+        client = await self.https(host)
+        client.transport.write(b"GET /first HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        await until(lambda: client.received.endswith(b"ok"))
+        # Encrypted by the client's own TLS state, then changed between it and the socket.
+        tls = client.transport
+        tls._tlsConnection.send(b"GET /second HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        record = bytearray(tls._tlsConnection.bio_read(65536))
+        record[-3] ^= 0x01
+        tls.transport.write(bytes(record))
+        await until(lambda: client.lost, timeout=10)
+        self.assertEqual(client.received.count(b"HTTP/1.1 200 OK"), 1)
+        after = await self.https(host)
+        after.transport.write(b"GET /third HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        await until(lambda: after.received.endswith(b"ok"))
+        seen = b"".join(conn.received for conn in factory.connections)
+        self.assertEqual(re.findall(rb"^GET (\S+) ", seen, re.MULTILINE), [b"/first", b"/third"])
+        self.assertNotIn(b"/second", seen)
+        after.transport.loseConnection()
+        await until(lambda: after.lost)
 
 
 # -- 5. what one TLS write can make the HTTP/1.1 frontend hold ---------------------------------
