@@ -81,6 +81,16 @@ class NodeCase(unittest.TestCase):
     async def https(self, host: str | None = None):
         return await tls_client(self, self.node.https_port, host or self.host, self.node.ca_path)
 
+    def naive_ok_backend(self, marker: bytes):
+        """A container stand-in as naive as a small server: it answers ``ok`` once for each
+        ``marker`` in each read, whatever else it got.  Returns its factory (what each
+        connection received) and the host that routes to it."""
+        def answer(proto, data):
+            for _ in range(data.count(marker)):
+                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        port, factory = raw_backend(self, answer)
+        return factory, host_for(index=port)
+
 
 # -- 1. bodies nobody asked for --------------------------------------------------------------
 
@@ -454,11 +464,7 @@ class TamperedRecordTests(NodeCase):
         """After one good request, a record with one bit of its authentication tag flipped:
         none of it reaches the container, the node ends that connection, and serves the
         next one; the container saw the request before the record and the one after."""
-        def answer(proto, data):
-            for _ in range(data.count(b"\r\n\r\n")):
-                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        port, factory = raw_backend(self, answer)
-        host = host_for(index=port)
+        factory, host = self.naive_ok_backend(b"\r\n\r\n")
         client = await self.https(host)
         client.transport.write(b"GET /first HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
         await until(lambda: client.received.endswith(b"ok"))
@@ -494,11 +500,7 @@ class PipeliningAndTrailerTests(NodeCase):
         closes; the rest is never read."""
         from hoodyproxy.frontend.h1 import MAX_PIPELINED
 
-        def answer(proto, data):
-            for _ in range(data.count(b"GET /")):
-                proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        port, factory = raw_backend(self, answer)
-        host = host_for(index=port)
+        factory, host = self.naive_ok_backend(b"GET /")
         client = await self.https(host)
         client.transport.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, host.encode())
                                         for i in range(1000)))
