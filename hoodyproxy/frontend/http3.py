@@ -202,7 +202,8 @@ class H3Session:
         #: Request streams with bytes but no head yet -> when their first bytes came.
         self._heads: dict[int, float] = {}
         #: What every request of the connection shares (made at the first request): the
-        #: client, the local address, the version, whether the certificate covers a host.
+        #: client and its address, the local address, the version, whether the
+        #: certificate covers a host.
         self._common: dict | None = None
         quic.may_extend = self._may_extend
 
@@ -369,8 +370,9 @@ class H3Session:
         if common is None:
             # (the certificate and SNI name were chosen by the ClientHello, before any stream)
             local = self.listener.port.getHost()
-            common = self._common = {"client": self.peer, "host": _address(local.host, local.port),
-                                     "version": b"HTTP/3", "covers": Coverage(self.quic.dns_names, self.quic.sni)}
+            common = self._common = {"client": self.peer, "client_ip": client_ip_of(self.peer),
+                                     "host": _address(local.host, local.port), "version": b"HTTP/3",
+                                     "covers": Coverage(self.quic.dns_names, self.quic.sni)}
         fields, problem = parse_request_head(headers, ended)
         request = StreamRequest(self, stream_id, **fields, **common)
         request.problem = problem
