@@ -53,7 +53,14 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
-class GatewayTLSTransportTests(unittest.TestCase):
+class MemoryTLSPair(unittest.TestCase):
+    """A server GatewayTLSTransport and a client with Twisted's stock TLS transport, joined
+    in memory (:meth:`pump`), handshaken in setUp."""
+
+    #: The protocols the client offers by ALPN (None: no ALPN), and the server.
+    client_alpn: list[bytes] | None = None
+    server_alpn = (b"http/1.1",)
+
     def setUp(self, **client_options) -> None:
         directory = self.mktemp()
         certs = ensure_dev_certificates(directory, NODE, ZONE)
@@ -61,12 +68,13 @@ class GatewayTLSTransportTests(unittest.TestCase):
             ca = Certificate.loadPEM(f.read())
         self.clock = Clock()
         self.server_app, self.client_app = Recorder(), Recorder()
-        self.contexts = SNIContextFactory(CertificateStore(certs.cert_path, certs.key_path))
+        self.contexts = SNIContextFactory(CertificateStore(certs.cert_path, certs.key_path, self.server_alpn))
         server_factory = GatewayTLSFactory(self.contexts, False, protocol.Factory.forProtocol(lambda: self.server_app),
                                            clock=self.clock)
-        client_factory = TLSMemoryBIOFactory(
-            optionsForClientTLS(f"a.{NODE}.{ZONE}", trustRoot=ca, extraCertificateOptions=client_options), True,
-            protocol.Factory.forProtocol(lambda: self.client_app), clock=self.clock)
+        options = optionsForClientTLS(f"a.{NODE}.{ZONE}", trustRoot=ca, extraCertificateOptions=client_options,
+                                      acceptableProtocols=self.client_alpn)
+        client_factory = TLSMemoryBIOFactory(options, True, protocol.Factory.forProtocol(lambda: self.client_app),
+                                             clock=self.clock)
         self.server = server_factory.buildProtocol(None)
         self.client = client_factory.buildProtocol(None)
         self.server_wire, self.client_wire = CountingTransport(), CountingTransport()
@@ -89,6 +97,8 @@ class GatewayTLSTransportTests(unittest.TestCase):
             if to_client:
                 self.client.dataReceived(to_client)
 
+
+class GatewayTLSTransportTests(MemoryTLSPair):
     def test_bytes_arrive_exactly_both_ways(self):
         """Small and large writes each way arrive whole and in order."""
         request = os.urandom(100) + b"GET / HTTP/1.1\r\n\r\n"

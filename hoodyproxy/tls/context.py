@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from hoodyproxy.tls.records import note_secret
+
 _log = Logger()
 
 # TLS 1.2 AEAD suites with forward secrecy (TLS 1.3 suites are OpenSSL's defaults, all AEAD).
@@ -289,6 +291,9 @@ class CertificateStore:
         # Always set: acme-tls/1 may need selecting even when no other protocol is offered.
         ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_tlsext_servername_callback(self._on_server_name)
+        # A TLS 1.3 connection's application traffic secrets, kept (never written) for a
+        # connection that becomes a tunnel and gives its OpenSSL object up (records.py).
+        ctx.set_keylog_callback(note_secret)
         return ctx
 
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> object:

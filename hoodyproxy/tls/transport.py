@@ -21,7 +21,10 @@ per MiB), and it writes a complete small answer on the next reactor turn (a
   anything else runs;
 - a write is encrypted record by record into the outgoing BIO and sent once, whole;
 - :meth:`GatewayTLSTransport.write_now` writes at once, after whatever the aggregation
-  holds, for a frontend that knows an answer is complete.
+  holds, for a frontend that knows an answer is complete;
+- on a TLS 1.3 connection it counts the records each way since the handshake ended, so
+  that a connection that becomes a tunnel can give its OpenSSL object up for
+  :class:`~hoodyproxy.tls.records.RecordLayer13` (:meth:`GatewayTLSTransport.shed_openssl`).
 
 The checks read pyOpenSSL's memory BIOs (``Connection._into_ssl``/``_from_ssl``) through
 the OpenSSL binding pyOpenSSL itself uses; a pyOpenSSL without them, or a Twisted whose
@@ -36,11 +39,14 @@ from twisted.protocols import tls as _tls
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
+from hoodyproxy.tls.records import SUITES, RecordLayer13, plain_records, record_count, secrets_of
+
 try:
     from OpenSSL._util import ffi as _ffi, lib as _lib, no_zero_allocator as _allocate
     _get_mem_data = _lib.BIO_get_mem_data
     _SSL_read, _SSL_write, _SSL_pending = _lib.SSL_read, _lib.SSL_write, _lib.SSL_pending
     _BIO_read, _BIO_write = _lib.BIO_read, _lib.BIO_write
+    _SSL_version = _lib.SSL_version
     _from_buffer, _cbuffer = _ffi.from_buffer, _ffi.buffer
 except (ImportError, AttributeError):  # pragma: no cover - a pyOpenSSL without its binding
     _get_mem_data = None
@@ -50,8 +56,21 @@ def _pending(bio) -> int:
     """Bytes waiting in a memory BIO."""
     return _get_mem_data(bio, _ffi.NULL)
 
+
+def _peek(bio) -> bytes:
+    """A copy of the bytes waiting in a memory BIO, left where they are."""
+    pointer = _ffi.new("char **")
+    size = _get_mem_data(bio, pointer)
+    return _cbuffer(pointer[0], size)[:] if size > 0 else b""
+
 #: The plaintext of one TLS record (RFC 8446 5.1).
 RECORD = 16384
+TLS1_3 = 0x0304
+#: A record's bytes beyond its plaintext in TLS 1.3 when it is application data without
+#: padding: its header, the inner content type and the AEAD's tag.
+_OVERHEAD_13 = 22
+#: The most of what a client sends first that is kept to read its ClientHello (a record).
+MAX_HELLO = 5 + 16384 + 256
 #: The most decrypted bytes asked for at once (Twisted's figure).
 READ_SIZE = 32768
 #: Where OpenSSL's output is copied from, one call at a time (the reactor is one thread,
@@ -81,7 +100,8 @@ def _send(connection, data) -> int:
 
 
 _OVERRIDDEN = ("dataReceived", "_flushReceiveBIO", "_flushSendBIO", "_write", "_bufferedWrite",
-               "_tlsShutdownFinished", "_shutdownTLS", "_handshakeDone")
+               "_tlsShutdownFinished", "_shutdownTLS", "_handshakeDone", "_checkHandshakeStatus",
+               "_aborted", "_lostTLSConnection")
 #: pyOpenSSL's own error raising, called after a failed call as its methods do.
 _RAISERS = ("_raise_ssl_error", "_handle_bio_errors")
 
@@ -89,15 +109,102 @@ _RAISERS = ("_raise_ssl_error", "_handle_bio_errors")
 class GatewayTLSTransport(_tls.BufferingTLSTransport):
     """BufferingTLSTransport without needless WantReadErrors, sending each write once."""
 
+    # What a TLS 1.3 connection carried each way since its handshake ended, for
+    # shed_openssl (a connection that can become a tunnel: not HTTP/2's).  Counted in
+    # bytes and calls, a few additions per request, and checked exactly when used.
+    #: Counting (TLS 1.3, HTTP/1.1, no max_fragment_length asked for).
+    _counting = False
+    #: Bytes received, plaintext OpenSSL gave for them, and the reads that gave it.
+    _in_bytes = _in_plain = _in_records = 0
+    #: Bytes sent, plaintext given to OpenSSL, and the writes (SSL_write calls) it took.
+    _out_bytes = _out_plain = _out_records = 0
+    #: The session tickets OpenSSL wrote as the handshake ended: records, bytes.
+    _tickets = _ticket_bytes = 0
+    #: The start of what the client sent (its ClientHello), kept during the handshake.
+    _hello = b""
+    #: Set by _checkHandshakeStatus when the handshake ends: the bytes received after it.
+    _after_handshake: int | None = None
+
     def dataReceived(self, data: bytes) -> None:
+        if self._counting:
+            self._in_bytes += len(data)
         incoming = getattr(self._tlsConnection, "_into_ssl", None)
         if (incoming is None or not self._handshakeDone or self._appSendBuffer or not data
                 or _BIO_write(incoming, data, len(data)) <= 0):
             # (the handshake, writes waiting for it, or bytes a memory BIO refused whole:
             # Twisted's way, which raises what pyOpenSSL raises)
+            hello = self._hello
+            if hello is not None and not self._handshakeDone and len(hello) < MAX_HELLO:
+                self._hello = hello + data[:MAX_HELLO - len(hello)]
             _tls.TLSMemoryBIOProtocol.dataReceived(self, data)
+            after = self._after_handshake
+            if after is not None:  # (the handshake ended in this call)
+                self._after_handshake = None
+                self._in_bytes += after
             return
         self._flushReceiveBIO()
+
+    def _checkHandshakeStatus(self) -> None:
+        done = self._handshakeDone
+        _tls.TLSMemoryBIOProtocol._checkHandshakeStatus(self)
+        if done or not self._handshakeDone:
+            return
+        hello, self._hello = self._hello, None
+        connection = self._tlsConnection
+        incoming = getattr(connection, "_into_ssl", None)
+        if (incoming is None or _SSL_version(connection._ssl) != TLS1_3
+                or connection.get_alpn_proto_negotiated() == b"h2" or not plain_records(hello)):
+            return
+        # From here every record each way is under the application traffic keys: the
+        # session tickets OpenSSL has just written (still in the outgoing BIO), and
+        # whatever the client sent after its Finished (still in the incoming one).
+        tickets = _peek(connection._from_ssl)
+        count = record_count(tickets)
+        if count is None:
+            return  # (not whole records: never seen from OpenSSL, and then not counted)
+        self._tickets, self._ticket_bytes = count, len(tickets)
+        self._counting = True
+        self._after_handshake = _pending(incoming)
+
+    def shed_openssl(self) -> bool:
+        """Give a quiet TLS 1.3 connection's OpenSSL object up: its records are sealed and
+        opened by a :class:`~hoodyproxy.tls.records.RecordLayer13` from now on (about
+        5 KiB instead of 24).  True if it was (or had been) done; False if it cannot be
+        done now (nothing changes): not TLS 1.3, HTTP/2, bytes waiting either way or a
+        record in part, or anything the counts cannot account for exactly.
+
+        The sequence numbers are the records each way since the handshake, and the counts
+        say them exactly or not at all: each record OpenSSL reads or writes costs 22 bytes
+        beyond its plaintext (header, content type, tag) when it is unpadded application
+        data, so the bytes received equal 22 per read plus the plaintext read only if
+        every record received was unpadded application data read whole by one read (a
+        padded one, a KeyUpdate, an empty record or one in part breaks the equality);
+        likewise each way out, one record per SSL_write."""
+        if (not self._counting or self._lostTLSConnection or self.disconnecting or self._aborted
+                or self._appSendBuffer):
+            return False
+        connection = self._tlsConnection
+        secrets = secrets_of(connection)
+        suite = connection.get_cipher_name()
+        if secrets is None or suite not in SUITES:
+            return False
+        self._aggregator.flush()  # (what it holds is sealed by OpenSSL, and counted)
+        if (self._lostTLSConnection or self._appSendBuffer
+                or self._in_bytes != _OVERHEAD_13 * self._in_records + self._in_plain
+                or self._out_bytes - self._ticket_bytes != _OVERHEAD_13 * self._out_records + self._out_plain
+                or _pending(connection._into_ssl) or _SSL_pending(connection._ssl)
+                or _pending(connection._from_ssl)):
+            return False
+        self._tlsConnection = RecordLayer13(
+            suite, secrets[0], secrets[1], read_seq=self._in_records,
+            write_seq=self._tickets + self._out_records,
+            alpn=connection.get_alpn_proto_negotiated() or None, servername=connection.get_servername())
+        connection.hoody_secrets = None
+        for name in ("_counting", "_in_bytes", "_in_plain", "_in_records", "_out_bytes", "_out_plain",
+                     "_out_records", "_tickets", "_ticket_bytes", "_hello"):
+            self.__dict__.pop(name, None)
+        self.__class__ = ShedTLSTransport
+        return True
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
@@ -117,6 +224,9 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             except Error:
                 self._tlsShutdownFinished(Failure())
             else:
+                if self._counting:
+                    self._in_plain += len(data)
+                    self._in_records += 1
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)
                 if not _SSL_pending(connection._ssl) and not _pending(incoming):
@@ -135,6 +245,8 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             got = _BIO_read(outgoing, buffer, waiting)
             if got <= 0:
                 connection._handle_bio_errors(outgoing, got)
+            if self._counting:
+                self._out_bytes += got
             self.transport.write(_cbuffer(buffer, got)[:])
 
     def _write(self, data) -> None:
@@ -142,7 +254,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             return
         connection = self._tlsConnection
         view = memoryview(data) if len(data) > RECORD else data
-        done, size = 0, len(data)
+        done, size, calls = 0, len(data), 0
         while done < size:
             try:
                 done += _send(connection, view[done:done + RECORD])
@@ -153,6 +265,10 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
                 # As Twisted does: the connection is lost, with the error as the reason.
                 self._tlsShutdownFinished(Failure())
                 return
+            calls += 1
+        if self._counting:
+            self._out_plain += done
+            self._out_records += calls
         self._flushSendBIO()
 
     def write_now(self, data: bytes) -> None:
@@ -160,6 +276,35 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         the next reactor turn: for an answer known to be complete."""
         self._aggregator.flush()
         _tls.TLSMemoryBIOProtocol.write(self, data)
+
+
+class ShedTLSTransport(GatewayTLSTransport):
+    """A GatewayTLSTransport whose connection is a :class:`RecordLayer13` (see
+    :meth:`GatewayTLSTransport.shed_openssl`): Twisted's own methods drive it, as they
+    drive pyOpenSSL; a write is sealed whole and sent once."""
+
+    dataReceived = _tls.TLSMemoryBIOProtocol.dataReceived
+    _flushReceiveBIO = _tls.TLSMemoryBIOProtocol._flushReceiveBIO
+
+    def _flushSendBIO(self) -> None:
+        try:
+            data = self._tlsConnection.bio_read(1 << 62)
+        except WantReadError:
+            return
+        self.transport.write(data)
+
+    def _write(self, data) -> None:
+        if self._lostTLSConnection:
+            return
+        try:
+            self._tlsConnection.send(data)
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._flushSendBIO()
+
+    def shed_openssl(self) -> bool:
+        return True
 
 
 class GatewayTLSFactory(_tls.TLSMemoryBIOFactory):

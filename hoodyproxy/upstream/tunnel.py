@@ -15,10 +15,13 @@ header read per frame, payloads skipped); a direction in the middle of a frame g
 rest of that frame first, and nothing after the close frame.
 
 An idle WebSocket is mostly memory, so a tunnel is slotted, registers no producers while
-it is quiet, and gives a TLS client connection fresh memory BIOs (see
-:func:`hoodyproxy.tls.context.release_idle_buffers`) when it starts, a few seconds after
-each large piece of data (a memory BIO keeps the size of the largest burst it carried:
-about 100 KiB more per WebSocket after one 64 KiB message) and at each idle check.
+it is quiet, and when it starts has a TLS 1.3 client connection give its OpenSSL object
+up for a small record layer of the gateway's own (about 24 KiB less per WebSocket: see
+:mod:`hoodyproxy.tls.records`).  A connection that keeps OpenSSL (TLS 1.2, say) gets
+fresh memory BIOs instead (see :func:`hoodyproxy.tls.context.release_idle_buffers`): when
+the tunnel starts, a few seconds after each large piece of data (a memory BIO keeps the
+size of the largest burst it carried: about 100 KiB more per WebSocket after one 64 KiB
+message) and at each idle check; each of those tries the record layer again first.
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ RELEASE_AFTER_BURST = 5.0
 
 
 def _release_client_buffers(transport) -> None:
-    """Shrink the TLS buffers of a client transport that is Twisted's TLS protocol."""
+    """Shrink the TLS state of a client transport that is Twisted's TLS protocol: a TLS 1.3
+    connection gives its OpenSSL object up (``shed_openssl``), another its memory BIOs."""
+    if getattr(transport, "disconnecting", False):
+        return
+    shed = getattr(transport, "shed_openssl", None)
+    if shed is not None and shed():
+        return
     get_handle = getattr(transport, "getHandle", None)
-    if get_handle is not None and not getattr(transport, "disconnecting", False):
+    if get_handle is not None:
         release_idle_buffers(get_handle())
 
 
