@@ -25,7 +25,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from hoodyproxy.tls.records import (ALERT, APPLICATION_DATA, HANDSHAKE, KEY_UPDATE, SUITES, RecordLayer13,
-                                    expand_label, plain_records, secrets_of)
+                                    expand_label, note_secret, plain_records, record_count, secrets_of)
 from hoodyproxy.tls.transport import GatewayTLSTransport, ShedTLSTransport
 from tests.test_tls_transport import NODE, ZONE, MemoryTLSPair
 
@@ -460,3 +460,136 @@ class ThroughTheGatewayTests(GatewayTestCase):
         await until(lambda: client.out.count(line) == 1)
         process.write(b"Q\n")
         self.assertEqual(await client.ended, 0)
+
+
+class _RawTLS13Client:
+    """A blocking TLS 1.3 client on a real socket (pyOpenSSL over memory BIOs) that keeps
+    its traffic secrets and counts the records each way after its handshake, so that it
+    can go on with a hand-driven record layer: sending what no library would."""
+
+    def __init__(self, port: int, host: str, ca_path: str) -> None:
+        import socket
+
+        from OpenSSL import SSL
+
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.load_verify_locations(ca_path)
+        context.set_verify(SSL.VERIFY_PEER, lambda *args: args[-1])
+        context.set_alpn_protos([b"http/1.1"])
+        context.set_keylog_callback(note_secret)
+        self.tls = SSL.Connection(context, None)
+        self.tls.set_connect_state()
+        self.tls.set_tlsext_host_name(host.encode())
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.records_in = self.records_out = 0
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except SSL.WantReadError:
+                self._flush()
+                self.tls.bio_write(self.sock.recv(65536))
+        self._flush()
+        self.hand: _Client | None = None
+
+    def _flush(self, count: bool = False) -> None:
+        from OpenSSL import SSL
+        try:
+            data = self.tls.bio_read(1 << 20)
+        except SSL.WantReadError:
+            return
+        if count:
+            self.records_out += record_count(data)
+        self.sock.sendall(data)
+
+    def send(self, data: bytes) -> None:
+        """Through OpenSSL (before going by hand)."""
+        self.tls.send(data)
+        self._flush(count=True)
+
+    def read_until(self, marker: bytes) -> bytes:
+        """Through OpenSSL: what arrives until ``marker`` (whole records, counted)."""
+        from OpenSSL import SSL
+        got, wire = b"", b""
+        while marker not in got:
+            wire += self.sock.recv(65536)
+            whole = 0
+            while whole + 5 <= len(wire) and whole + 5 + (wire[whole + 3] << 8 | wire[whole + 4]) <= len(wire):
+                whole += 5 + (wire[whole + 3] << 8 | wire[whole + 4])
+            if not whole:
+                continue
+            self.records_in += record_count(wire[:whole])
+            self.tls.bio_write(wire[:whole])
+            wire = wire[whole:]
+            while True:
+                try:
+                    got += self.tls.recv(65536)
+                except SSL.WantReadError:
+                    break
+        assert not wire
+        return got
+
+    def by_hand(self) -> None:
+        """Go on with a hand-driven record layer from the counts so far."""
+        client_secret, server_secret = secrets_of(self.tls)
+        self.hand = _Client(self.tls.get_cipher_name(), server_secret, client_secret,
+                            read_seq=self.records_in, write_seq=self.records_out)
+
+    def read_by_hand(self) -> bytes:
+        """What arrives next (by hand); b"" once the gateway closes."""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                return b""
+            got = self.hand.opened(data)
+            if got:
+                return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LiveAttackTests(GatewayTestCase):
+    """Attacks on a shed connection over a real socket, a naive container behind it."""
+
+    async def test_a_tampered_record_after_the_shed_reaches_no_container(self):
+        """After the upgrade (the connection shed), one good record, then one whose tag
+        has a bit flipped: the gateway ends the connection with bad_record_mac, and the
+        container (which echoes whatever comes) saw exactly the good one."""
+        from twisted.internet.threads import blockingCallFromThread, deferToThread
+
+        port, backend = raw_backend(self, _naive_upgrade_echo)
+        register(self.node, port)
+        host = host_for(index=port)
+
+        def attack() -> tuple[bytes, bytes]:
+            client = _RawTLS13Client(self.node.https_port, host, self.node.ca_path)
+            try:
+                client.send(b"GET /ws HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                            % host.encode())
+                client.read_until(b"\r\n\r\n")
+                client.by_hand()
+                client.sock.sendall(client.hand.seal(APPLICATION_DATA, b"first;"))
+                echoed = client.read_by_hand()
+                kinds = blockingCallFromThread(
+                    reactor, lambda: [type(tunnel.client) for tunnel in self.node.gateway.tunnels])
+                record = bytearray(client.hand.seal(APPLICATION_DATA, b"second;"))
+                record[-2] ^= 0x10
+                client.sock.sendall(bytes(record))
+                try:
+                    client.read_by_hand()
+                    ended = b"no alert"
+                except TLSError as error:
+                    ended = str(error).encode()
+                return echoed, kinds, ended
+            finally:
+                client.close()
+
+        echoed, kinds, ended = await deferToThread(attack)
+        self.assertEqual(kinds, [ShedTLSTransport])
+        self.assertEqual(echoed, b"first;")
+        self.assertIn(b"alert 20", ended)
+        await until(lambda: len(backend.lost) == 1)
+        self.assertEqual(backend.connections[0].received.partition(b"\r\n\r\n")[2], b"first;")
