@@ -9,24 +9,30 @@ what the client would and opens what the server sent.
 
 from __future__ import annotations
 
+import base64
 import gc
+import hashlib
 import os
+import shutil
+import socket
 import weakref
 
+from OpenSSL import SSL
 from OpenSSL.SSL import Error as TLSError, WantReadError
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.ssl import TLSVersion
-from twisted.trial import unittest
-from twisted.python.failure import Failure
-
-from twisted.internet import protocol
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.trial import unittest
 
 from hoodyproxy.tls.records import (ALERT, APPLICATION_DATA, HANDSHAKE, KEY_UPDATE, SUITES, RecordLayer13,
                                     expand_label, note_secret, plain_records, record_count, secrets_of)
 from hoodyproxy.tls.transport import GatewayTLSTransport, ShedTLSTransport
+from tests.support import host_for, raw_backend, register, until
+from tests.test_gateway import GatewayTestCase, ws_connect
 from tests.test_tls_transport import NODE, ZONE, MemoryTLSPair
 
 
@@ -130,15 +136,6 @@ class ShedTests(MemoryTLSPair):
         self.client.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(bytes(self.client_app.data), b"bye")
         self.assertTrue(self.client_app.lost.check(ConnectionDone), self.client_app.lost)
-
-    def assert_ended(self, delivered: bytes, reason: type) -> None:
-        """The application got ``delivered`` and no more, the server is closing its socket,
-        and once the socket is gone the application is told ``reason``."""
-        self.assertEqual(bytes(self.server_app.data), delivered)
-        self.assertTrue(self.server_wire.disconnecting)
-        self.server.connectionLost(Failure(ConnectionDone()))
-        self.assertIsNotNone(self.server_app.lost)
-        self.assertTrue(self.server_app.lost.check(reason), self.server_app.lost)
 
     def test_the_stream_ending_without_close_notify_is_a_lost_connection(self):
         """A truncation (the socket closed with no close_notify) is not a clean end."""
@@ -344,14 +341,6 @@ class HTTP2Tests(MemoryTLSPair):
 
 # -- live, through a gateway ---------------------------------------------------------------
 
-import base64  # noqa: E402
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
-
-from twisted.internet import defer, reactor  # noqa: E402
-
-from tests.support import host_for, raw_backend, register, until  # noqa: E402
-from tests.test_gateway import GatewayTestCase, ws_connect  # noqa: E402
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -468,10 +457,6 @@ class _RawTLS13Client:
     can go on with a hand-driven record layer: sending what no library would."""
 
     def __init__(self, port: int, host: str, ca_path: str) -> None:
-        import socket
-
-        from OpenSSL import SSL
-
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_min_proto_version(SSL.TLS1_3_VERSION)
         context.load_verify_locations(ca_path)
@@ -494,7 +479,6 @@ class _RawTLS13Client:
         self.hand: _Client | None = None
 
     def _flush(self, count: bool = False) -> None:
-        from OpenSSL import SSL
         try:
             data = self.tls.bio_read(1 << 20)
         except SSL.WantReadError:
@@ -510,7 +494,6 @@ class _RawTLS13Client:
 
     def read_until(self, marker: bytes) -> bytes:
         """Through OpenSSL: what arrives until ``marker`` (whole records, counted)."""
-        from OpenSSL import SSL
         got, wire = b"", b""
         while marker not in got:
             wire += self.sock.recv(65536)
@@ -557,8 +540,6 @@ class LiveAttackTests(GatewayTestCase):
         """After the upgrade (the connection shed), one good record, then one whose tag
         has a bit flipped: the gateway ends the connection with bad_record_mac, and the
         container (which echoes whatever comes) saw exactly the good one."""
-        from twisted.internet.threads import blockingCallFromThread, deferToThread
-
         port, backend = raw_backend(self, _naive_upgrade_echo)
         register(self.node, port)
         host = host_for(index=port)

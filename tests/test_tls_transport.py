@@ -97,6 +97,15 @@ class MemoryTLSPair(unittest.TestCase):
             if to_client:
                 self.client.dataReceived(to_client)
 
+    def assert_ended(self, delivered: bytes, reason: type) -> None:
+        """The application got ``delivered`` and no more, the server is closing its socket,
+        and once the socket is gone the application is told ``reason``."""
+        self.assertEqual(bytes(self.server_app.data), delivered)
+        self.assertTrue(self.server_wire.disconnecting)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(self.server_app.lost)
+        self.assertTrue(self.server_app.lost.check(reason), self.server_app.lost)
+
 
 class GatewayTLSTransportTests(MemoryTLSPair):
     def test_bytes_arrive_exactly_both_ways(self):
@@ -151,15 +160,6 @@ class GatewayTLSTransportTests(MemoryTLSPair):
             self.server.dataReceived(wire[start:start + 997])
         self.assertEqual(bytes(self.server_app.data), sent)
         self.assertIsNone(self.server_app.lost)
-
-    def assert_ended(self, delivered: bytes, reason: type) -> None:
-        """The application got ``delivered`` and no more, the server is closing its socket,
-        and once the socket is gone the application is told ``reason``."""
-        self.assertEqual(bytes(self.server_app.data), delivered)
-        self.assertTrue(self.server_wire.disconnecting)
-        self.server.connectionLost(Failure(ConnectionDone()))
-        self.assertIsNotNone(self.server_app.lost)
-        self.assertTrue(self.server_app.lost.check(reason), self.server_app.lost)
 
     def test_close_notify_ends_the_connection_cleanly(self):
         """The client's TLS close ends the application's connection as done, after its bytes."""
