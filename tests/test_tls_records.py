@@ -18,10 +18,12 @@ import socket
 import weakref
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import Error as TLSError, WantReadError
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -30,10 +32,11 @@ from twisted.trial import unittest
 
 from hoodyproxy.tls.records import (ALERT, APPLICATION_DATA, HANDSHAKE, KEY_UPDATE, SUITES, RecordLayer13,
                                     expand_label, note_secret, plain_records, record_count, secrets_of)
-from hoodyproxy.tls.transport import GatewayTLSTransport, ShedTLSTransport
+from hoodyproxy.tls import CertificateStore, SNIContextFactory, ensure_dev_certificates
+from hoodyproxy.tls.transport import GatewayTLSFactory, GatewayTLSTransport, ShedTLSTransport
 from tests.support import host_for, raw_backend, register, until
 from tests.test_gateway import GatewayTestCase, ws_connect
-from tests.test_tls_transport import NODE, ZONE, MemoryTLSPair
+from tests.test_tls_transport import NODE, ZONE, MemoryTLSPair, Recorder
 
 
 class _Client(RecordLayer13):
@@ -315,6 +318,79 @@ class ClientHelloTests(MemoryTLSPair):
         for cut in (hello[:4], hello[:60], hello[:-1], b"", None, b"\x17" + hello[1:], across):
             with self.subTest(size=len(cut or b"")):
                 self.assertFalse(plain_records(cut))
+
+
+class ResumedSessionTests(unittest.TestCase):
+    """A session resumed from a ticket (as a browser's second connection is): one
+    ticket's fewer records as the handshake ends, and the counts still hold."""
+
+    def setUp(self) -> None:
+        certs = ensure_dev_certificates(self.mktemp(), NODE, ZONE)
+        self.contexts = SNIContextFactory(CertificateStore(certs.cert_path, certs.key_path))
+        self.client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.client_context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        self.client_context.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+
+    def connect(self, session=None):
+        """A pyOpenSSL client and a server GatewayTLSTransport, handshaken in memory, one
+        request each way: (client, server, the server's application, pump)."""
+        clock, app = Clock(), Recorder()
+        server = GatewayTLSFactory(self.contexts, False, protocol.Factory.forProtocol(lambda: app),
+                                   clock=clock).buildProtocol(None)
+        wire = StringTransport()
+        server.makeConnection(wire)
+        client = SSL.Connection(self.client_context, None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(f"a.{NODE}.{ZONE}".encode())
+        if session is not None:
+            client.set_session(session)
+
+        def pump() -> bytes:
+            """Carry bytes both ways until both are quiet: what the client read."""
+            received = b""
+            for _ in range(20):
+                try:
+                    client.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    out = client.bio_read(1 << 20)
+                except SSL.WantReadError:
+                    out = b""
+                if out:
+                    server.dataReceived(out)
+                clock.advance(0)
+                back = wire.value()
+                wire.clear()
+                if back:
+                    client.bio_write(back)
+                while True:
+                    try:
+                        received += client.recv(65536)
+                    except SSL.WantReadError:
+                        break
+                if not out and not back:
+                    break
+            return received
+
+        pump()
+        client.send(b"GET /ws")
+        pump()
+        server.write(b"101")
+        self.assertEqual(pump(), b"101")
+        self.assertEqual(bytes(app.data), b"GET /ws")
+        return client, server, app, pump
+
+    def test_a_resumed_session_is_shed_and_carries_on(self):
+        first = self.connect()[0]
+        client, server, app, pump = self.connect(first.get_session())
+        self.assertTrue(_lib.SSL_session_reused(client._ssl))
+        self.assertTrue(server.shed_openssl())
+        self.assertIsInstance(server, ShedTLSTransport)
+        client.send(b" frame")
+        server.write(b"answer")
+        self.assertEqual(pump(), b"answer")
+        self.assertEqual(bytes(app.data), b"GET /ws frame")
 
 
 class TLS12Tests(MemoryTLSPair):
