@@ -120,8 +120,9 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
     _out_bytes = _out_plain = _out_records = 0
     #: The session tickets OpenSSL wrote as the handshake ended: records, bytes.
     _tickets = _ticket_bytes = 0
-    #: The start of what the client sent (its ClientHello), kept during the handshake.
-    _hello = b""
+    #: The start of what the client sent while its ClientHello's record is incomplete;
+    #: then whether it leaves records plain (records.plain_records), kept to the flip.
+    _hello: bytes | bool = b""
     #: Set by _checkHandshakeStatus when the handshake ends: the bytes received after it.
     _after_handshake: int | None = None
 
@@ -134,8 +135,11 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
             # (the handshake, writes waiting for it, or bytes a memory BIO refused whole:
             # Twisted's way, which raises what pyOpenSSL raises)
             hello = self._hello
-            if hello is not None and not self._handshakeDone and len(hello) < MAX_HELLO:
-                self._hello = hello + data[:MAX_HELLO - len(hello)]
+            if hello.__class__ is bytes and not self._handshakeDone:
+                hello += data[:MAX_HELLO - len(hello)]
+                # (kept only until its first record is in: then only the answer)
+                whole = len(hello) >= 5 and len(hello) >= 5 + (hello[3] << 8 | hello[4])
+                self._hello = plain_records(hello) if whole or len(hello) >= MAX_HELLO else hello
             _tls.TLSMemoryBIOProtocol.dataReceived(self, data)
             after = self._after_handshake
             if after is not None:  # (the handshake ended in this call)
@@ -149,11 +153,11 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         _tls.TLSMemoryBIOProtocol._checkHandshakeStatus(self)
         if done or not self._handshakeDone:
             return
-        hello, self._hello = self._hello, None
+        plain, self._hello = self._hello is True, False
         connection = self._tlsConnection
         incoming = getattr(connection, "_into_ssl", None)
-        if (incoming is None or _SSL_version(connection._ssl) != TLS1_3
-                or connection.get_alpn_proto_negotiated() == b"h2" or not plain_records(hello)):
+        if (not plain or incoming is None or _SSL_version(connection._ssl) != TLS1_3
+                or connection.get_alpn_proto_negotiated() == b"h2"):
             return
         # From here every record each way is under the application traffic keys: the
         # session tickets OpenSSL has just written (still in the outgoing BIO), and
