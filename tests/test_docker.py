@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import subprocess
+import time
 
 import treq
 from twisted.internet import defer, reactor
@@ -21,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.dockerd import IMAGE, PAGE, DockerdUnavailable, shared_daemon
-from tests.support import PROJECT, curl, host_for, start_node, until
+from tests.support import PROJECT, curl, host_for, start_node, until, wait
 
 #: Containers of these tests are named after this (and removed by the test that made them).
 CID = "c0ffee0000000000000000a1"
@@ -79,6 +81,26 @@ class DockerTestCase(unittest.TestCase):
         entry = self.entry(container)
         return entry is not None and entry.running
 
+    async def serving(self, *containers: str, port: int = 80, timeout: float = 30.0) -> None:
+        """Wait until each container's own service accepts a connection on its address:
+        busybox httpd binds a moment after Docker reports the container running, and a
+        request sent through the gateway in that moment is rightly a 502.  What a test
+        then asks the gateway is about the gateway, not about that moment."""
+        addresses = [self.entry(container).address for container in containers or (CID,)]
+
+        def accepts(address: str) -> bool:
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        deadline = time.monotonic() + timeout
+        for address in addresses:
+            while not await deferToThread(accepts, address):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nothing accepted connections on {address}:{port}")
+                await wait(0.05)
+
     async def status(self, container: str = CID, host: str | None = None) -> tuple[int, bytes]:
         """One request through the gateway: (HTTP status, body)."""
         host = host or host_for(program="http", index=80, container=container)
@@ -105,6 +127,7 @@ class LifecycleTests(DockerTestCase):
         await until(lambda: self.provider.resyncs >= 1, timeout=30)
         docker_id = await self.run_container()
         await until(self.running, timeout=1.0)  # a bound on the wait, not a measurement
+        await self.serving()
         self.assertEqual(await self.status(), (200, PAGE))
         entry = self.entry()
         self.assertEqual((entry.project, entry.source), (PROJECT, "docker"))
@@ -117,6 +140,7 @@ class LifecycleTests(DockerTestCase):
 
         await self.dockerd.run("start", docker_id)
         await until(self.running, timeout=30)
+        await self.serving()
         self.assertEqual(await self.status(), (200, PAGE))
 
         await self.dockerd.run("rm", "-f", docker_id)
@@ -139,6 +163,7 @@ class LifecycleTests(DockerTestCase):
         hex digits, and ``hoody.ports`` overrides a program's port."""
         docker_id = await self.run_container(entry=None, labels={"hoody.ports": "terminal=80"})
         await until(lambda: self.running(docker_id[:24]), timeout=30)
+        await self.serving(docker_id[:24])
         self.assertEqual(dict(self.entry(docker_id[:24]).ports), {"terminal": 80})
         host = host_for(program="terminal", index=1, container=docker_id[:24])
         self.assertEqual((await self.status(host=host))[0], 200)
@@ -182,6 +207,7 @@ class NetworkTests(DockerTestCase):
         await self.dockerd.run("start", docker_id)
         await until(self.running, timeout=30)
         self.assertIn(ipaddress.ip_address(self.entry().address), subnet)
+        await self.serving()
         self.assertEqual(await self.status(), (200, PAGE))
 
     async def test_several_reachable_and_none_named(self):
@@ -207,6 +233,7 @@ class ConfiguredNetworkTests(DockerTestCase):
         await self.dockerd.run("start", docker_id)
         await until(self.running, timeout=30)
         self.assertIn(ipaddress.ip_address(self.entry().address), self.dockerd.subnet)
+        await self.serving()
         self.assertEqual(await self.status(), (200, PAGE))
 
 
@@ -234,6 +261,7 @@ class DaemonRestartTests(DockerTestCase):
 
         await until(lambda: self.provider.resyncs > resyncs, timeout=60)
         await until(lambda: self.entry(CID2) is None and self.running(CID), timeout=30)
+        await self.serving(CID)
         self.assertEqual(await self.status(CID), (200, PAGE))
 
     async def ensure_daemon(self) -> None:
@@ -261,6 +289,7 @@ class ManyContainersTests(DockerTestCase):
         await until(lambda: all(self.running(cid) for cid in ids), timeout=120)
         self.assertEqual(sorted(ipaddress.ip_address(self.entry(cid).address) in self.dockerd.subnet
                                 for cid in ids), [True] * 50)
+        await self.serving(*ids)
         self.assertEqual(await self.statuses(ids), [200] * 50)
 
     async def statuses(self, ids: list[str]) -> list[int]:
@@ -312,6 +341,7 @@ class OwnershipTests(DockerTestCase):
         any other."""
         await self.run_container()
         await until(self.running, timeout=30)
+        await self.serving()
         code, body = await self.admin("POST", "/api/v1/proxy/aliases",
                                       {"container_id": CID, "alias": "busybox", "program": "http", "index": 80})
         self.assertEqual(code, 201, body)
