@@ -11,8 +11,11 @@ glibc's ``mallinfo2().uordblks`` (bytes in use, exact) is read before and after,
 the figures are live bytes per connection, not RSS (which adds fragmentation).
 
 Each stage is reported separately: the bare ``SSL.Connection`` (SSL_new and two
-memory BIOs), after the handshake and the 101, and (variant ``shrink-bios``) after
-:func:`hoodyproxy.tls.context.release_idle_buffers`.  Python objects are counted by ``tracemalloc`` on the side.
+memory BIOs), after the handshake and the 101, (variant ``shrink-bios``) after
+:func:`hoodyproxy.tls.context.release_idle_buffers`, and (variant ``record-layer``) once
+each connection's OpenSSL object is given up for a
+:class:`hoodyproxy.tls.records.RecordLayer13` with its keys, as a WebSocket's is when its
+tunnel starts (``GatewayTLSTransport.shed_openssl``).  Python objects are counted by ``tracemalloc`` on the side.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from OpenSSL import SSL  # noqa: E402
 from hoodyproxy.tls import context as tls_context  # noqa: E402
 from hoodyproxy.tls.context import release_idle_buffers  # noqa: E402
 from hoodyproxy.tls.devca import ensure_dev_certificates  # noqa: E402
+from hoodyproxy.tls.records import RecordLayer13, secrets_of  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -127,7 +131,7 @@ def build_context(store: tls_context.CertificateStore, variant: str) -> SSL.Cont
     return ctx
 
 
-VARIANTS = ["as-built", "shrink-bios", "no-tickets", "no-session-cache", "tls12", "tls12-no-cache",
+VARIANTS = ["as-built", "shrink-bios", "record-layer", "no-tickets", "no-session-cache", "tls12", "tls12-no-cache",
             "tls13-aes128", "tls13-chacha", "no-release-buffers"]
 
 
@@ -154,6 +158,11 @@ def measure(variant: str, conns: int, certs) -> dict:
         for s in servers:
             assert release_idle_buffers(s)
         result["after_shrink_B"] = round((in_use() - base) / conns)
+    if variant == "record-layer":
+        # (The sequence numbers do not change the size; these are the counts such a
+        # connection would have: the request read, the tickets and the 101 written.)
+        servers = [RecordLayer13(s.get_cipher_name(), *secrets_of(s), read_seq=1, write_seq=3) for s in servers]
+        result["after_shed_B"] = round((in_use() - base) / conns)
     del servers
     result["left_after_free_B"] = round((in_use() - base) / conns)
     return result
