@@ -412,6 +412,7 @@ class HTTP2Tests(MemoryTLSPair):
         """An HTTP/2 connection never becomes a tunnel: its records are not even counted."""
         self.assertEqual(self.server.negotiatedProtocol, b"h2")
         self.assertFalse(self.server.shed_openssl())
+        self.assertIsNone(secrets_of(self.server.getHandle()))  # (nor its keys kept)
 
 
 
@@ -520,6 +521,7 @@ class ThroughTheGatewayTests(GatewayTestCase):
         transport = self.client_transports()[0]
         self.assertIs(type(transport), GatewayTLSTransport)
         self.assertFalse(transport.shed_openssl())
+        self.assertIsNone(secrets_of(transport.getHandle()))  # (nor its keys kept)
         line = b"y" * 3000
         process.write(line + b"\n")
         await until(lambda: client.out.count(line) == 1)

@@ -158,6 +158,9 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         incoming = getattr(connection, "_into_ssl", None)
         if (not plain or incoming is None or _SSL_version(connection._ssl) != TLS1_3
                 or connection.get_alpn_proto_negotiated() == b"h2"):
+            # Never shed: the traffic secrets the key log kept are not kept any longer.
+            if getattr(connection, "hoody_secrets", None) is not None:
+                connection.hoody_secrets = None
             return
         # From here every record each way is under the application traffic keys: the
         # session tickets OpenSSL has just written (still in the outgoing BIO), and
@@ -165,6 +168,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         tickets = _peek(connection._from_ssl)
         count = record_count(tickets)
         if count is None:
+            connection.hoody_secrets = None
             return  # (not whole records: never seen from OpenSSL, and then not counted)
         self._tickets, self._ticket_bytes = count, len(tickets)
         self._counting = True
