@@ -9,6 +9,8 @@ the connection's direct response frames to h2's own (the same bytes, states and 
 
 from __future__ import annotations
 
+import re
+
 import h2.config
 import h2.connection
 import h2.errors
@@ -16,6 +18,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.utilities
+import hyperframe.frame
 from hpack import Decoder, Encoder
 from hpack.exceptions import HPACKError
 from hypothesis import given, settings as hsettings, strategies as st
@@ -355,6 +358,171 @@ class ServerConnectionTests(unittest.TestCase):
                          [h2.events.ResponseReceived, h2.events.DataReceived, h2.events.StreamEnded])
         self.assertEqual(events[0].headers, [(b":status", b"200"), (b"content-length", b"5")])
         self.assertEqual(events[1].data, b"hello")
+
+
+#: Request-side header blocks a client may send: usual requests, bodies announced or not,
+#: HEAD, Content-Length bad or conflicting, a :status (informational or not), trailers,
+#: an empty block.
+_GET_BLOCK = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", AUTHORITY)]
+_receive_blocks = st.sampled_from([
+    _GET_BLOCK,
+    _GET_BLOCK + [(b"user-agent", b"h2load"), (b"accept", b"*/*")],
+    [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/up"), (b":authority", AUTHORITY),
+     (b"content-length", b"5")],
+    [(b":method", b"HEAD"), (b":scheme", b"https"), (b":path", b"/"), (b":authority", AUTHORITY),
+     (b"content-length", b"9")],
+    _GET_BLOCK + [(b"content-length", b"x1")],
+    _GET_BLOCK + [(b"content-length", b"3"), (b"content-length", b"4")],
+    _GET_BLOCK + [(b"content-length", b"0"), (b"content-length", b"0")],
+    [(b":status", b"100")] + _GET_BLOCK,
+    [(b":status", b"200")] + _GET_BLOCK,
+    [(b"grpc-status", b"0")],
+    [(b"x-trailer", b"1")],
+    [],
+])
+
+#: A client's frames: HEADERS (a stream, a block, END_STREAM, PRIORITY, padding, the
+#: block cut into CONTINUATIONs), DATA, RST_STREAM, a broken HPACK block.
+_client_frames = st.lists(st.one_of(
+    st.tuples(st.just("headers"), st.sampled_from([1, 3, 5, 7, 9, 11, 2, 1, 3]), _receive_blocks, st.booleans(),
+              st.sampled_from([False, False, True]), st.sampled_from([0, 0, 4]), st.sampled_from([0, 0, 7])),
+    st.tuples(st.just("data"), st.sampled_from([1, 3, 5, 7]), st.sampled_from([0, 3, 5, 9]), st.booleans()),
+    st.tuples(st.just("rst"), st.sampled_from([1, 3, 5, 7])),
+    st.tuples(st.just("garbled"), st.sampled_from([13, 15]))), min_size=1, max_size=14)
+
+
+class ServerConnectionReceiveTests(unittest.TestCase):
+    """:class:`ServerConnection` takes a request's HEADERS frame in h2's steps without its
+    wrappers: held to h2's own connection, frame by frame, on the same bytes."""
+
+    @staticmethod
+    def _servers(max_streams: int) -> list:
+        servers = []
+        for kind in (h2.connection.H2Connection, ServerConnection):
+            server = kind(h2.config.H2Configuration(**_SERVER_CONFIG))
+            server.decoder = HeaderDecoder(max_header_list_size=server.decoder.max_header_list_size)
+            server.local_settings = h2.settings.Settings(client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+            server.initiate_connection()
+            servers.append(server)
+        return servers
+
+    @staticmethod
+    def _frames(op, encoder) -> bytes:
+        kind = op[0]
+        if kind == "headers":
+            _, stream_id, fields, end, priority, padding, cut = op
+            block = encoder.encode(fields)
+            head = hyperframe.frame.HeadersFrame(stream_id)
+            flags = {"END_STREAM"} if end else set()
+            if priority:
+                flags.add("PRIORITY")
+                head.depends_on, head.stream_weight = 0, 15
+            if padding:
+                flags.add("PADDED")
+                head.pad_length = padding
+            if cut and len(block) > cut:
+                head.data = block[:cut]
+                head.flags = flags
+                rest = hyperframe.frame.ContinuationFrame(stream_id, block[cut:])
+                rest.flags.add("END_HEADERS")
+                return head.serialize() + rest.serialize()
+            head.data = block
+            head.flags = flags | {"END_HEADERS"}
+            return head.serialize()
+        if kind == "data":
+            _, stream_id, size, end = op
+            frame = hyperframe.frame.DataFrame(stream_id, b"d" * size)
+            if end:
+                frame.flags.add("END_STREAM")
+            return frame.serialize()
+        if kind == "rst":
+            return hyperframe.frame.RstStreamFrame(op[1], error_code=8).serialize()
+        frame = hyperframe.frame.HeadersFrame(op[1], b"\xff\xff\xff\xff\xff")  # (an index past any table)
+        frame.flags.add("END_HEADERS")
+        return frame.serialize()
+
+    @classmethod
+    def _events(cls, events) -> list:
+        # (values by repr: a settings change holds objects that do not compare equal)
+        return [(type(e).__name__, sorted((k, cls._events([v])[0] if isinstance(v, h2.events.Event) else repr(v))
+                                          for k, v in vars(e).items())) for e in events]
+
+    @staticmethod
+    def _state(server) -> tuple:
+        streams = {sid: (s.state_machine.state, s.state_machine.client, s.state_machine.headers_received,
+                         s.state_machine.trailers_received, s.state_machine.stream_closed_by,
+                         s._expected_content_length, s._actual_content_length, s.inbound_flow_control_window,
+                         s.outbound_flow_control_window, s.max_outbound_frame_size)
+                   for sid, s in server.streams.items()}
+        return (server.state_machine.state, server.highest_inbound_stream_id, streams,
+                dict(server._closed_streams), server.inbound_flow_control_window, server.data_to_send())
+
+    @hsettings(max_examples=400, deadline=None)
+    @given(st.sampled_from([1, 2, 100]), _client_frames)
+    def test_same_as_h2(self, max_streams, ops):
+        """Every frame gives the events h2 gives (or the error h2 raises), and leaves the
+        same streams, states, windows, closed streams and bytes to send."""
+        servers = self._servers(max_streams)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        preface = client.data_to_send()
+        for server in servers:
+            server.receive_data(preface)
+        self.assertEqual(self._state(servers[0]), self._state(servers[1]))
+        encoder = Encoder()
+        for op in ops:
+            wire = self._frames(op, encoder)
+            outcomes = []
+            for server in servers:
+                try:
+                    outcomes.append(self._events(server.receive_data(wire)))
+                except h2.exceptions.ProtocolError as e:
+                    outcomes.append((type(e), re.sub(r"0x[0-9a-f]+", "0x", str(e))))  # (a buffer's address)
+            self.assertEqual(outcomes[0], outcomes[1], op)
+            self.assertEqual(self._state(servers[0]), self._state(servers[1]), op)
+            if isinstance(outcomes[0], tuple):
+                break  # (the connection is over for both)
+
+    def test_requests_take_the_short_way(self):
+        """The usual request does not reach h2's own receive_headers (this test fails if the
+        short way is lost), and gives what h2's gives."""
+        calls = []
+        original = h2.stream.H2Stream.receive_headers
+
+        def counted(stream, *args, **kwargs):
+            calls.append(stream.stream_id)
+            return original(stream, *args, **kwargs)
+
+        self.patch(h2.stream.H2Stream, "receive_headers", counted)
+        stock, server = self._servers(100)
+        encoder = Encoder()
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        wire = client.data_to_send() + b"".join(
+            self._frames(("headers", sid, _GET_BLOCK, True, False, 0, 0), encoder) for sid in (1, 3, 5))
+        mine = server.receive_data(wire)
+        self.assertEqual(calls, [])
+        theirs = stock.receive_data(wire)
+        self.assertEqual(calls, [1, 3, 5])
+        self.assertEqual(self._events(mine), self._events(theirs))
+        self.assertEqual([type(e) for e in mine if not isinstance(e, h2.events.RemoteSettingsChanged)],
+                         [h2.events.RequestReceived, h2.events.StreamEnded] * 3)
+        self.assertEqual(mine[-2].headers, _GET_BLOCK)
+
+    def test_too_many_streams_refused_as_h2_does(self):
+        """The stream past the limit is a connection error, as with h2, after the closed
+        streams were forgotten."""
+        stock, server = self._servers(2)
+        encoder = Encoder()
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        wire = client.data_to_send() + b"".join(
+            self._frames(("headers", sid, _GET_BLOCK, False, False, 0, 0), encoder) for sid in (1, 3, 5))
+        for conn in (stock, server):
+            with self.assertRaises(h2.exceptions.TooManyStreamsError):
+                conn.receive_data(wire)
+        self.assertEqual(self._state(stock), self._state(server))
 
 
 def _blocks(draw_fields):

@@ -12,7 +12,8 @@ held to the originals by tests (tests/test_h2_frontend.py, with hypothesis):
 - :class:`HeaderEncoder`: HPACK with the dynamic table indexed by field and by name (the
   same bytes as hpack's encoder);
 - :class:`ServerConnection`: h2's connection, its response HEADERS and DATA frames packed
-  directly (the same bytes, states and windows as h2's own path).
+  directly (the same bytes, states and windows as h2's own path), and a request's
+  HEADERS frame taken in h2's steps without its wrappers (the same events and states).
 
 Importing this module also quiets two libraries process-wide: hpack's module logger
 (debug lines for every field it codes) and h2's ``repr`` of every received frame for a
@@ -29,6 +30,7 @@ from collections import deque
 import h2.connection
 import h2.exceptions
 import h2.stream
+import h2.utilities
 import hpack.hpack
 import hyperframe.frame
 from hpack import Decoder
@@ -39,6 +41,11 @@ from hpack.table import HeaderTable
 
 _ConnectionInputs = h2.connection.ConnectionInputs
 _StreamInputs = h2.stream.StreamInputs
+_decode_headers = h2.connection._decode_headers
+_ODD = h2.connection.AllowedStreamIDs.ODD
+_STREAM_OPEN = h2.stream.STREAM_OPEN
+_CLOSED = h2.stream.StreamState.CLOSED
+_is_informational = h2.utilities.is_informational_response
 
 
 def _short_data_repr(data: bytes | None) -> str:
@@ -378,7 +385,70 @@ class ServerConnection(h2.connection.H2Connection):
     padding, a stream h2 does not hold, fields not in a list or not bytes, a memoryview)
     takes h2's own path.  tests/test_h2_frontend.py holds the two to the same bytes and
     state, operation by operation.
+
+    A request's HEADERS frame comes in the same way: h2's steps (the open-stream limit,
+    HPACK, the connection's and the new stream's state machines, the content length),
+    in h2's order, with h2's errors, without the wrappers a server that leaves fields to
+    :func:`malformed` does not need (``is_informational_response`` aside, h2's
+    header-validation flags and its copy of the fields through inbound normalization
+    and validation, both off here).  tests/test_h2_frontend.py holds the two to the same
+    events, errors, states and bytes, frame by frame.
     """
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config=config)
+        #: The configuration whose options allow :meth:`_receive_headers_frame`'s short
+        #: way (read once: h2's options are descriptors, a call each): a server's, with
+        #: inbound normalization and validation off and fields left as bytes.
+        self._plain_config = config if (
+            config is not None and not config.client_side and not config.normalize_inbound_headers
+            and not config.validate_inbound_headers and not isinstance(config.header_encoding, str)) else None
+
+    def _open_streams(self, remainder: int) -> int:
+        """h2's count of the open streams whose id is ``remainder`` modulo 2, forgetting
+        the closed ones as it goes: each stream's state read once, not through the
+        ``open`` and ``closed`` properties (h2 counts on every new stream)."""
+        count = 0
+        to_delete = []
+        for stream_id, stream in self.streams.items():
+            state = stream.state_machine.state
+            if _STREAM_OPEN[state] and stream_id % 2 == remainder:
+                count += 1
+            elif state == _CLOSED:
+                to_delete.append(stream_id)
+        for stream_id in to_delete:
+            stream = self.streams.pop(stream_id)
+            self._closed_streams[stream_id] = stream.closed_by
+        return count
+
+    def _receive_headers_frame(self, frame):
+        stream_id = frame.stream_id
+        flags = frame.flags
+        if self.config is not self._plain_config or stream_id in self.streams or "PRIORITY" in flags:
+            # (trailers, a client's connection, priority, options that change the fields)
+            return super()._receive_headers_frame(frame)
+        max_open_streams = self.local_settings.max_concurrent_streams
+        value = self._open_streams(1)  # (h2's open_inbound_streams for a server)
+        if value + 1 > max_open_streams:
+            raise h2.exceptions.TooManyStreamsError(f"Max inbound streams is {max_open_streams}, {value} open")
+        headers = _decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(_ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(stream_id, _ODD)
+        end_stream = "END_STREAM" in flags
+        if _is_informational(headers):  # (h2 refuses it: a new stream cannot take one)
+            frames, stream_events = stream.receive_headers(headers, end_stream, self.config.header_encoding)
+            return frames, events + stream_events
+        # H2Stream.receive_headers for a request
+        machine = stream.state_machine
+        stream_events = machine.process_input(_StreamInputs.RECV_HEADERS)
+        if end_stream:
+            ended = machine.process_input(_StreamInputs.RECV_END_STREAM)
+            stream_events[0].stream_ended = ended[0]
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        # (a new stream's first block is never trailers; h2 hands over a list of its own)
+        stream_events[0].headers = list(headers)
+        return [], events + stream_events
 
     def send_headers(self, stream_id, headers, end_stream=False, priority_weight=None,
                      priority_depends_on=None, priority_exclusive=None) -> None:
