@@ -134,6 +134,9 @@ class Gateway:
         self._routes: dict[bytes, Target] = {}
         #: Host -> (Target, RouteRecord) for route labels (their cached Targets only).
         self._routed: dict[bytes, tuple[Target, RouteRecord]] = {}
+        #: Host -> its hostname (split_host), for an HTTP/2 or HTTP/3 connection's check of
+        #: its certificate on every request; hosts split_host refuses are not kept.
+        self._hostnames: dict[bytes, str] = {}
         #: The audit record's "route" per Target, made (and its JSON text rendered) once.
         self._route_records: dict[Target, RouteRecord] = {}
         #: Each program's service kind with the program's method and path sets applied.
@@ -227,6 +230,14 @@ class Gateway:
                 self._routes.clear()
             self._routes[host] = target
         return target
+
+    def _hostname(self, host: bytes | None) -> str:
+        """``split_host(host)`` (raising what it raises), kept for the next request."""
+        name = split_host(host)
+        if len(self._hostnames) >= ROUTE_CACHE_SIZE:
+            self._hostnames.clear()
+        self._hostnames[host] = name
+        return name
 
     def _route_and_record(self, host: bytes | None) -> tuple[Target, RouteRecord]:
         """The Target of ``host`` and its audit record's "route"; a route label's pair is
@@ -328,7 +339,7 @@ class Gateway:
         uri, host = _request_target(request.uri, hosts[0] if hosts else None)
         record["host"] = host.decode("latin-1") if host is not None else None
         covers = request.certificate_covers
-        if covers is not None and not covers(split_host(host)):
+        if covers is not None and not covers(self._hostnames.get(host) or self._hostname(host)):
             # A coalesced HTTP/2 or HTTP/3 connection: every request is routed by its own
             # authority, and one the connection's certificate does not cover goes elsewhere.
             raise errors.MisdirectedRequest(reason="certificate does not cover the authority")

@@ -226,6 +226,22 @@ class StreamTests(Http2Case):
                 self.assertEqual([(host, stream.status) for host, stream in streams],
                                  [(host, 200 if host == own else 421) for host, _ in streams])
 
+    async def test_each_spelling_of_a_host_is_checked_as_that_host(self):
+        """Upper case, a port and a trailing dot name the same covered host (200, twice:
+        the hostname is kept per spelling), the same spellings of a host not covered are
+        421, and an authority that names no host (an IPv6 literal: 404; a port alone: 400)
+        is refused every time it is asked."""
+        client = await h2_connect(self, self.node, self.host)
+        own = self.host.encode()
+        spellings = [own, own.upper(), own + b":443", own + b".", b"shop.example.com", b"SHOP.example.com:443",
+                     b"shop.example.com.", b"[2001:db8::1]", b":443"]
+        expected = [200, 200, 200, 200, 421, 421, 421, 404, 400]
+        for _ in range(2):
+            streams = [client.request(b"GET", b"/", host) for host in spellings]
+            for stream in streams:
+                await stream.done
+            self.assertEqual([stream.status for stream in streams], expected)
+
     async def test_the_sni_name_itself_is_not_misdirected(self):
         """A client that asked for a name in its handshake and took the certificate it got
         (no certificate of its own yet, verification off) is routed as over HTTP/1.1; only
