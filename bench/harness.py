@@ -487,23 +487,27 @@ def _version(args: list[str], pattern: str | None = None) -> str:
     return text[0].strip() if text else "?"
 
 
+def _mitmproxy_version() -> str:
+    from bench.systems import MITM_VENV
+    mitm = os.path.join(MITM_VENV, "bin", "mitmdump")
+    return _version([mitm, "--version"]) if os.path.exists(mitm) else "not installed"
+
+
 def environment() -> dict:
     import twisted
-    from bench.systems import MITM_VENV
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    mitm = os.path.join(MITM_VENV, "bin", "mitmdump")
     return {
         "cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
         "twisted": twisted.__version__,
         "nginx": _version(["nginx", "-v"]), "haproxy": _version(["haproxy", "-v"]),
         "caddy": _version(["caddy", "version"]), "wrk": _version(["wrk", "-v"]),
         "h2load": _version(["h2load", "--version"]),
-        "mitmproxy": _version([mitm, "--version"]) if os.path.exists(mitm) else "not installed",
+        "mitmproxy": _mitmproxy_version(),
         "loadavg_start": open("/proc/loadavg").read().split()[:3],
     }
 
@@ -575,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     foreign, wall = whole.seconds()
     env["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    if env["mitmproxy"] == "not installed":
+        env["mitmproxy"] = _mitmproxy_version()  # (a first run installs it: systems.mitmdump_path)
     meta = {"started": started_at.isoformat(timespec="seconds"), "wall_s": wall, "foreign_cpu_s": foreign,
             "rounds": harness.rounds, "quick": harness.quick, "env": env, "notes": harness.notes,
             "scenarios": [vars(sc) for sc in harness.scenarios], "labels": LABELS,
