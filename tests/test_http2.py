@@ -465,6 +465,32 @@ class GuardTests(Http2Case):
         self.assertEqual(result.stdout, b"200")
 
 
+class StreamLimitTests(Http2Case):
+    config = {"http2": {"max_concurrent_streams": 4}}
+
+    async def test_a_stream_past_the_limit_ends_the_connection(self):
+        """Five requests opened at once, their bodies still to come, on a connection that
+        allows four (written raw: h2's client would hold the fifth back): the fifth is a
+        connection error, PROTOCOL_ERROR, as h2 answers it, and the node still serves."""
+        from hyperframe.frame import HeadersFrame
+        client = await h2_connect(self, self.node, self.host)
+        self.assertEqual(client.remote_settings.max_concurrent_streams, 4)
+        frames = []
+        for stream_id in (1, 3, 5, 7, 9):
+            headers = HeadersFrame(stream_id)
+            headers.data = client.conn.encoder.encode([
+                (b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/echo"),
+                (b":authority", self.host.encode()), (b"content-length", b"5")])
+            headers.flags.add("END_HEADERS")
+            frames.append(headers.serialize())
+        client.transport.write(b"".join(frames))
+        await client.closed
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        result = await curl(self.node, "--http2", "-o", "/dev/null", "-w", "%{http_code}",
+                            self.url("/headers"), host=self.host)
+        self.assertEqual(result.stdout, b"200")
+
+
 class IdleTests(Http2Case):
     config = {"client": {"idle_timeout": 0.5}}
 
