@@ -443,6 +443,15 @@ class ServerConnectionReceiveTests(unittest.TestCase):
         return frame.serialize()
 
     @classmethod
+    def _requests(cls, stream_ids, end_stream: bool) -> bytes:
+        """A client's preface and a GET's HEADERS frame on each of ``stream_ids``."""
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        encoder = Encoder()
+        return client.data_to_send() + b"".join(
+            cls._frames(("headers", sid, _GET_BLOCK, end_stream, False, 0, 0), encoder) for sid in stream_ids)
+
+    @classmethod
     def _events(cls, events) -> list:
         # (values by repr: a settings change holds objects that do not compare equal)
         return [(type(e).__name__, sorted((k, cls._events([v])[0] if isinstance(v, h2.events.Event) else repr(v))
@@ -496,11 +505,7 @@ class ServerConnectionReceiveTests(unittest.TestCase):
 
         self.patch(h2.stream.H2Stream, "receive_headers", counted)
         stock, server = self._servers(100)
-        encoder = Encoder()
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
-        wire = client.data_to_send() + b"".join(
-            self._frames(("headers", sid, _GET_BLOCK, True, False, 0, 0), encoder) for sid in (1, 3, 5))
+        wire = self._requests((1, 3, 5), end_stream=True)
         mine = server.receive_data(wire)
         self.assertEqual(calls, [])
         theirs = stock.receive_data(wire)
@@ -511,14 +516,10 @@ class ServerConnectionReceiveTests(unittest.TestCase):
         self.assertEqual(mine[-2].headers, _GET_BLOCK)
 
     def test_too_many_streams_refused_as_h2_does(self):
-        """The stream past the limit is a connection error, as with h2, after the closed
-        streams were forgotten."""
+        """The third open stream on a connection that allows two is a connection error,
+        as with h2, and both are left in the same state."""
         stock, server = self._servers(2)
-        encoder = Encoder()
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
-        wire = client.data_to_send() + b"".join(
-            self._frames(("headers", sid, _GET_BLOCK, False, False, 0, 0), encoder) for sid in (1, 3, 5))
+        wire = self._requests((1, 3, 5), end_stream=False)
         for conn in (stock, server):
             with self.assertRaises(h2.exceptions.TooManyStreamsError):
                 conn.receive_data(wire)

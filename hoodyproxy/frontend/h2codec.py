@@ -41,11 +41,16 @@ from hpack.table import HeaderTable
 
 _ConnectionInputs = h2.connection.ConnectionInputs
 _StreamInputs = h2.stream.StreamInputs
-_decode_headers = h2.connection._decode_headers
-_ODD = h2.connection.AllowedStreamIDs.ODD
-_STREAM_OPEN = h2.stream.STREAM_OPEN
-_CLOSED = h2.stream.StreamState.CLOSED
-_is_informational = h2.utilities.is_informational_response
+try:  # (h2's internals ServerConnection's receiving path calls; another h2: its own path)
+    _decode_headers = h2.connection._decode_headers
+    _ODD = h2.connection.AllowedStreamIDs.ODD
+    _STREAM_OPEN = h2.stream.STREAM_OPEN
+    _CLOSED = h2.stream.StreamState.CLOSED
+    _is_informational = h2.utilities.is_informational_response
+    _SHORT_WAY = all(hasattr(cls, name) for cls, name in (
+        (h2.connection.H2Connection, "_begin_new_stream"), (h2.stream.H2Stream, "_initialize_content_length")))
+except AttributeError:  # pragma: no cover
+    _SHORT_WAY = False
 
 
 def _short_data_repr(data: bytes | None) -> str:
@@ -401,13 +406,15 @@ class ServerConnection(h2.connection.H2Connection):
         #: way (read once: h2's options are descriptors, a call each): a server's, with
         #: inbound normalization and validation off and fields left as bytes.
         self._plain_config = config if (
-            config is not None and not config.client_side and not config.normalize_inbound_headers
+            _SHORT_WAY and config is not None and not config.client_side and not config.normalize_inbound_headers
             and not config.validate_inbound_headers and not isinstance(config.header_encoding, str)) else None
 
     def _open_streams(self, remainder: int) -> int:
         """h2's count of the open streams whose id is ``remainder`` modulo 2, forgetting
         the closed ones as it goes: each stream's state read once, not through the
         ``open`` and ``closed`` properties (h2 counts on every new stream)."""
+        if not _SHORT_WAY:  # pragma: no cover
+            return super()._open_streams(remainder)
         count = 0
         to_delete = []
         for stream_id, stream in self.streams.items():
