@@ -281,7 +281,9 @@ class FormatTests(unittest.TestCase):
 
 class BatchedWriteTests(unittest.TestCase):
     def path(self) -> str:
-        return os.path.join(tempfile.mkdtemp(), "audit.log")
+        directory = self.mktemp()  # (under Trial's temporary directory: nothing left in /tmp)
+        os.makedirs(directory)
+        return os.path.join(directory, "audit.log")
 
     def read(self, path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:

@@ -139,8 +139,9 @@ class Chromium:
                 f"--ignore-certificate-errors-spki-list={spki}",
                 url]
         with open(self.log_path, "wb") as log:
+            # TMPDIR: Chromium's singleton lock directory goes into the workdir, removed with it.
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            start_new_session=True)
+                                            start_new_session=True, env={**os.environ, "TMPDIR": self.workdir})
         # Registered after the rmtree, so it runs first: the profile is gone only once
         # every process of the browser is.
         case.addCleanup(self.kill)

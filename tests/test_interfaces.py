@@ -1,7 +1,6 @@
 """The shipped implementations provide their plugin interfaces (using hoodyproxy.testing)."""
 
 import os
-import tempfile
 
 from twisted.trial import unittest
 
@@ -10,17 +9,25 @@ from hoodyproxy.observe.audit import AuditLog
 from hoodyproxy.testing import AuditSinkTestsMixin, ContainerDirectoryTestsMixin
 
 
-class SQLiteDirectoryInterfaceTests(ContainerDirectoryTestsMixin, unittest.TestCase):
+class _Directory:
+    def _directory(self) -> str:
+        """A new directory under Trial's temporary directory (nothing left in /tmp)."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return directory
+
+
+class SQLiteDirectoryInterfaceTests(_Directory, ContainerDirectoryTestsMixin, unittest.TestCase):
     def make_provider(self):
-        path = os.path.join(tempfile.mkdtemp(), "db.sqlite")
+        path = os.path.join(self._directory(), "db.sqlite")
         conn = open_database(path)
         self.addCleanup(conn.close)
         return SQLiteDirectory(conn)
 
 
-class AuditLogInterfaceTests(AuditSinkTestsMixin, unittest.TestCase):
+class AuditLogInterfaceTests(_Directory, AuditSinkTestsMixin, unittest.TestCase):
     def make_provider(self):
-        log = AuditLog(os.path.join(tempfile.mkdtemp(), "audit.log"))
+        log = AuditLog(os.path.join(self._directory(), "audit.log"))
         self.addCleanup(log.close)
         return log
 
@@ -28,7 +35,7 @@ class AuditLogInterfaceTests(AuditSinkTestsMixin, unittest.TestCase):
         """Each record is written as one JSON line with its fields, an ISO time, and escaping
         for client-supplied strings (a newline in a path cannot start a forged line)."""
         import json
-        path = os.path.join(tempfile.mkdtemp(), "audit.log")
+        path = os.path.join(self._directory(), "audit.log")
         log = AuditLog(path)
         record = {"time": 0.5, "client": "203.0.113.5", "host": 'h"\\x', "route": None, "method": "GET",
                   "path": "/a\nb\u00e9", "status": 200, "bytes_in": 1, "bytes_out": 2, "duration_ms": 1.5,

@@ -4,6 +4,8 @@ fake transports and a fake clock, and the TLS memory BIOs an idle connection giv
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import socket
 import tempfile
 
@@ -26,6 +28,7 @@ def server_context() -> SSL.Context:
     """The gateway's own server context (one set of development certificates per run)."""
     if not _certs:
         directory = tempfile.mkdtemp(prefix="hoodyproxy-test-tunnel-")
+        atexit.register(shutil.rmtree, directory, True)  # (kept for the whole run, then gone)
         _certs.append(ensure_dev_certificates(directory, "node-local", "containers.localhost"))
     certs = _certs[0]
     return CertificateStore(certs.cert_path, certs.key_path).default_context
