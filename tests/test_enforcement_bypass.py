@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import h2.errors
 import treq
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -255,6 +256,26 @@ class BodyOnReadMethodTests(BypassTestCase):
         await within(bad.done, 10)
         await wait(0.3)
         self.assertNotEqual(bad.status, 200)
+        self.assertFalse(self.container.received(b"/exec"))
+
+    async def test_http2_body_longer_than_its_content_length_never_reaches_the_container(self):
+        """HTTP/2, raw frames: a POST declaring 5 bytes whose one DATA frame carries a
+        request after them.  The gateway forwards the declared length, so the rest would be
+        the naive container's next request: the connection ends (PROTOCOL_ERROR) first and
+        no byte past the declared five is forwarded."""
+        from hyperframe.frame import DataFrame, HeadersFrame
+        client = await self.h2()
+        headers = HeadersFrame(1)
+        headers.data = client.conn.encoder.encode([
+            (b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/?x=cl1"),
+            (b":authority", self.host().encode()), (b"content-length", b"5")])
+        headers.flags.add("END_HEADERS")
+        data = DataFrame(1, b"hello" + SMUGGLED)
+        data.flags.add("END_STREAM")
+        client.transport.write(headers.serialize() + data.serialize())
+        await within(client.closed, 10)
+        await wait(0.3)
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         self.assertFalse(self.container.received(b"/exec"))
 
     async def test_get_with_a_body_over_http3_is_refused(self):
