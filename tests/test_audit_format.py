@@ -35,6 +35,7 @@ from twisted.trial import unittest
 
 from hoodyproxy.observe import audit
 from hoodyproxy.observe.audit import AuditLog, format_record
+from hoodyproxy.routing import Target
 
 # -- the reference: format_record as it was before (verbatim but for the names) ----------
 
@@ -112,9 +113,15 @@ times = st.one_of(
     st.floats(min_value=1765071514.0, max_value=1765071516.0),
     texts,
 )
-routes = st.one_of(st.none(), st.fixed_dictionaries(
+_route_dicts = st.fixed_dictionaries(
     {"project": names, "container": names, "program": names,
-     "index": st.one_of(st.integers(), st.booleans())}))
+     "index": st.one_of(st.integers(), st.booleans())})
+#: Routes as the gateway keeps them (a RouteRecord per target, its text made once:
+#: format_record's short way takes only those).
+_route_records = st.builds(
+    lambda project, container, program, index: audit.RouteRecord(Target(project, container, program, index, "h")),
+    names, names, names, st.integers(0, 65535))
+routes = st.one_of(st.none(), _route_dicts, _route_records)
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), texts),
     lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -277,6 +284,32 @@ class FormatTests(unittest.TestCase):
                       {"closed_by": "client"}, {"duration_ms": 7}):
             format_record(dict(record, **extra))
         self.assertEqual(calls, [])
+
+    def test_short_way_for_the_gateways_records(self):
+        """A record as the gateway makes it (a RouteRecord, ASCII text) is serialized by
+        orjson; one with text orjson would write otherwise (non-ASCII, DEL) or a value of
+        another type goes the general way: the same line in every case."""
+        from hoodyproxy.observe.audit import RouteRecord
+        calls = []
+        original = audit._dumps
+
+        def counting(value, *args):
+            calls.append(value)
+            return original(value, *args)
+
+        self.patch(audit, "_dumps", counting)
+        target = Target("67e89abc123def456789abcd", "890abcdef12345678901cdef", "http", 3000, "h")
+        usual = dict(typical_record(), route=RouteRecord(target))
+        plain = dict(usual, route=dict(usual["route"]))
+        for record, short in [(usual, True), (dict(usual, reason="r", ratelimited="client"), True),
+                              (dict(usual, route=None, host=None, status=404), True),
+                              (dict(usual, path="/\x7f"), True), (dict(usual, path="/caf\u00e9"), True),
+                              (dict(usual, closed_by=1), False), (dict(usual, duration_ms=7), False),
+                              (dict(usual, decision=dict(usual["decision"], allowed=1)), False)]:
+            del calls[:]
+            expected = old_format_record(dict(record, route=plain["route"]) if record["route"] else record)
+            self.assertEqual(format_record(record), expected, record)
+            self.assertEqual(len(calls), 1 if short else 0, record)
 
 
 class BatchedWriteTests(unittest.TestCase):
