@@ -6,8 +6,10 @@ hand on a socket pair.  (That twistd runs on it is in test_process.)
 
 from __future__ import annotations
 
+import errno
 import socket
 
+from twisted.internet import error, tcp
 from twisted.python import log
 from twisted.trial import unittest
 
@@ -89,3 +91,130 @@ class GatewayReactorTests(unittest.TestCase):
         self.assertFalse(gateway_reactor.install_unless_chosen())
         from twisted.internet import reactor as after
         self.assertIs(reactor, after)
+
+
+class Recorder:
+    """A protocol keeping what it was given (optionally failing on data)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.data: list[bytes] = []
+        self.lost: list = []
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fail:
+            raise ValueError("a protocol bug")
+        self.data.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+
+
+class PlainReadTests(unittest.TestCase):
+    """A TCP connection's read done by doPoll itself (as _doReadOrWrite, doRead and
+    _dataReceived do it): what the protocol sees and how the connection ends are
+    Twisted's; anything with a read of its own goes Twisted's way."""
+
+    def setUp(self) -> None:
+        self.reactor = GatewayReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.a, self.b = socket.socketpair()
+        self.addCleanup(self.b.close)
+        self.a.setblocking(False)
+        self.dispatched = []
+        original = self.reactor._doReadOrWrite
+
+        def dispatch(selectable, fd, event):
+            self.dispatched.append(selectable)
+            original(selectable, fd, event)
+
+        self.reactor._doReadOrWrite = dispatch
+
+    def connection(self, kind=tcp.Connection, fail: bool = False):
+        protocol = Recorder(fail)
+        conn = kind(self.a, protocol, self.reactor)
+        protocol.makeConnection(conn)
+        self.reactor.addReader(conn)
+        self.addCleanup(self.reactor.removeAll)
+        return conn, protocol
+
+    def test_read_without_twisteds_dispatch(self):
+        conn, protocol = self.connection()
+        self.b.send(b"ping")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(protocol.data, [b"ping"])
+        self.assertEqual((self.dispatched, protocol.lost), ([], []))
+        self.b.send(b"again")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(protocol.data, [b"ping", b"again"])
+
+    def test_end_of_stream_is_connection_done(self):
+        conn, protocol = self.connection()
+        self.b.send(b"last")
+        self.b.shutdown(socket.SHUT_WR)
+        for _ in range(2):
+            self.reactor.doIteration(1.0)
+        self.assertEqual(protocol.data, [b"last"])
+        self.assertEqual(len(protocol.lost), 1)
+        self.assertTrue(protocol.lost[0].check(error.ConnectionDone))
+        self.assertNotIn(conn, self.reactor.getReaders())
+
+    def test_a_failed_read_is_connection_lost_and_a_spurious_one_nothing(self):
+        """recv raising EWOULDBLOCK (readable, then not) changes nothing; any other error
+        (a reset met by the read) loses the connection, as doRead says."""
+        conn, protocol = self.connection()
+        failures = [BlockingIOError(errno.EWOULDBLOCK, "spurious"),
+                    ConnectionResetError(errno.ECONNRESET, "reset")]
+
+        class Failing:
+            def recv(self, size):
+                raise failures.pop(0)
+
+            def __getattr__(self, name):
+                return getattr(self_a, name)
+
+        self_a = self.a
+        conn.socket = Failing()
+        self.b.send(b"ping")
+        self.reactor.doIteration(1.0)
+        self.assertEqual((protocol.data, protocol.lost, len(failures)), ([], [], 1))
+        self.assertIn(conn, self.reactor.getReaders())
+        self.reactor.doIteration(1.0)
+        self.assertEqual((failures, protocol.data, len(protocol.lost)), ([], [], 1))
+        self.assertTrue(protocol.lost[0].check(error.ConnectionLost))
+        self.assertNotIn(conn, self.reactor.getReaders())
+
+    def test_exception_in_the_protocol_is_logged_and_disconnects_it(self):
+        conn, protocol = self.connection(fail=True)
+        self.b.send(b"ping")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(protocol.lost), 1)
+        self.assertTrue(protocol.lost[0].check(ValueError))
+        self.assertNotIn(conn, self.reactor.getReaders())
+
+    def test_a_read_of_its_own_goes_twisteds_way(self):
+        """An instance whose doRead was replaced (a client still connecting, an aborted
+        connection) and a class with another doRead are dispatched by Twisted."""
+        conn, protocol = self.connection()
+        own = []
+        conn.doRead = lambda: own.append(True)
+        self.b.send(b"ping")
+        self.reactor.doIteration(1.0)
+        self.assertEqual((own, self.dispatched, protocol.data), ([True], [conn], []))
+
+        class Counting(tcp.Connection):
+            reads = 0
+
+            def doRead(self):
+                Counting.reads += 1
+                return tcp.Connection.doRead(self)
+
+        self.reactor.removeAll()
+        del self.dispatched[:]
+        conn, protocol = self.connection(Counting)
+        self.reactor.doIteration(1.0)
+        self.assertEqual((Counting.reads, self.dispatched, protocol.data), (1, [conn], [b"ping"]))
