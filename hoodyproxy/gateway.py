@@ -24,6 +24,7 @@ from hoodyproxy.access.capabilities import configured_kind
 from hoodyproxy.access.model import challenge_kinds
 from hoodyproxy.access.policy import read_credentials, strip_query_token
 from hoodyproxy.config import Settings
+from hoodyproxy.frontend.fields import Fields
 from hoodyproxy.interfaces import IAuditSink, IContainerDirectory
 from hoodyproxy.limits import ALLOWED, Limiters, TooManyRequests
 from hoodyproxy.observe.audit import RouteRecord
@@ -331,12 +332,19 @@ class Gateway:
         if problem is not None:
             raise problem  # malformed in a way only its frontend could see
         headers = request.requestHeaders
-        hosts = headers.getRawHeaders(b"host")
-        if hosts is not None and len(hosts) > 1:
+        if headers.__class__ is Fields:  # (every frontend's: its names in lower case, looked up in C)
+            lnames = headers.lower_names()
+            hosts = lnames.count(b"host")
+            host_field = headers.pairs[lnames.index(b"host")][1] if hosts else None
+        else:
+            values = headers.getRawHeaders(b"host")
+            hosts = len(values) if values is not None else 0
+            host_field = values[0] if hosts else None
+        if hosts > 1:
             raise errors.BadRequest("the request has more than one Host", reason="duplicate host")
         if request.method not in _COMMON_METHODS and not _TOKEN.match(request.method):
             raise errors.BadRequest("the request method is malformed", reason="bad method")
-        uri, host = _request_target(request.uri, hosts[0] if hosts else None)
+        uri, host = _request_target(request.uri, host_field)
         record["host"] = host.decode("latin-1") if host is not None else None
         covers = request.certificate_covers
         if covers is not None and not covers(self._hostnames.get(host) or self._hostname(host)):
@@ -365,16 +373,18 @@ class Gateway:
         if port is None:
             port = program.port if program.index == "instance" else target.index
 
-        pairs = getattr(headers, "pairs", None)  # (Fields: the fields in the order sent)
-        raw = (list(pairs) if pairs is not None else
-               [(name, value) for name, values in headers.getAllRawHeaders() for value in values])
-        # Their names in lower case, one for one with ``raw`` while it is that copy: any
-        # change to ``raw`` below sets this to None (the head builder lowers them itself).
-        lnames = headers.lower_names() if pairs is not None else None
+        if headers.__class__ is Fields:  # (the fields in the order sent)
+            raw = list(headers.pairs)
+            # Their names in lower case, one for one with ``raw`` while it is that copy: any
+            # change to ``raw`` below sets this to None (the head builder lowers them itself).
+            has_upgrade = b"upgrade" in lnames
+        else:
+            raw = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+            lnames = None
+            has_upgrade = headers.hasHeader(b"upgrade")
         websocket = request.websocket
         if websocket is None:  # HTTP/1.1: an Upgrade in the headers
-            upgrade = (request.method == b"GET" and headers.hasHeader(b"upgrade")
-                       and wants_websocket(raw))
+            upgrade = request.method == b"GET" and has_upgrade and wants_websocket(raw)
         else:  # HTTP/2 and HTTP/3: only an extended CONNECT is a WebSocket
             upgrade = bool(websocket)
         has_body = request.body_length != 0

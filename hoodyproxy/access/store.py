@@ -77,7 +77,8 @@ class PermissionStore(MirroredTables):
 
         Called on every request: answers from memory.
         """
-        self._reload_if_changed()
+        if self._monotonic() >= self._next_check:  # (_reload_if_changed's first test, without its call)
+            self._reload_if_changed()
         sets = self._sets
         return sets.get(("container", container)) or sets.get(("project", project))
 

@@ -47,7 +47,8 @@ class SQLiteDirectory(MirroredTables):
             self._notify(cid)
 
     def lookup(self, container_id: str) -> Container | None:
-        self._reload_if_changed()
+        if self._monotonic() >= self._next_check:  # (_reload_if_changed's first test, without its call)
+            self._reload_if_changed()
         return self._containers.get(container_id)
 
     def list(self, project: str | None = None) -> list[Container]:

@@ -382,7 +382,8 @@ class H1Connection(H1Guard, Protocol):
             self._serving = False
         if not self.waiting and not self.closing:
             if self.persistent:
-                self.resume_reading("waiting")
+                if self._paused:  # (rarely: a pipelined request waited)
+                    self.resume_reading("waiting")
             elif self.active is None:
                 self.close()  # (every request read is answered, and no more will be read)
         if self.factory.draining and not self.closing and self.active is None:

@@ -72,7 +72,8 @@ class RateLimitStore(MirroredTables):
     def effective(self, project: str, container: str) -> RateLimits | None:
         """The limits that govern a request to ``container`` of ``project`` (from memory:
         called on every request)."""
-        self._reload_if_changed()
+        if self._monotonic() >= self._next_check:  # (_reload_if_changed's first test, without its call)
+            self._reload_if_changed()
         limits = self._limits
         if not limits:
             return None

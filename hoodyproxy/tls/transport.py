@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols import tls as _tls
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from hoodyproxy.tls.records import SUITES, RecordLayer13, plain_records, record_count, secrets_of
@@ -236,7 +235,7 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
                     self._in_plain += len(data)
                     self._in_records += 1
                 if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
+                    self.wrappedProtocol.dataReceived(data)  # (ProtocolWrapper.dataReceived's work)
                 if not _SSL_pending(connection._ssl) and not _pending(incoming):
                     break  # nothing left to decrypt: another recv would only raise
         self._flushSendBIO()
@@ -283,7 +282,8 @@ class GatewayTLSTransport(_tls.BufferingTLSTransport):
         """Write ``data`` now (after anything the small-write aggregation holds), not on
         the next reactor turn: for an answer known to be complete."""
         self._aggregator.flush()
-        _tls.TLSMemoryBIOProtocol.write(self, data)
+        if not self.disconnecting or self._producer is not None:  # (TLSMemoryBIOProtocol.write's rule)
+            self._write(data)
 
 
 class ShedTLSTransport(GatewayTLSTransport):
