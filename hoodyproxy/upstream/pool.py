@@ -221,7 +221,8 @@ class ConnectionPool:
         if len(key) == 3:
             self._unbusy(conn)
         idle = self._idle.get(key)
-        if self.closed or len(idle or ()) >= self._limit(key) or self.max_idle_total <= 0:
+        limit = self.max_idle if len(key) == 2 else self._limit(key)  # (_limit's answer for a shared key)
+        if self.closed or len(idle or ()) >= limit or self.max_idle_total <= 0:
             conn.close()
             return
         if len(self._lru) >= self.max_idle_total:
@@ -232,7 +233,8 @@ class ConnectionPool:
         conn.on_reusable = None
         idle.append(conn)
         self._lru[conn] = None
-        self._start_sweep()
+        if self._sweeper is None:
+            self._start_sweep()
 
     def _evict_oldest(self) -> None:
         """Close the least recently used idle connection of any key."""
