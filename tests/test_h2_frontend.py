@@ -21,7 +21,7 @@ import h2.utilities
 import hyperframe.frame
 from hpack import Decoder, Encoder
 from hpack.exceptions import HPACKError
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -524,6 +524,89 @@ class ServerConnectionReceiveTests(unittest.TestCase):
             with self.assertRaises(h2.exceptions.TooManyStreamsError):
                 conn.receive_data(wire)
         self.assertEqual(self._state(stock), self._state(server))
+
+
+#: A frame as raw bytes: any type (HEADERS mostly), flags, stream id (0 and the reserved
+#: bit included), a length that may exceed the limit, and its body whole (None) or cut
+#: or run on into the next frame's bytes.
+_raw_frames = st.tuples(st.sampled_from([0x1, 0x1, 0x1, 0x9, 0x0]),
+                        st.one_of(st.sampled_from([0x4, 0x5, 0x0, 0x1]), st.integers(0, 255)),
+                        st.sampled_from([0, 1, 3, 0x80000001, 2**31 - 1]), st.integers(0, 300),
+                        st.one_of(st.none(), st.none(), st.integers(0, 310)))
+
+
+def _raw(kind: int, flags: int, stream_id: int, length: int, given: int | None) -> bytes:
+    return (length.to_bytes(3, "big") + bytes((kind, flags)) + stream_id.to_bytes(4, "big")
+            + bytes(range(256)) * 2)[:9 + (length if given is None else given)]
+
+
+class FrameBufferTests(unittest.TestCase):
+    """The receive buffer makes a request's usual HEADERS frame itself: the frame, error
+    or wait hyperframe's parse gives, and the same bytes consumed."""
+
+    @staticmethod
+    def _buffers(max_frame_size: int) -> list:
+        buffers = [h2.connection.H2Connection(h2.config.H2Configuration(client_side=False)).incoming_buffer,
+                   ServerConnection(h2.config.H2Configuration(**_SERVER_CONFIG)).incoming_buffer]
+        for buffer in buffers:
+            buffer._preamble_len = 0
+            buffer.max_frame_size = max_frame_size
+        return buffers
+
+    @staticmethod
+    def _take(buffer) -> list:
+        taken = []
+        while True:
+            try:
+                frame = next(buffer)
+            except StopIteration:
+                taken.append("wait")
+                break
+            except h2.exceptions.ProtocolError as e:
+                taken.append(("error", type(e).__name__, str(e)))
+                break
+            state = dict(vars(frame), flags=sorted(frame.flags))
+            taken.append((type(frame).__name__, sorted(state.items())))
+        return taken + [bytes(buffer._data), len(buffer._headers_buffer)]
+
+    @hsettings(max_examples=500, deadline=None)
+    @given(st.lists(_raw_frames, min_size=1, max_size=4), st.sampled_from([16384, 100, 0]),
+           st.integers(1, 40))
+    # (a whole HEADERS frame while a header block waits for its CONTINUATION: an error)
+    @example([(0x1, 0x0, 1, 10, None), (0x1, 0x4, 1, 10, None)], 16384, 40)
+    @example([(0x1, 0x1, 3, 10, None), (0x1, 0x5, 5, 10, None)], 16384, 7)
+    def test_same_as_hyperframe(self, frames, max_frame_size, piece):
+        """Frames fed in pieces of ``piece`` bytes give, piece by piece, what h2's buffer
+        gives: frames with the same attributes and flags, the same errors, the same waits."""
+        wire = b"".join(_raw(*frame) for frame in frames)
+        buffers = self._buffers(max_frame_size)
+        for at in range(0, len(wire), piece):
+            outcomes = []
+            for buffer in buffers:
+                buffer.add_data(wire[at:at + piece])
+                outcomes.append(self._take(buffer))
+            self.assertEqual(outcomes[0], outcomes[1], (frames, at))
+            if outcomes[0][-3][0] == "error":
+                break  # (the connection is over for both)
+
+    def test_the_usual_headers_frame_skips_hyperframes_parse(self):
+        """A GET's HEADERS frame is made without HeadersFrame's constructor or parse (this
+        test fails if the short way is lost); a padded one still takes them."""
+        calls = []
+        original = hyperframe.frame.HeadersFrame.parse_body
+
+        def counted(frame, data):
+            calls.append(frame.stream_id)
+            return original(frame, data)
+
+        self.patch(hyperframe.frame.HeadersFrame, "parse_body", counted)
+        stock, mine = self._buffers(16384)
+        usual = _raw(0x1, 0x5, 3, 20, 20)
+        padded = _raw(0x1, 0xD, 5, 20, 20)
+        for buffer in (stock, mine):
+            buffer.add_data(usual + padded)
+        self.assertEqual(self._take(stock), self._take(mine))
+        self.assertEqual(calls, [3, 5, 5])
 
 
 def _blocks(draw_fields):
