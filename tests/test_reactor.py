@@ -112,6 +112,11 @@ class Recorder:
     def connectionLost(self, reason) -> None:
         self.lost.append(reason)
 
+    others = 0
+
+    def other(self) -> None:
+        self.others += 1
+
 
 class PlainReadTests(unittest.TestCase):
     """A TCP connection's read done by doPoll itself (as _doReadOrWrite, doRead and
@@ -122,6 +127,7 @@ class PlainReadTests(unittest.TestCase):
         self.reactor = GatewayReactor()
         self.addCleanup(self.reactor._poller.close)
         self.a, self.b = socket.socketpair()
+        self.addCleanup(self.a.close)
         self.addCleanup(self.b.close)
         self.a.setblocking(False)
         self.dispatched = []
@@ -205,6 +211,9 @@ class PlainReadTests(unittest.TestCase):
         self.b.send(b"ping")
         self.reactor.doIteration(1.0)
         self.assertEqual((own, self.dispatched, protocol.data), ([True], [conn], []))
+        conn.doRead = protocol.other  # (a bound method, as a connecting client's doConnect)
+        self.reactor.doIteration(1.0)
+        self.assertEqual((self.dispatched, protocol.data, protocol.others), ([conn, conn], [], 1))
 
         class Counting(tcp.Connection):
             reads = 0
@@ -215,6 +224,11 @@ class PlainReadTests(unittest.TestCase):
 
         self.reactor.removeAll()
         del self.dispatched[:]
+        self.a, self.b = socket.socketpair()
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.a.setblocking(False)
+        self.b.send(b"ping")
         conn, protocol = self.connection(Counting)
         self.reactor.doIteration(1.0)
         self.assertEqual((Counting.reads, self.dispatched, protocol.data), (1, [conn], [b"ping"]))
