@@ -278,6 +278,55 @@ class BodyOnReadMethodTests(BypassTestCase):
         self.assertEqual(client.goaway, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         self.assertFalse(self.container.received(b"/exec"))
 
+    async def test_http2_headers_frames_around_the_short_parse_never_reach_the_container(self):
+        """HTTP/2, raw frames, each on its own connection: the frames the receive buffer
+        makes itself (whole, END_HEADERS, no padding or priority) next to the ones it must
+        leave to h2 or refuse.  A request whose header block waits for CONTINUATION, then a
+        whole HEADERS frame; a HEADERS frame longer than the frame size the gateway allows
+        (16,384); one on stream 0.  Each ends the connection, and the naive container never
+        sees any of those requests; a plain GET on the same terms reaches it."""
+        from hpack import Encoder
+        from hyperframe.frame import HeadersFrame
+
+        def headers(client, stream_id: int, path: bytes, flags=("END_HEADERS", "END_STREAM")) -> HeadersFrame:
+            # (each block from a fresh encoder: one that a gateway decodes alone)
+            frame = HeadersFrame(stream_id)
+            frame.data = Encoder().encode([
+                (b":method", b"GET"), (b":scheme", b"https"), (b":path", path),
+                (b":authority", self.host().encode())], huffman=False)
+            for flag in flags:
+                frame.flags.add(flag)
+            return frame
+
+        # A plain GET on the same terms first: answered (its upstream connection pooled).
+        client = await self.h2()
+        stream = client.request(b"GET", b"/?x=c4", self.host().encode())
+        await within(stream.done, 10)
+        self.assertTrue(self.container.received(b"x=c4"))
+
+        client = await self.h2()
+        pending = headers(client, 1, b"/?x=c0", flags=("END_STREAM",))  # (no END_HEADERS)
+        client.transport.write(pending.serialize() + headers(client, 3, b"/exec/run?x=c1").serialize())
+        await within(client.closed, 10)
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+        client = await self.h2()
+        large = headers(client, 1, b"/exec/run?x=c2&pad=" + b"a" * 17000)
+        self.assertGreater(len(large.data), 16384)
+        client.transport.write(large.serialize())
+        await within(client.closed, 10)
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
+
+        client = await self.h2()
+        zero = headers(client, 1, b"/exec/run?x=c3").serialize()
+        client.transport.write(zero[:5] + b"\x00\x00\x00\x00" + zero[9:])  # (stream 0)
+        await within(client.closed, 10)
+        self.assertEqual(client.goaway, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+        await wait(0.3)
+        for marker in (b"x=c0", b"x=c1", b"x=c2", b"x=c3"):
+            self.assertFalse(self.container.received(marker), marker)
+
     async def test_get_with_a_body_over_http3_is_refused(self):
         """HTTP/3: the same as over HTTP/2."""
         await self.put_permissions()
