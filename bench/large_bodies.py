@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         top(prof, res["ops"], args.top)
     finally:
         rundir.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)  # (the profiles were read above)
     print("\nmedians (profiled rounds included only if --profile was off):")
     for v, rs in results.items():
         rs = [x for x in rs if not args.profile] or rs[:-1] or rs
