@@ -154,6 +154,24 @@ class WebSocketUpgradeBodyTests(BypassTestCase):
         self.assertIn(b"\x88", response.partition(b"\r\n\r\n")[2][:2])  # a close frame
         self.assertEqual(self.container.messages, [])
 
+    async def test_upgrade_spelled_in_any_case_is_still_a_read_only_websocket(self):
+        """Field names in odd case (``uPgRaDe``, ``cOnNeCtIoN``): still the upgrade the
+        read-only filter governs.  With a body, 400 and nothing reaches the container;
+        without, 101 and the typed frame is stopped (1008), never reaching it."""
+        await self.put_permissions()
+        odd = self.UPGRADE.replace("Connection:", "cOnNeCtIoN:").replace("Upgrade: websocket", "uPgRaDe: websocket")
+        frames = masked_frame(1, b"rm -rf /")
+        with_body = self.head("GET", "/ws?x=up7", "display",
+                              extra=odd + f"Content-Length: {len(frames)}\r\n\r\n") + frames
+        response = await self.raw(with_body, "display")
+        self.assertEqual(status_of(response), 400, response)
+        self.assertFalse(self.container.received(b"x=up7"))
+        plain = self.head("GET", "/ws?x=up8", "display", extra=odd + "\r\n") + masked_frame(1, b"typed")
+        response = await self.raw(plain, "display")
+        self.assertEqual(status_of(response), 101, response)
+        self.assertIn(b"\x88", response.partition(b"\r\n\r\n")[2][:2])  # a close frame
+        self.assertEqual(self.container.messages, [])
+
     async def test_extended_connect_with_a_content_length_is_refused_over_http2(self):
         """HTTP/2: an extended CONNECT declaring a body (content-length): 400."""
         await self.put_permissions()
@@ -257,6 +275,17 @@ class BodyOnReadMethodTests(BypassTestCase):
         await wait(0.3)
         self.assertNotEqual(bad.status, 200)
         self.assertFalse(self.container.received(b"/exec"))
+
+    async def test_two_hosts_in_different_case_are_refused(self):
+        """``Host`` and ``hOsT`` naming different containers: which one routes?  Neither:
+        400, and the naive container sees nothing, whichever comes first."""
+        other = host_for(program="terminal", index=2)
+        for first, second, marker in ((self.host(), other, "h1"), (other, self.host(), "h2")):
+            payload = (f"GET /?x={marker} HTTP/1.1\r\nHost: {first}\r\nhOsT: {second}\r\n"
+                       f"Authorization: Bearer {FULL}\r\n\r\n").encode()
+            response = await self.raw(payload)
+            self.assertEqual(status_of(response), 400, response)
+            self.assertFalse(self.container.received(b"x=" + marker.encode()))
 
     async def test_http2_body_longer_than_its_content_length_never_reaches_the_container(self):
         """HTTP/2, raw frames: a POST declaring 5 bytes whose one DATA frame carries a
